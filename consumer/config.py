@@ -1,0 +1,192 @@
+"""Settings: defaults, then a TOML file, then PERKAMO_* environment variables, then one validation pass.
+
+Every setting is documented in README.md with its default; `Settings.describe()` is the
+masked dump operators see from `perkamo-webhooks settings`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from consumer.constants import EVENTS_TOPIC
+from consumer.errors import ConfigError
+from consumer.retry_policy import parse_tiers
+
+ENV_PREFIX = "PERKAMO_"
+SETTINGS_FILE_ENV = "PERKAMO_SETTINGS_FILE"
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """All settings of the service. Field `x` is read from env `PERKAMO_X` or key `x` in the file."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    kafka_bootstrap_servers: str = "localhost:9092"
+    events_topics: CommaList = Field(default_factory=lambda: [EVENTS_TOPIC])
+    group_id: str = "perkamo-webhooks"
+    # "consumer" = KIP-848 protocol (Kafka 4); "classic" = cooperative-sticky assignment.
+    group_protocol: Literal["consumer", "classic"] = "consumer"
+    data_dir: Path = Path("data")
+    history_dsn: str = ""  # empty: chdb:// under data_dir
+    history_ttl_days: int = Field(90, ge=1)
+    history_batch_rows: int = Field(5000, ge=1)
+    history_flush_interval_s: float = Field(1.0, gt=0)
+    history_max_buffered_rows: int = Field(50_000, ge=1)
+    endpoints_file: Path | None = None
+    delivery_timeout_s: float = Field(5.0, gt=0, le=300)
+    retry_tiers: CommaList = Field(default_factory=lambda: ["10s", "1m", "10m", "1h", "6h", "24h"])
+    allow_private_networks: CommaList = Field(default_factory=list)
+    ca_bundle: Path | None = None
+    https_proxy: str = ""
+    admin_listen: str = "127.0.0.1:9464"
+    admin_token: SecretStr = SecretStr("")
+    max_in_flight: int = Field(1000, ge=1)
+    max_in_flight_per_endpoint: int = Field(50, ge=1)
+    partition_window: int = Field(5000, ge=1)
+    max_payload_bytes: int = Field(1_048_576, ge=1024)
+    response_excerpt_bytes: int = Field(1024, ge=0, le=65_536)
+    breaker_failures: int = Field(5, ge=1)
+    breaker_cooldown_s: float = Field(30.0, gt=0)
+    commit_interval_s: float = Field(1.0, gt=0)
+    drain_timeout_s: float = Field(25.0, gt=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    metrics_enabled: bool = True
+
+    @field_validator("events_topics", "retry_tiers", "allow_private_networks", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @field_validator("events_topics")
+    @classmethod
+    def _topics_nonempty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one topic is required")
+        return value
+
+    @field_validator("retry_tiers")
+    @classmethod
+    def _tiers(cls, value: list[str]) -> list[str]:
+        parse_tiers(value)  # raises ValueError with the bad tier named
+        return value
+
+    @field_validator("allow_private_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{cidr!r} is not a CIDR network ({exc})") from None
+        return value
+
+    @field_validator("admin_listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9464")
+        return value
+
+    @field_validator("ca_bundle", "endpoints_file")
+    @classmethod
+    def _file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        settings_file = os.environ.get(SETTINGS_FILE_ENV)
+        if settings_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=settings_file))
+        return tuple(sources)
+
+    # Derived values -------------------------------------------------------------------
+
+    @property
+    def history_dsn_resolved(self) -> str:
+        if self.history_dsn:
+            return self.history_dsn
+        return f"chdb://{(self.data_dir / 'history').resolve()}"
+
+    @property
+    def tier_seconds(self) -> list[tuple[str, float]]:
+        return parse_tiers(self.retry_tiers)
+
+    @property
+    def admin_host_port(self) -> tuple[str, int]:
+        host, _, port = self.admin_listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def describe(self) -> dict[str, str]:
+        """Every setting as its env name and value, with secrets masked."""
+        out: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                shown = "********" if value.get_secret_value() else ""
+            elif name in ("https_proxy", "history_dsn") and value:
+                shown = _mask_userinfo(str(value))
+            elif isinstance(value, list):
+                shown = ",".join(value)
+            else:
+                shown = "" if value is None else str(value)
+            out[ENV_PREFIX + name.upper()] = shown
+        return out
+
+
+def _mask_userinfo(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        return f"{scheme}://********@{rest.split('@', 1)[1]}"
+    return url
+
+
+def setting_names() -> list[str]:
+    """The environment names of every setting (PERKAMO_SETTINGS_FILE included)."""
+    return [ENV_PREFIX + name.upper() for name in Settings.model_fields] + [SETTINGS_FILE_ENV]
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read and validate settings; a bad one raises ConfigError naming it."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = ".".join(str(part) for part in err["loc"]) or "?"
+            name = ENV_PREFIX + field.split(".")[0].upper()
+            problems.append(f"{name}: {err['msg']}")
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from None
+    except (OSError, ValueError) as exc:  # unreadable or malformed TOML file
+        raise ConfigError(f"{SETTINGS_FILE_ENV}: {exc}") from None

@@ -1,0 +1,48 @@
+"""Names users and other services depend on (DESIGN §10): topics, headers, statuses, triggers."""
+
+from typing import Final
+
+EVENTS_TOPIC: Final = "perkamo.events"
+RETRY_TOPIC_PREFIX: Final = "perkamo.webhooks.retry."
+DLQ_TOPIC: Final = "perkamo.webhooks.dlq"
+ENDPOINTS_TOPIC: Final = "perkamo.webhooks.endpoints"
+
+HISTORY_DATABASE: Final = "perkamo"
+HISTORY_TABLE: Final = "webhook_attempts"
+
+USER_AGENT: Final = "Perkamo-Webhook/1.0"
+
+# Request headers of the v1 delivery contract, in the order they are sent.
+H_CONTENT_TYPE: Final = "content-type"
+H_USER_AGENT: Final = "user-agent"
+H_DELIVERY: Final = "x-perkamo-delivery"
+H_EVENT: Final = "x-perkamo-event"
+H_SPACE: Final = "x-perkamo-space"
+H_ATTEMPT: Final = "x-perkamo-attempt"
+
+# Kafka headers on retry / DLQ / resend / replay messages.
+K_DELIVERY_ID: Final = "perkamo-delivery-id"
+K_ATTEMPT: Final = "perkamo-attempt"  # the number of the NEXT attempt
+K_DUE_MS: Final = "perkamo-due-ms"
+K_FIRST_FAILED_MS: Final = "perkamo-first-failed-ms"
+K_ORIGIN_TOPIC: Final = "perkamo-origin-topic"
+K_ORIGIN_PARTITION: Final = "perkamo-origin-partition"
+K_ORIGIN_OFFSET: Final = "perkamo-origin-offset"
+K_ERROR_KIND: Final = "perkamo-error-kind"
+K_STATUS_CODE: Final = "perkamo-status-code"
+K_TRIGGER: Final = "perkamo-trigger"
+K_REPLAY_ID: Final = "perkamo-replay-id"
+K_DLQ_REASON: Final = "perkamo-dlq-reason"
+K_DLQ_DETAIL: Final = "perkamo-dlq-detail"
+
+# Delivery statuses recorded in history.
+STATUS_DELIVERED: Final = "delivered"
+STATUS_RETRYING: Final = "retrying"
+STATUS_FAILED: Final = "failed"
+
+# What caused an attempt.
+TRIGGER_INITIAL: Final = "initial"
+TRIGGER_RETRY: Final = "retry"
+TRIGGER_RESEND: Final = "resend"
+TRIGGER_REPLAY: Final = "replay"
+TRIGGERS: Final = (TRIGGER_INITIAL, TRIGGER_RETRY, TRIGGER_RESEND, TRIGGER_REPLAY)
