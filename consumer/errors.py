@@ -22,8 +22,30 @@ class InvalidEndpoint(PerkamoError):
     """An endpoint record breaks the schema or the https/public-address rules."""
 
 
-class BlockedAddress(PerkamoError):
-    """The endpoint's host resolves to an address the SSRF guard refuses."""
+class BlockedAddress(PerkamoError, OSError):
+    """The endpoint's host resolves to an address the SSRF guard refuses.
+
+    An OSError so aiohttp's connector wraps it like any connection failure
+    (`ClientConnectorDNSError` with `os_error` and `__cause__` set to this); use
+    `consumer.netguard.blocked_cause` to find it. Carries the host and a bounded reason
+    label only, never the URL (a secret) and never the refused addresses.
+    """
+
+    def __init__(self, host: str, reason: str) -> None:
+        super().__init__(
+            13,  # EACCES: refused by policy, like a firewall would
+            f"{host}: address refused by the SSRF guard ({reason}); endpoints must be "
+            "public, or the network listed in PERKAMO_ALLOW_PRIVATE_NETWORKS",
+        )
+        self.host = host
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+    # OSError.__reduce__ would rebuild from (errno, strerror); rebuild from our own fields.
+    def __reduce__(self) -> tuple[type["BlockedAddress"], tuple[str, str]]:
+        return (type(self), (self.host, self.reason))
 
 
 class HistoryUnavailable(PerkamoError):

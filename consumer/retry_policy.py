@@ -7,6 +7,7 @@ A `Retry-After` on 429/503 jumps to the first tier not shorter than it.
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ def parse_tiers(tiers: Sequence[str]) -> list[tuple[str, float]]:
         parsed.append((tier, int(match.group(1)) * _UNIT_SECONDS[match.group(2)]))
     if len({name for name, _ in parsed}) != len(parsed):
         raise ValueError("retry tiers must be distinct")
-    if any(b[1] < a[1] for a, b in zip(parsed, parsed[1:], strict=False)):
+    if any(b[1] < a[1] for a, b in itertools.pairwise(parsed)):
         raise ValueError("retry tiers must not get shorter")
     return parsed
 
@@ -87,7 +88,7 @@ def decide(
     if index >= len(tiers):
         return RetryDecision(tier=None, due_ms=0)
     name, delay = tiers[index]
-    jitter = (rng or random).random() * JITTER_FRACTION  # noqa: S311 - not security relevant
+    jitter = (rng or random).random() * JITTER_FRACTION
     return RetryDecision(tier=name, due_ms=now_ms + int(delay * (1 + jitter) * 1000))
 
 

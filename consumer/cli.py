@@ -1,0 +1,157 @@
+"""`perkamo-webhooks` command line: run, migrate, topics, settings, health, receiver, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from consumer import logsetup
+from consumer.config import Settings, load_settings
+from consumer.errors import PerkamoError
+
+log = logging.getLogger("consumer.cli")
+
+Command = Callable[[argparse.Namespace, Settings], int]
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from consumer.app import build, serve
+
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    app = build(settings)
+    asyncio.run(serve(app))
+    return 0
+
+
+def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from consumer.history import HistoryStore
+
+    store = HistoryStore(settings.history_dsn_resolved)
+    for line in store.migrate(settings.history_ttl_days):
+        print(line)
+    return 0
+
+
+def _topics(args: argparse.Namespace, settings: Settings) -> int:
+    from consumer.kafka_io import ensure_topics
+    from consumer.topics import plan
+
+    specs, warnings = plan(settings, args.partitions, args.retention_hours)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    created = ensure_topics(
+        settings.kafka_bootstrap_servers,
+        [(s.name, s.partitions, s.config) for s in specs],
+        replication_factor=args.replication_factor,
+    )
+    for spec in specs:
+        state = "created" if spec.name in created else "exists"
+        print(f"{spec.name:40} {spec.partitions:3} partitions  {state}")
+    return 0
+
+
+def _settings(args: argparse.Namespace, settings: Settings) -> int:
+    for name, value in settings.describe().items():
+        print(f"{name}={value}")
+    return 0
+
+
+def _health(args: argparse.Namespace, settings: Settings) -> int:
+    host, port = settings.admin_host_port
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard bind is probed on loopback
+        host = "127.0.0.1"
+    path = "/readyz" if args.ready else "/healthz"
+    url = f"http://{host}:{port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:  # noqa: S310 - fixed http URL
+            ok = response.status == 200
+    except (urllib.error.URLError, OSError):
+        ok = False
+    print("ok" if ok else "not ok")
+    return 0 if ok else 1
+
+
+def _receiver(args: argparse.Namespace, settings: Settings) -> int:
+    from consumer.receiver import SampleReceiver
+
+    host, _, port = args.listen.rpartition(":")
+
+    async def main() -> None:
+        receiver = SampleReceiver(Path(args.cert_dir), hostnames=tuple(args.hostname))
+        await receiver.start(host.strip("[]"), int(port))
+        print(f"receiving on https://{args.listen}/webhooks/ok (CA: {receiver.ca_file})", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+    return 0
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from consumer.demo import run_demo
+
+    return run_demo(Path(args.dir), events=args.events)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="perkamo-webhooks",
+        description="Deliver Perkamo events from Kafka to customers' HTTPS webhook endpoints.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("run", help="run the consumer (SIGTERM drains and exits 0)").set_defaults(fn=_run)
+    sub.add_parser("migrate", help="create or upgrade the history schema").set_defaults(fn=_migrate)
+
+    topics = sub.add_parser("topics", help="create every Kafka topic the service uses")
+    topics.add_argument("--partitions", type=int, default=6)
+    topics.add_argument("--replication-factor", type=int, default=1)
+    topics.add_argument("--retention-hours", type=float, default=None,
+                        help="retention of event and retry topics (default: 7 days or 2x the longest tier)")
+    topics.set_defaults(fn=_topics)
+
+    sub.add_parser("settings", help="print every setting (secrets masked)").set_defaults(fn=_settings)
+
+    health = sub.add_parser("health", help="probe the running consumer's admin API; exit 0 if healthy")
+    health.add_argument("--ready", action="store_true", help="probe /readyz instead of /healthz")
+    health.add_argument("--timeout", type=float, default=3.0)
+    health.set_defaults(fn=_health)
+
+    receiver = sub.add_parser("receiver", help="a sample HTTPS webhook receiver with a test CA")
+    receiver.add_argument("--listen", default="127.0.0.1:8443")
+    receiver.add_argument("--cert-dir", default="data/receiver")
+    receiver.add_argument("--hostname", action="append", default=["localhost", "127.0.0.1", "::1"])
+    receiver.set_defaults(fn=_receiver)
+
+    demo = sub.add_parser("demo", help="local broker + consumer + receiver + sample events, then history")
+    demo.add_argument("--dir", default=".data/demo", help="working folder (recreated)")
+    demo.add_argument("--events", type=int, default=20)
+    demo.set_defaults(fn=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except PerkamoError as exc:
+        print(f"perkamo-webhooks: {exc}", file=sys.stderr)
+        return 2
+    logsetup.configure(settings.log_level, settings.log_format)
+    try:
+        return int(args.fn(args, settings))
+    except PerkamoError as exc:
+        log.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130

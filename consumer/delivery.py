@@ -1,0 +1,206 @@
+"""One HTTPS delivery attempt with aiohttp, mapped to an outcome in one place (DESIGN §4).
+
+Exactly the contract's headers go out (plus Host and Content-Length, which HTTP needs, and
+the opt-in signature headers when the endpoint has signing secrets). Redirects are not
+followed; at most `response_excerpt_bytes` of any body is read. The URL never appears in an
+error string: errors name the host only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Mapping
+
+import aiohttp
+
+from consumer import constants as c
+from consumer import metrics as m
+from consumer.config import Settings
+from consumer.errors import BlockedAddress
+from consumer.models import AttemptResult, Endpoint, Event
+from consumer.netguard import AddressPolicy, GuardedResolver, blocked_cause
+from consumer.retry_policy import parse_retry_after
+from consumer.signing import signature_headers
+
+log = logging.getLogger(__name__)
+
+# aiohttp adds Accept and Accept-Encoding by default; the contract's header set has neither.
+_SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding")
+
+
+def contract_headers(event: Event, delivery_id: str, attempt: int) -> dict[str, str]:
+    """The v1 contract's request headers, in order."""
+    return {
+        c.H_CONTENT_TYPE: "application/json",
+        c.H_USER_AGENT: c.USER_AGENT,
+        c.H_DELIVERY: delivery_id,
+        c.H_EVENT: event.type,
+        c.H_SPACE: event.space_slug,
+        c.H_ATTEMPT: str(attempt),
+    }
+
+
+def make_ssl_context(ca_bundle: str | None) -> ssl.SSLContext:
+    """System trust plus PERKAMO_CA_BUNDLE; verification is always on."""
+    context = ssl.create_default_context()
+    if ca_bundle:
+        context.load_verify_locations(cafile=ca_bundle)
+    return context
+
+
+class Deliverer:
+    """Owns the process's one aiohttp session and makes delivery attempts."""
+
+    def __init__(self, settings: Settings, metrics: m.Metrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._policy = AddressPolicy(settings.allow_private_networks)
+        self._timeout = aiohttp.ClientTimeout(total=settings.delivery_timeout_s)
+        self._excerpt = settings.response_excerpt_bytes
+        self._proxy = settings.https_proxy or None
+        self._session: aiohttp.ClientSession | None = None
+        self._per_endpoint: dict[str, asyncio.Semaphore] = {}
+        self._active: dict[str, int] = {}
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self._settings.max_in_flight,
+            limit_per_host=self._settings.max_in_flight_per_endpoint,
+            ssl=make_ssl_context(str(self._settings.ca_bundle) if self._settings.ca_bundle else None),
+            resolver=GuardedResolver(self._policy),
+            ttl_dns_cache=30,
+            enable_cleanup_closed=True,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            skip_auto_headers=_SKIP_AUTO_HEADERS,
+            auto_decompress=False,
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def max_active_per_endpoint(self) -> int:
+        return max(self._active.values(), default=0)
+
+    async def attempt(
+        self, endpoint: Endpoint, event: Event, delivery_id: str, attempt: int
+    ) -> AttemptResult:
+        """POST the event to the endpoint once; never raises for network or HTTP failures."""
+        headers = contract_headers(event, delivery_id, attempt)
+        if endpoint.signing_secrets:
+            headers.update(
+                signature_headers(endpoint.signing_secrets, delivery_id, int(time.time()), event.body)
+            )
+        semaphore = self._per_endpoint.get(endpoint.id)
+        if semaphore is None:
+            semaphore = self._per_endpoint[endpoint.id] = asyncio.Semaphore(
+                self._settings.max_in_flight_per_endpoint
+            )
+        async with semaphore:
+            self._active[endpoint.id] = self._active.get(endpoint.id, 0) + 1
+            self._metrics.in_flight_max_per_endpoint.set(self.max_active_per_endpoint)
+            try:
+                return await self._post(endpoint, event.body, headers)
+            finally:
+                left = self._active[endpoint.id] - 1
+                if left:
+                    self._active[endpoint.id] = left
+                else:
+                    del self._active[endpoint.id]
+
+    async def _post(self, endpoint: Endpoint, body: bytes, headers: Mapping[str, str]) -> AttemptResult:
+        assert self._session is not None, "Deliverer.start() was not called"
+        host = endpoint.host
+        started = time.perf_counter()
+        try:
+            self._policy.check_literal(host)
+            async with self._session.post(
+                endpoint.url,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                timeout=self._timeout,
+                proxy=self._proxy,
+            ) as response:
+                excerpt = await self._read_excerpt(response)
+                duration_ms = _ms_since(started)
+                status_text = response.reason or ""
+                if 200 <= response.status < 300:
+                    return AttemptResult(
+                        m.OUTCOME_DELIVERED, response.status, status_text, duration_ms, "", excerpt
+                    )
+                retry_after = None
+                if response.status in (429, 503):
+                    retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
+                error = f"HTTP {response.status}"
+                if 300 <= response.status < 400:
+                    error += " (redirects are not followed)"
+                return AttemptResult(
+                    m.OUTCOME_HTTP_STATUS,
+                    response.status,
+                    status_text,
+                    duration_ms,
+                    error,
+                    excerpt,
+                    retry_after,
+                )
+        except Exception as exc:  # every failure becomes an outcome; nothing escapes
+            return _failure(exc, host, endpoint.url, _ms_since(started))
+
+    async def _read_excerpt(self, response: aiohttp.ClientResponse) -> str:
+        if self._excerpt <= 0:
+            return ""
+        try:
+            chunk = await response.content.read(self._excerpt)
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return ""
+        return chunk.decode("utf-8", "replace")
+
+
+def _ms_since(started: float) -> int:
+    return int((time.perf_counter() - started) * 1000)
+
+
+def _failure(exc: BaseException, host: str, url: str, duration_ms: int) -> AttemptResult:
+    """Map aiohttp's exception tree to an outcome and a URL-free error string."""
+    blocked = exc if isinstance(exc, BlockedAddress) else blocked_cause(exc)
+    if blocked is not None:
+        outcome, text = m.OUTCOME_BLOCKED, f"address refused: {blocked}"
+    elif isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        outcome, text = m.OUTCOME_TIMEOUT, "timed out waiting for the endpoint"
+    elif isinstance(exc, (aiohttp.ClientSSLError, ssl.SSLError)) or isinstance(
+        getattr(exc, "os_error", None), ssl.SSLError
+    ):
+        outcome, text = m.OUTCOME_TLS, f"TLS error: {_describe(exc)}"
+    elif isinstance(exc, aiohttp.ClientConnectorError):
+        outcome, text = m.OUTCOME_CONNECT, f"cannot connect: {_describe(exc)}"
+    elif isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)):
+        outcome, text = m.OUTCOME_PROTOCOL, f"connection dropped: {_describe(exc)}"
+    elif isinstance(exc, aiohttp.ClientResponseError):
+        outcome, text = m.OUTCOME_PROTOCOL, f"invalid HTTP response: {_describe(exc)}"
+    elif isinstance(exc, (aiohttp.ClientError, OSError)):
+        outcome, text = m.OUTCOME_CONNECT, f"connection error: {_describe(exc)}"
+    else:
+        log.error("unexpected delivery error for host %s: %s", host, type(exc).__name__)
+        outcome, text = m.OUTCOME_PROTOCOL, f"unexpected error: {type(exc).__name__}"
+    return AttemptResult(outcome, 0, "", duration_ms, text.replace(url, host)[:500])
+
+
+def _describe(exc: BaseException) -> str:
+    # Some aiohttp errors carry the URL in their text (ClientResponseError, InvalidURL): use
+    # only their URL-free parts.
+    if isinstance(exc, aiohttp.InvalidURL):
+        detail = "invalid URL"
+    elif isinstance(exc, aiohttp.ClientResponseError):
+        detail = f"{exc.status} {exc.message}"
+    else:
+        detail = str(exc) or repr(exc)
+    return f"{type(exc).__name__}: {detail}"

@@ -1,0 +1,161 @@
+"""Thin, typed wrappers over confluent-kafka: client configs, an asyncio-friendly producer,
+topic creation. Application logic lives above; nothing here imports it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from confluent_kafka import KafkaException, Message, Producer
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+
+from consumer.errors import KafkaError
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[str, bytes]]
+
+
+def consumer_config(bootstrap: str, group_id: str, protocol: str) -> dict[str, Any]:
+    """Offsets are committed explicitly by the service (DESIGN §7), never automatically."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "enable.partition.eof": False,
+        "statistics.interval.ms": 5000,
+        "fetch.wait.max.ms": 100,
+        "queued.max.messages.kbytes": 16384,
+        "client.id": "perkamo-webhooks",
+    }
+    if protocol == "consumer":
+        config["group.protocol"] = "consumer"  # KIP-848: takes no assignment strategy
+    else:
+        config["partition.assignment.strategy"] = "cooperative-sticky"
+        config["session.timeout.ms"] = 10000
+        config["max.poll.interval.ms"] = 300000
+    return config
+
+
+def producer_config(bootstrap: str) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": bootstrap,
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        # The Java client's partitioner, so keys land where other Kafka tools expect them.
+        "partitioner": "murmur2_random",
+        "compression.type": "lz4",
+        "client.id": "perkamo-webhooks",
+    }
+
+
+class AsyncProducer:
+    """Idempotent producer whose `publish()` returns when Kafka acknowledged the message.
+
+    A background thread serves delivery callbacks; a delivery error fails that one future.
+    """
+
+    def __init__(self, bootstrap: str, extra: dict[str, Any] | None = None) -> None:
+        self._producer = Producer({**producer_config(bootstrap), **(extra or {})})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="kafka-producer", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            self._producer.poll(0.05)
+
+    async def publish(
+        self, topic: str, value: bytes | None, key: bytes | str | None = None, headers: Headers | None = None
+    ) -> Message:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Message] = loop.create_future()
+
+        def on_delivery(err: Any, msg: Message) -> None:
+            loop.call_soon_threadsafe(_settle, future, err, msg)
+
+        while True:
+            try:
+                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery)
+                break
+            except BufferError:  # local queue full: let the background thread drain it
+                await asyncio.sleep(0.01)
+        return await future
+
+    def flush(self, timeout: float) -> int:
+        return int(self._producer.flush(timeout))
+
+    def close(self, timeout: float = 10.0) -> None:
+        left = self.flush(timeout)
+        if left:
+            log.error("producer closed with %d messages not acknowledged", left)
+        self._stop.set()
+        self._thread.join(2)
+
+
+def _settle(future: asyncio.Future[Message], err: Any, msg: Message) -> None:
+    if future.done():
+        return
+    if err is not None:
+        future.set_exception(KafkaError(f"publish to {msg.topic()} failed: {err}"))
+    else:
+        future.set_result(msg)
+
+
+def ensure_topics(
+    bootstrap: str,
+    topics: Sequence[tuple[str, int, dict[str, str]]],
+    replication_factor: int = 1,
+    timeout: float = 30.0,
+) -> list[str]:
+    """Create topics that do not exist (name, partitions, config); returns the ones created."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    existing = set(admin.list_topics(timeout=timeout).topics)
+    wanted = [
+        NewTopic(name, num_partitions=parts, replication_factor=replication_factor, config=cfg)
+        for name, parts, cfg in topics
+        if name not in existing
+    ]
+    created = []
+    if wanted:
+        for name, fut in admin.create_topics(wanted, operation_timeout=timeout).items():
+            try:
+                fut.result(timeout)
+                created.append(name)
+            except KafkaException as exc:
+                if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                    raise KafkaError(f"cannot create topic {name}: {exc}") from None
+    return created
+
+
+def topic_configs(bootstrap: str, names: Sequence[str], timeout: float = 15.0) -> dict[str, dict[str, str]]:
+    """Current configs of existing topics (used to warn about too-short retention)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, name) for name in names]
+    out: dict[str, dict[str, str]] = {}
+    for resource, fut in admin.describe_configs(resources, request_timeout=timeout).items():
+        try:
+            out[resource.name] = {k: v.value for k, v in fut.result(timeout).items()}
+        except KafkaException:
+            continue
+    return out
+
+
+def wait_for_broker(bootstrap: str, timeout: float) -> None:
+    """Block until the broker answers a metadata request."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    try:
+        admin.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        raise KafkaError(f"broker {bootstrap} not reachable within {timeout:.0f}s: {exc}") from None
+
+
+def header_map(msg: Message) -> dict[str, bytes]:
+    """Message headers as a dict (the last value wins if a name repeats)."""
+    return {k: v for k, v in (msg.headers() or []) if v is not None}

@@ -1,0 +1,100 @@
+"""Plain data the modules pass between them: events, endpoints, attempt results and rows."""
+
+from __future__ import annotations
+
+import hashlib
+from base64 import b32encode
+from dataclasses import dataclass, field
+from datetime import datetime
+from urllib.parse import urlsplit
+
+
+def stable_id(prefix: str, *parts: str) -> str:
+    """A deterministic, readable id: `prefix_` + 26 base32 chars of SHA-256 over the parts."""
+    digest = hashlib.sha256("\x00".join(parts).encode()).digest()
+    return prefix + "_" + b32encode(digest).decode()[:26].lower()
+
+
+def delivery_id_for(event_id: str, endpoint_id: str) -> str:
+    """x-perkamo-delivery: the same for an (event, endpoint) pair on every attempt and redelivery."""
+    return stable_id("dlv", event_id, endpoint_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A validated event envelope; `body` is the exact bytes that are POSTed."""
+
+    body: bytes
+    id: str
+    type: str
+    space_slug: str
+    environment: str
+    user_id: str
+    transaction_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A Space's webhook endpoint. The URL is a secret: log `host` only."""
+
+    id: str
+    space: str
+    url: str
+    active: bool = True
+    signing_secrets: tuple[str, ...] = ()
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    def __repr__(self) -> str:  # never let the URL reach a log line through repr()
+        return f"Endpoint(id={self.id!r}, space={self.space!r}, host={self.host!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    """What one delivery attempt came to."""
+
+    outcome: str  # metrics.OUTCOME_*
+    status_code: int = 0
+    status_text: str = ""
+    duration_ms: int = 0
+    error: str = ""
+    response_excerpt: str = ""
+    retry_after_s: float | None = None
+
+    @property
+    def delivered(self) -> bool:
+        return self.outcome == "delivered"
+
+
+@dataclass(slots=True)
+class AttemptRow:
+    """One row of perkamo.webhook_attempts (DESIGN §10)."""
+
+    delivery_id: str
+    attempt: int
+    event_id: str
+    event_type: str
+    space_slug: str
+    environment: str
+    endpoint_id: str
+    endpoint_host: str
+    user_id: str
+    transaction_id: str
+    trigger: str
+    status: str
+    status_code: int
+    status_text: str
+    duration_ms: int
+    error: str
+    attempted_at: datetime
+    next_attempt_at: datetime | None
+    request_body: bytes
+    response_excerpt: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    error_kind: str = ""
+    replay_id: str = ""
+    extra: dict[str, str] = field(default_factory=dict)

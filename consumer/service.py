@@ -1,0 +1,587 @@
+"""The Kafka loop: takes events and retries, runs deliveries, commits only what is durable.
+
+Flow per message (DESIGN §4-§7): parse and validate -> find the Space's endpoint -> attempt
+(unless its circuit is open) -> record the attempt row and, on failure, publish to the next
+retry tier or the dead-letter topic -> mark the offset done once the row is written and the
+publish acknowledged. Offsets are committed per partition up to the highest contiguous done.
+
+Threads: the asyncio loop runs deliveries and all bookkeeping; one executor thread owns every
+call into the librdkafka consumer (consume, pause, resume, seek, commit), so those calls never
+overlap. Rebalance callbacks run on that thread inside consume() and hand their work to the
+loop, waiting for it (the loop is free, as it only awaits consume()).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from confluent_kafka import Consumer, Message, TopicPartition
+
+from consumer import constants as c
+from consumer import metrics as m
+from consumer.breaker import CircuitBreakers
+from consumer.config import Settings
+from consumer.delivery import Deliverer
+from consumer.endpoints import EndpointRegistry
+from consumer.errors import InvalidEvent, PerkamoError
+from consumer.history import HistoryStore, HistoryWriter
+from consumer.intake import REASON_BAD_HEADER, parse_event
+from consumer.kafka_io import AsyncProducer, Headers, consumer_config, header_map
+from consumer.models import AttemptResult, AttemptRow, Endpoint, Event, delivery_id_for
+from consumer.offsets import OffsetTracker
+from consumer.retry_policy import decide, tier_topic
+
+log = logging.getLogger(__name__)
+
+TP = tuple[str, int]
+
+PAUSE_DUE = "due"  # a retry message that is not due yet heads the partition
+PAUSE_WINDOW = "window"  # too many uncommitted messages in this partition
+PAUSE_HISTORY = "history"  # the history writer is behind
+PAUSE_CAPACITY = "capacity"  # the global in-flight cap is reached
+PAUSE_DRAIN = "drain"  # shutting down
+PAUSE_REASONS = (PAUSE_DUE, PAUSE_WINDOW, PAUSE_HISTORY, PAUSE_CAPACITY, PAUSE_DRAIN)
+
+REASON_EXHAUSTED = "exhausted"
+REASON_INTERNAL = "internal_error"
+
+_BATCH = 500
+_REVOKE_BUDGET_S = 10.0
+
+
+@dataclass(eq=False)
+class PartitionState:
+    """What the loop knows of one assigned partition; dropped on revoke or loss."""
+
+    tp: TP
+    tracker: OffsetTracker = field(default_factory=OffsetTracker)
+    reasons: set[str] = field(default_factory=set)
+    due_ms: int = 0
+    committed: int | None = None
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    revoked: bool = False
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _ts(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+class DeliveryService:
+    """One consumer-group member. `run()` until `stop()`; then it drains, flushes and commits."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: EndpointRegistry,
+        store: HistoryStore,
+        metrics: m.Metrics,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.store = store
+        self.metrics = metrics
+        self.tiers = settings.tier_seconds
+        self.retry_topics = {tier_topic(name): name for name, _ in self.tiers}
+        self.writer = HistoryWriter(
+            store, metrics, settings.history_batch_rows, settings.history_flush_interval_s
+        )
+        self.deliverer = Deliverer(settings, metrics)
+        self.breakers = CircuitBreakers(
+            settings.breaker_failures, settings.breaker_cooldown_s, on_change=self._circuit_changed
+        )
+        self.producer: AsyncProducer | None = None
+        self._consumer: Consumer | None = None
+        self._kafka = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kafka-consumer")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._parts: dict[TP, PartitionState] = {}
+        self._in_flight = 0
+        self._stopping = asyncio.Event()
+        self._last_commit = 0.0
+        self.assigned_once = False
+        self.started = False
+
+    # Life cycle ----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to stop intake and drain (safe from a signal handler)."""
+        self._stopping.set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.writer.start()
+        await self.deliverer.start()
+        self.producer = AsyncProducer(self.settings.kafka_bootstrap_servers)
+        config = consumer_config(
+            self.settings.kafka_bootstrap_servers, self.settings.group_id, self.settings.group_protocol
+        )
+        config["stats_cb"] = self._on_stats
+        self._consumer = Consumer(config)
+        topics = [*self.settings.events_topics, *self.retry_topics]
+        self._consumer.subscribe(
+            topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+        self.started = True
+        log.info("consuming %s as group %s", ",".join(topics), self.settings.group_id)
+        try:
+            while not self._stopping.is_set():
+                await self._tick()
+        finally:
+            await self._shutdown()
+
+    async def _tick(self) -> None:
+        self._update_pauses()
+        room = self.settings.max_in_flight - self._in_flight
+        timeout = self._poll_timeout()
+        msgs: list[Message] = await self._call(self._consumer_or_fail().consume, max(1, min(_BATCH, room)), timeout)
+        if msgs:
+            self._take(msgs)
+        if time.monotonic() - self._last_commit >= self.settings.commit_interval_s:
+            await self.commit()
+
+    def _poll_timeout(self) -> float:
+        timeout = 0.1
+        dues = [st.due_ms for st in self._parts.values() if PAUSE_DUE in st.reasons]
+        if dues:
+            timeout = min(timeout, max(0.0, (min(dues) - _now_ms()) / 1000))
+        return max(timeout, 0.005)
+
+    async def _shutdown(self) -> None:
+        log.info("stopping: %d deliveries in flight", self._in_flight)
+        deadline = time.monotonic() + self.settings.drain_timeout_s
+        tasks = [t for st in self._parts.values() for t in st.tasks]
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("drain deadline passed: %d deliveries abandoned (redelivered later)", len(pending))
+                await asyncio.gather(*pending, return_exceptions=True)
+        flushed = await asyncio.to_thread(self.writer.stop, max(1.0, deadline - time.monotonic()))
+        if not flushed:
+            log.error("history rows still unwritten at shutdown; their offsets are not committed")
+        await self.commit()
+        if self.producer is not None:
+            await asyncio.to_thread(self.producer.close, 10.0)
+        if self._consumer is not None:
+            await self._call(self._consumer.close)
+        await self.deliverer.close()
+        self._kafka.shutdown(wait=True)
+        log.info("stopped")
+
+    # Intake --------------------------------------------------------------------------
+
+    def _take(self, msgs: Iterable[Message]) -> None:
+        consumer = self._consumer_or_fail()
+        halted: set[TP] = set()  # partitions paused mid-batch: the rest of their batch is dropped
+        now = _now_ms()
+        for msg in msgs:
+            if msg.error() is not None:
+                log.warning("consume error: %s", msg.error())
+                continue
+            tp = (msg.topic(), msg.partition())
+            st = self._parts.get(tp)
+            if st is None or st.revoked or tp in halted:
+                continue
+            offset = msg.offset()
+            if tp[0] in self.retry_topics:
+                due = _int_header(header_map(msg), c.K_DUE_MS)
+                if due is not None and due > now:
+                    # Not due: pause, then seek back to exactly this message, so it and the
+                    # messages after it (dropped from this batch) are fetched again on resume.
+                    st.due_ms = due
+                    self._set_reason(st, PAUSE_DUE, True)
+                    consumer.seek(TopicPartition(tp[0], tp[1], offset))
+                    halted.add(tp)
+                    continue
+            self.metrics.events_consumed.labels(tp[0]).inc()
+            st.tracker.add(offset)
+            self._in_flight += 1
+            task = asyncio.create_task(self._process(msg, st))
+            st.tasks.add(task)
+            task.add_done_callback(st.tasks.discard)
+        self.metrics.in_flight.set(self._in_flight)
+
+    def _set_reason(self, st: PartitionState, reason: str, on: bool) -> None:
+        before = bool(st.reasons)
+        if on:
+            st.reasons.add(reason)
+        else:
+            st.reasons.discard(reason)
+        after = bool(st.reasons)
+        if before == after or st.revoked:
+            return
+        partition = [TopicPartition(st.tp[0], st.tp[1])]
+        consumer = self._consumer_or_fail()
+        if after:
+            consumer.pause(partition)
+        else:
+            consumer.resume(partition)
+
+    def _update_pauses(self) -> None:
+        now = _now_ms()
+        history_full = self.writer.backlog >= self.settings.history_max_buffered_rows
+        history_ok = self.writer.backlog < self.settings.history_max_buffered_rows // 2
+        at_capacity = self._in_flight >= self.settings.max_in_flight
+        counts = dict.fromkeys(PAUSE_REASONS, 0)
+        for st in self._parts.values():
+            if PAUSE_DUE in st.reasons and now >= st.due_ms:
+                self._set_reason(st, PAUSE_DUE, False)
+            window = st.tracker.window
+            if window >= self.settings.partition_window:
+                self._set_reason(st, PAUSE_WINDOW, True)
+            elif window < self.settings.partition_window // 2:
+                self._set_reason(st, PAUSE_WINDOW, False)
+            if history_full:
+                self._set_reason(st, PAUSE_HISTORY, True)
+            elif history_ok:
+                self._set_reason(st, PAUSE_HISTORY, False)
+            self._set_reason(st, PAUSE_CAPACITY, at_capacity)
+            for reason in st.reasons:
+                counts[reason] += 1
+        for reason, count in counts.items():
+            self.metrics.paused_partitions.labels(reason).set(count)
+
+    # One message ---------------------------------------------------------------------
+
+    async def _process(self, msg: Message, st: PartitionState) -> None:
+        try:
+            await self._handle(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(
+                "internal error on %s[%d]@%d; dead-lettering it", msg.topic(), msg.partition(), msg.offset()
+            )
+            try:
+                await self._dead_letter_invalid(msg, REASON_INTERNAL, "internal error, see the consumer log")
+            except Exception:
+                log.exception("could not dead-letter %s[%d]@%d; its offset stays uncommitted",
+                              msg.topic(), msg.partition(), msg.offset())
+                return
+        finally:
+            self._in_flight -= 1
+            self.metrics.in_flight.set(self._in_flight)
+        st.tracker.done(msg.offset())
+
+    async def _handle(self, msg: Message) -> None:
+        headers = header_map(msg)
+        try:
+            event = parse_event(msg.value(), self.settings.max_payload_bytes)
+            attempt_no = _int_header(headers, c.K_ATTEMPT, strict=True) or 1
+        except InvalidEvent as exc:
+            self.metrics.invalid_events.labels(exc.reason).inc()
+            log.warning(
+                "invalid event on %s[%d]@%d: %s (dead-lettered)",
+                msg.topic(), msg.partition(), msg.offset(), exc,
+            )
+            await self._dead_letter_invalid(msg, exc.reason, exc.detail)
+            return
+        endpoint = self.registry.get(event.space_slug)
+        if endpoint is None:
+            self.metrics.no_endpoint.labels(event.space_slug).inc()
+            log.info("event %s: space %s has no active endpoint; not delivered", event.id, event.space_slug)
+            return
+        delivery_id = _str_header(headers, c.K_DELIVERY_ID) or delivery_id_for(event.id, endpoint.id)
+        trigger = _str_header(headers, c.K_TRIGGER) or (
+            c.TRIGGER_RETRY if msg.topic() in self.retry_topics else c.TRIGGER_INITIAL
+        )
+        if self.breakers.allow(endpoint.id):
+            result = await self.deliverer.attempt(endpoint, event, delivery_id, attempt_no)
+            self.breakers.record(endpoint.id, result.delivered)
+            self.metrics.attempt_duration.labels(event.space_slug).observe(result.duration_ms / 1000)
+        else:
+            result = AttemptResult(
+                m.OUTCOME_CIRCUIT_OPEN,
+                error="circuit open: the endpoint kept failing; no HTTP call made, moved to the next tier",
+            )
+        self.metrics.attempts.labels(event.space_slug, event.type, result.outcome).inc()
+        await self._complete(msg, headers, event, endpoint, delivery_id, attempt_no, trigger, result)
+
+    async def _complete(
+        self,
+        msg: Message,
+        headers: dict[str, bytes],
+        event: Event,
+        endpoint: Endpoint,
+        delivery_id: str,
+        attempt_no: int,
+        trigger: str,
+        result: AttemptResult,
+    ) -> None:
+        """Record the attempt and move a failed delivery on; returns when both are durable."""
+        now = _now_ms()
+        next_at: int | None = None
+        publish = None
+        if result.delivered:
+            status = c.STATUS_DELIVERED
+        else:
+            decision = decide(attempt_no, self.tiers, now, result.retry_after_s)
+            out_headers = self._retry_headers(msg, headers, delivery_id, attempt_no + 1, now, result)
+            if decision.tier is None:
+                status = c.STATUS_FAILED
+                out_headers += [
+                    (c.K_DLQ_REASON, REASON_EXHAUSTED.encode()),
+                    (c.K_DLQ_DETAIL, result.error.encode()[:500]),
+                ]
+                publish = self._publisher().publish(c.DLQ_TOPIC, event.body, delivery_id, out_headers)
+                self.metrics.dead_lettered.labels(REASON_EXHAUSTED).inc()
+            else:
+                status = c.STATUS_RETRYING
+                next_at = decision.due_ms
+                out_headers.append((c.K_DUE_MS, str(decision.due_ms).encode()))
+                publish = self._publisher().publish(
+                    tier_topic(decision.tier), event.body, delivery_id, out_headers
+                )
+                self.metrics.retries_scheduled.labels(decision.tier).inc()
+        origin_topic, origin_partition, origin_offset = _origin(msg, headers)
+        row = AttemptRow(
+            delivery_id=delivery_id,
+            attempt=attempt_no,
+            event_id=event.id,
+            event_type=event.type,
+            space_slug=event.space_slug,
+            environment=event.environment,
+            endpoint_id=endpoint.id,
+            endpoint_host=endpoint.host,
+            user_id=event.user_id,
+            transaction_id=event.transaction_id,
+            trigger=trigger,
+            status=status,
+            status_code=result.status_code,
+            status_text=result.status_text,
+            duration_ms=result.duration_ms,
+            error=result.error,
+            attempted_at=_ts(now),
+            next_attempt_at=_ts(next_at) if next_at else None,
+            request_body=event.body,
+            response_excerpt=result.response_excerpt,
+            source_topic=origin_topic,
+            source_partition=origin_partition,
+            source_offset=origin_offset,
+            error_kind="" if result.delivered else result.outcome,
+            replay_id=_str_header(headers, c.K_REPLAY_ID),
+        )
+        written = self.writer.submit(row)
+        if publish is not None:
+            await asyncio.gather(written, publish)
+        else:
+            await written
+        log.info(
+            "attempt delivery=%s space=%s event_type=%s attempt=%d status=%s outcome=%s code=%d duration_ms=%d",
+            delivery_id, event.space_slug, event.type, attempt_no, status,
+            result.outcome, result.status_code, result.duration_ms,
+        )
+
+    def _retry_headers(
+        self,
+        msg: Message,
+        headers: dict[str, bytes],
+        delivery_id: str,
+        next_attempt: int,
+        now: int,
+        result: AttemptResult,
+    ) -> Headers:
+        """The header list of a retry/DLQ message, rebuilt from scratch (one value per name)."""
+        origin_topic, origin_partition, origin_offset = _origin(msg, headers)
+        out: Headers = [
+            (c.K_DELIVERY_ID, delivery_id.encode()),
+            (c.K_ATTEMPT, str(next_attempt).encode()),
+            (c.K_FIRST_FAILED_MS, headers.get(c.K_FIRST_FAILED_MS) or str(now).encode()),
+            (c.K_ORIGIN_TOPIC, origin_topic.encode()),
+            (c.K_ORIGIN_PARTITION, str(origin_partition).encode()),
+            (c.K_ORIGIN_OFFSET, str(origin_offset).encode()),
+            (c.K_ERROR_KIND, result.outcome.encode()),
+            (c.K_STATUS_CODE, str(result.status_code).encode()),
+        ]
+        replay_id = headers.get(c.K_REPLAY_ID)
+        if replay_id:
+            out.append((c.K_REPLAY_ID, replay_id))
+        return out
+
+    async def _dead_letter_invalid(self, msg: Message, reason: str, detail: str) -> None:
+        """Bad input: the original bytes and headers go to the DLQ with the reason."""
+        kept = [(k, v) for k, v in (msg.headers() or []) if not k.startswith("perkamo-") and v is not None]
+        kept += [
+            (c.K_DLQ_REASON, reason.encode()),
+            (c.K_DLQ_DETAIL, detail.encode("utf-8", "replace")[:500]),
+            (c.K_ORIGIN_TOPIC, msg.topic().encode()),
+            (c.K_ORIGIN_PARTITION, str(msg.partition()).encode()),
+            (c.K_ORIGIN_OFFSET, str(msg.offset()).encode()),
+        ]
+        await self._publisher().publish(c.DLQ_TOPIC, msg.value(), msg.key(), kept)
+        self.metrics.dead_lettered.labels(reason).inc()
+
+    # Offsets and rebalances ------------------------------------------------------------
+
+    async def commit(self) -> None:
+        """Commit, per partition, the highest offset below which everything is durable."""
+        self._last_commit = time.monotonic()
+        offsets = self._committable(self._parts.values())
+        if offsets:
+            await self._call(self._commit_sync, offsets)
+
+    def _committable(self, states: Iterable[PartitionState]) -> list[TopicPartition]:
+        offsets = []
+        for st in states:
+            position = st.tracker.committable()
+            if position is not None and position != st.committed:
+                offsets.append(TopicPartition(st.tp[0], st.tp[1], position))
+        return offsets
+
+    def _commit_sync(self, offsets: list[TopicPartition]) -> None:
+        consumer = self._consumer_or_fail()
+        try:
+            results = consumer.commit(offsets=offsets, asynchronous=False)
+        except Exception as exc:  # e.g. no longer in the group; redelivery covers it
+            log.warning("commit failed: %s", exc)
+            return
+        for tp in results or []:
+            if tp.error:
+                log.warning("commit of %s[%d] failed: %s", tp.topic, tp.partition, tp.error)
+                continue
+            st = self._parts.get((tp.topic, tp.partition))
+            if st is not None:
+                st.committed = tp.offset
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._run_on_loop(self._assigned([(p.topic, p.partition) for p in partitions]))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        offsets = self._run_on_loop(
+            self._revoking([(p.topic, p.partition) for p in partitions]), _REVOKE_BUDGET_S + 5
+        )
+        if offsets:
+            self._commit_sync(offsets)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._run_on_loop(self._lost([(p.topic, p.partition) for p in partitions]))
+
+    async def _assigned(self, tps: list[TP]) -> None:
+        for tp in tps:
+            self._parts[tp] = PartitionState(tp)  # every newly assigned partition starts unpaused
+        self.assigned_once = True
+        self.metrics.rebalances.labels("assigned").inc()
+        self.metrics.assigned_partitions.set(len(self._parts))
+        log.info("assigned %d partitions (%d in all)", len(tps), len(self._parts))
+
+    async def _revoking(self, tps: list[TP]) -> list[TopicPartition]:
+        """Finish (or abandon, after a budget) the revoked partitions' work; return what to commit."""
+        states = [self._parts[tp] for tp in tps if tp in self._parts]
+        for st in states:
+            st.revoked = True
+        tasks = [t for st in states for t in st.tasks]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=_REVOKE_BUDGET_S)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+                log.warning("revoke: %d deliveries abandoned (redelivered to the new owner)", len(pending))
+        offsets = self._committable(states)
+        self._drop(states)
+        self.metrics.rebalances.labels("revoked").inc()
+        return offsets
+
+    async def _lost(self, tps: list[TP]) -> None:
+        states = [self._parts[tp] for tp in tps if tp in self._parts]
+        for st in states:
+            st.revoked = True
+            for task in st.tasks:
+                task.cancel()
+        self._drop(states)
+        self.metrics.rebalances.labels("lost").inc()
+        log.warning("lost %d partitions; their uncommitted work will be redelivered", len(states))
+
+    def _drop(self, states: list[PartitionState]) -> None:
+        for st in states:
+            self._parts.pop(st.tp, None)
+            try:
+                self.metrics.consumer_lag.remove(st.tp[0], str(st.tp[1]))
+            except KeyError:  # no statistics arrived for it yet
+                pass
+        self.metrics.assigned_partitions.set(len(self._parts))
+
+    def _on_stats(self, stats_json: str) -> None:
+        """librdkafka statistics: consumer lag per assigned partition (committed vs high watermark)."""
+        try:
+            stats = orjson.loads(stats_json)
+        except orjson.JSONDecodeError:
+            return
+        for topic, tstats in stats.get("topics", {}).items():
+            for pid, pstats in tstats.get("partitions", {}).items():
+                if pid == "-1" or (topic, int(pid)) not in self._parts:
+                    continue
+                lag = pstats.get("consumer_lag", -1)
+                if lag >= 0:
+                    self.metrics.consumer_lag.labels(topic, pid).set(lag)
+
+    # Helpers -------------------------------------------------------------------------
+
+    def _run_on_loop(self, coro: Any, timeout: float = 30.0) -> Any:
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        assert self._loop is not None
+        return await self._loop.run_in_executor(self._kafka, fn, *args)
+
+    def _consumer_or_fail(self) -> Consumer:
+        if self._consumer is None:
+            raise PerkamoError("consumer not started")
+        return self._consumer
+
+    def _publisher(self) -> AsyncProducer:
+        if self.producer is None:
+            raise PerkamoError("producer not started")
+        return self.producer
+
+    def _circuit_changed(self, endpoint_id: str, state: int) -> None:
+        space = next((ep.space for ep in self.registry.all() if ep.id == endpoint_id), "unknown")
+        self.metrics.circuit_state.labels(space).set(state)
+        log.warning("circuit for space %s is now %s", space, ("closed", "open", "half-open")[state])
+
+
+def _str_header(headers: dict[str, bytes], name: str) -> str:
+    value = headers.get(name)
+    return value.decode("utf-8", "replace") if value else ""
+
+
+def _int_header(headers: dict[str, bytes], name: str, strict: bool = False) -> int | None:
+    value = headers.get(name)
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        if strict:
+            raise InvalidEvent(REASON_BAD_HEADER, f"header {name} is not an integer") from None
+        return None
+    if strict and not 1 <= number <= 10_000:
+        raise InvalidEvent(REASON_BAD_HEADER, f"header {name} out of range")
+    return number
+
+
+def _origin(msg: Message, headers: dict[str, bytes]) -> tuple[str, int, int]:
+    """Where the event first entered: set once, carried through retries."""
+    topic = _str_header(headers, c.K_ORIGIN_TOPIC)
+    if topic:
+        partition = _int_header(headers, c.K_ORIGIN_PARTITION) or 0
+        offset = _int_header(headers, c.K_ORIGIN_OFFSET) or 0
+        return topic, partition, offset
+    return msg.topic(), msg.partition(), msg.offset()

@@ -1,0 +1,41 @@
+"""The topics this service uses, with their settings (`perkamo-webhooks topics`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from consumer import constants as c
+from consumer.config import Settings
+from consumer.retry_policy import tier_topic
+
+DAY_MS = 86_400_000
+# A retry message must outlive its wait: keep it for the longest tier plus this slack.
+RETENTION_SLACK = 2.0
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict[str, str]
+
+
+def plan(settings: Settings, partitions: int, retention_hours: float | None) -> tuple[list[TopicSpec], list[str]]:
+    """Every topic with its config, and warnings (e.g. retention shorter than a tier)."""
+    longest_ms = int(max(seconds for _, seconds in settings.tier_seconds) * 1000)
+    default_ms = max(7 * DAY_MS, int(longest_ms * RETENTION_SLACK) + DAY_MS)
+    retention_ms = int(retention_hours * 3_600_000) if retention_hours else default_ms
+    warnings = []
+    if retention_ms < longest_ms * RETENTION_SLACK:
+        warnings.append(
+            f"retention {retention_ms / 3_600_000:.1f}h is shorter than {RETENTION_SLACK:g}x the longest "
+            f"retry tier ({longest_ms / 3_600_000:.1f}h): waiting retries could be deleted before they are due"
+        )
+    keep = {"retention.ms": str(retention_ms), "cleanup.policy": "delete"}
+    specs = [TopicSpec(topic, partitions, keep) for topic in settings.events_topics]
+    specs += [TopicSpec(tier_topic(name), partitions, keep) for name, _ in settings.tier_seconds]
+    specs.append(TopicSpec(c.DLQ_TOPIC, partitions, {**keep, "retention.ms": str(max(retention_ms, 30 * DAY_MS))}))
+    specs.append(
+        TopicSpec(c.ENDPOINTS_TOPIC, 1, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"})
+    )
+    return specs, warnings

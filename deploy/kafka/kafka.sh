@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# A real single-node Apache Kafka 4.x broker (KRaft: controller + broker in one JVM) for
+# tests and the demo, run from the jars on Maven Central with the machine's Java 17.
+#
+#   deploy/kafka/kafka.sh fetch            # jars into $KAFKA_CACHE (git-ignored), once
+#   deploy/kafka/kafka.sh start            # format storage if new, start, wait until it answers
+#   deploy/kafka/kafka.sh stop             # SIGTERM, wait for a clean shutdown (then SIGKILL)
+#   deploy/kafka/kafka.sh status           # exit 0 when the broker's port answers
+#
+# Settings (environment):
+#   KAFKA_PORT (9092)  KAFKA_CONTROLLER_PORT (KAFKA_PORT+1)  KAFKA_HOST (127.0.0.1)
+#   KAFKA_DIR (.data/kafka: log dirs, pid and log file)  KAFKA_CACHE (.cache/kafka)
+#   KAFKA_HEAP (512m)  KAFKA_START_TIMEOUT_S (60)  JAVA (java)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+KAFKA_PORT="${KAFKA_PORT:-9092}"
+KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-$((KAFKA_PORT + 1))}"
+KAFKA_HOST="${KAFKA_HOST:-127.0.0.1}"
+KAFKA_DIR="${KAFKA_DIR:-$root/.data/kafka}"
+KAFKA_CACHE="${KAFKA_CACHE:-$root/.cache/kafka}"
+KAFKA_HEAP="${KAFKA_HEAP:-512m}"
+KAFKA_START_TIMEOUT_S="${KAFKA_START_TIMEOUT_S:-60}"
+JAVA="${JAVA:-java}"
+libs="$KAFKA_CACHE/libs"
+pidfile="$KAFKA_DIR/broker.pid"
+
+log() { printf 'kafka.sh: %s\n' "$*" >&2; }
+
+fetch() {
+  if [ -f "$libs/.complete" ] && cmp -s "$here/pom.xml" "$KAFKA_CACHE/pom.xml"; then
+    return 0
+  fi
+  log "fetching Apache Kafka jars with mvn into $libs"
+  rm -rf "$libs" && mkdir -p "$libs"
+  mvn -q -B -f "$here/pom.xml" dependency:copy-dependencies \
+    -DoutputDirectory="$libs" -DincludeScope=runtime
+  cp "$here/pom.xml" "$KAFKA_CACHE/pom.xml"
+  touch "$libs/.complete"
+}
+
+port_open() { (exec 3<>"/dev/tcp/$KAFKA_HOST/$KAFKA_PORT") 2>/dev/null; }
+
+running() { [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
+
+write_config() {
+  cat > "$KAFKA_DIR/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@$KAFKA_HOST:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT,CONTROLLER://$KAFKA_HOST:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$KAFKA_DIR/logs
+num.partitions=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=10
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+log.cleaner.backoff.ms=1000
+log.segment.delete.delay.ms=1000
+PROPS
+}
+
+start() {
+  fetch
+  if running; then log "already running (pid $(cat "$pidfile"))"; return 0; fi
+  mkdir -p "$KAFKA_DIR"
+  write_config
+  if [ ! -f "$KAFKA_DIR/logs/meta.properties" ]; then
+    "$JAVA" -cp "$libs/*" kafka.tools.StorageTool format \
+      -t "$("$JAVA" -cp "$libs/*" kafka.tools.StorageTool random-uuid 2>/dev/null)" \
+      -c "$KAFKA_DIR/server.properties" >> "$KAFKA_DIR/broker.log" 2>&1
+  fi
+  nohup "$JAVA" "-Xmx$KAFKA_HEAP" "-Xms$KAFKA_HEAP" -XX:+UseG1GC \
+    "-Dlog4j2.configurationFile=$here/log4j2.properties" \
+    -cp "$libs/*" kafka.Kafka "$KAFKA_DIR/server.properties" >> "$KAFKA_DIR/broker.log" 2>&1 &
+  echo $! > "$pidfile"
+  local deadline=$((SECONDS + KAFKA_START_TIMEOUT_S))
+  until port_open; do
+    if ! running; then log "broker exited during start-up; see $KAFKA_DIR/broker.log"; tail -20 "$KAFKA_DIR/broker.log" >&2; exit 1; fi
+    if [ "$SECONDS" -ge "$deadline" ]; then log "broker not answering after ${KAFKA_START_TIMEOUT_S}s"; exit 1; fi
+    sleep 0.2
+  done
+  log "broker up on $KAFKA_HOST:$KAFKA_PORT (pid $(cat "$pidfile"), dir $KAFKA_DIR)"
+}
+
+stop() {
+  if ! running; then rm -f "$pidfile"; return 0; fi
+  local pid; pid="$(cat "$pidfile")"
+  kill -TERM "$pid"
+  for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || { rm -f "$pidfile"; log "stopped"; return 0; }; sleep 0.2; done
+  log "broker did not stop in 30s; killing"
+  kill -KILL "$pid" 2>/dev/null || true
+  rm -f "$pidfile"
+}
+
+case "${1:-}" in
+  fetch) fetch ;;
+  start) start ;;
+  stop) stop ;;
+  status) port_open ;;
+  *) echo "usage: $0 fetch|start|stop|status" >&2; exit 2 ;;
+esac

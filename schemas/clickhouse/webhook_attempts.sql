@@ -1,0 +1,47 @@
+-- perkamo.webhook_attempts: one row per delivery attempt (DESIGN §8, §10).
+-- Applied by `perkamo-webhooks migrate` (re-runnable). {ttl_days} is PERKAMO_HISTORY_TTL_DAYS.
+--
+-- Idempotent writes: a crash or replay of the same Kafka offset can write an attempt row
+-- twice. ReplacingMergeTree keeps one row per sorting key (space_slug, delivery_id, attempt),
+-- the latest by written_at, when parts merge; every query the project offers reads with
+-- FINAL so duplicates never count before a merge either.
+-- ORDER BY starts with space_slug: "this Space's attempts" reads one key range; the time
+-- range prunes month partitions and the minmax index; status has a set index; lookups by
+-- delivery id alone use the bloom filter.
+CREATE TABLE IF NOT EXISTS perkamo.webhook_attempts
+(
+    delivery_id       String,
+    attempt           UInt16,
+    event_id          String,
+    event_type        LowCardinality(String),
+    space_slug        LowCardinality(String),
+    environment       LowCardinality(String),
+    endpoint_id       String,
+    endpoint_host     String,
+    user_id           String,
+    transaction_id    String,
+    trigger           LowCardinality(String),
+    status            LowCardinality(String),
+    status_code       UInt16,
+    status_text       String,
+    duration_ms       UInt32,
+    error             String,
+    error_kind        LowCardinality(String),
+    attempted_at      DateTime64(3, 'UTC'),
+    next_attempt_at   Nullable(DateTime64(3, 'UTC')),
+    request_body      String CODEC(ZSTD(3)),
+    response_excerpt  String CODEC(ZSTD(3)),
+    source_topic      LowCardinality(String),
+    source_partition  Int32,
+    source_offset     Int64,
+    replay_id         String,
+    written_at        DateTime64(3, 'UTC') DEFAULT now64(3),
+    INDEX idx_delivery_id delivery_id TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX idx_attempted_at attempted_at TYPE minmax GRANULARITY 1,
+    INDEX idx_status status TYPE set(8) GRANULARITY 4
+)
+ENGINE = ReplacingMergeTree(written_at)
+PARTITION BY toYYYYMM(attempted_at)
+ORDER BY (space_slug, delivery_id, attempt)
+TTL toDateTime(attempted_at) + INTERVAL {ttl_days} DAY
+SETTINGS index_granularity = 8192
