@@ -137,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", default=".data/demo", help="working folder (recreated)")
     demo.add_argument("--events", type=int, default=20)
     demo.set_defaults(fn=_demo)
+
+    from consumer import cli_endpoints, cli_history
+
+    cli_endpoints.add_subcommands(sub)
+    cli_history.add_subcommands(sub)
     return parser
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -131,7 +132,23 @@ def ensure_topics(
             except KafkaException as exc:
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
                     raise KafkaError(f"cannot create topic {name}: {exc}") from None
+        _wait_for_leaders(admin, [name for name, _, _ in topics], timeout)
     return created
+
+
+def _wait_for_leaders(admin: AdminClient, names: Sequence[str], timeout: float) -> None:
+    """A new topic answers NOT_LEADER until its partitions have leaders; wait for that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        meta = admin.list_topics(timeout=timeout).topics
+        if all(
+            name in meta and meta[name].partitions and all(p.leader >= 0 for p in meta[name].partitions.values())
+            for name in names
+        ):
+            return
+        if time.monotonic() > deadline:
+            raise KafkaError(f"topics {', '.join(names)} have no leaders after {timeout:.0f}s")
+        time.sleep(0.1)
 
 
 def topic_configs(bootstrap: str, names: Sequence[str], timeout: float = 15.0) -> dict[str, dict[str, str]]:

@@ -1,0 +1,182 @@
+"""Fixtures: one real Kafka broker per session (or KAFKA_BOOTSTRAP_SERVERS), one embedded
+ClickHouse path per test process (chDB opens one path per process), a test CA, scripted HTTPS
+receivers on loopback, and in-process consumer services."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import trustme
+
+from consumer.app import App, build, serve
+from consumer.config import Settings, load_settings
+from consumer.history import HistoryStore
+from consumer.kafka_io import ensure_topics, wait_for_broker
+from consumer.metrics import Metrics
+from consumer.topics import plan
+from tests.support import ScriptedReceiver, fast_forward_group, free_port, unique
+
+REPO = Path(__file__).resolve().parent.parent
+KAFKA_SCRIPT = REPO / "deploy" / "kafka" / "kafka.sh"
+LOOPBACK = ["127.0.0.0/8", "::1/128"]
+# Short tiers everywhere in tests; the retry topics exist once per broker.
+TEST_TIERS = ["1s", "2s", "4s"]
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if external:
+        wait_for_broker(external, 30)
+        yield external
+        return
+    port = free_port()
+    env = {**os.environ, "KAFKA_PORT": str(port), "KAFKA_CONTROLLER_PORT": str(free_port()),
+           "KAFKA_DIR": str(tmp_path_factory.mktemp("kafka"))}
+    subprocess.run([str(KAFKA_SCRIPT), "start"], env=env, check=True)
+    bootstrap = f"127.0.0.1:{port}"
+    try:
+        wait_for_broker(bootstrap, 30)
+        yield bootstrap
+    finally:
+        subprocess.run([str(KAFKA_SCRIPT), "stop"], env=env, check=False)
+
+
+@pytest.fixture(scope="session")
+def kafka_env(kafka: str) -> dict[str, str]:
+    """How to restart the session's own broker (broker-restart tests); empty if external."""
+    return {}
+
+
+@pytest.fixture(scope="session")
+def history_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("history")
+
+
+@pytest.fixture(scope="session")
+def store(history_path: Path) -> HistoryStore:
+    st = HistoryStore(f"chdb://{history_path}")
+    st.migrate(90)
+    return st
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def ca_file(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+@pytest.fixture
+async def receiver(ca: trustme.CA) -> AsyncIterator[ScriptedReceiver]:
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost", "127.0.0.1", "::1").configure_cert(context)
+    rec = ScriptedReceiver(context)
+    await rec.start()
+    yield rec
+    await rec.stop()
+
+
+@pytest.fixture
+def topics(kafka: str) -> dict[str, Any]:
+    """A fresh events topic (3 partitions) and the shared retry/DLQ topics."""
+    events = unique("perkamo.events.test")
+    settings = load_settings(kafka_bootstrap_servers=kafka, events_topics=[events], retry_tiers=TEST_TIERS)
+    specs, _ = plan(settings, partitions=3, retention_hours=None)
+    ensure_topics(kafka, [(s.name, s.partitions, s.config) for s in specs])
+    return {"events": events, "retry": [s.name for s in specs if ".retry." in s.name]}
+
+
+class Harness:
+    """Builds settings and runs in-process services for one test."""
+
+    def __init__(self, kafka: str, store: HistoryStore, ca_file: Path, topics: dict[str, Any],
+                 tmp_path: Path) -> None:
+        self.kafka = kafka
+        self.store = store
+        self.ca_file = ca_file
+        self.topics = topics
+        self.tmp_path = tmp_path
+        self.group = unique("group")
+        self.running: list[tuple[App, asyncio.Task[None]]] = []
+        fast_forward_group(kafka, self.group, topics["retry"])
+
+    @property
+    def events_topic(self) -> str:
+        return str(self.topics["events"])
+
+    def endpoints_file(self, records: list[dict[str, Any]]) -> Path:
+        path = self.tmp_path / f"endpoints-{unique('f')}.json"
+        path.write_bytes(orjson.dumps(records))
+        return path
+
+    def settings(self, endpoints: list[dict[str, Any]] | None = None, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "kafka_bootstrap_servers": self.kafka,
+            "events_topics": [self.events_topic],
+            "group_id": self.group,
+            "data_dir": self.tmp_path,
+            "retry_tiers": TEST_TIERS,
+            "allow_private_networks": LOOPBACK,
+            "ca_bundle": self.ca_file,
+            "admin_listen": f"127.0.0.1:{free_port()}",
+            "delivery_timeout_s": 2.0,
+            "history_flush_interval_s": 0.2,
+            "commit_interval_s": 0.2,
+            "drain_timeout_s": 5.0,
+        }
+        if endpoints is not None:
+            values["endpoints_file"] = self.endpoints_file(endpoints)
+        values.update(overrides)
+        return load_settings(**values)
+
+    async def start(self, settings: Settings) -> App:
+        app = build(settings, store=self.store, metrics=Metrics())
+        task = asyncio.create_task(serve(app, install_signals=False))
+        self.running.append((app, task))
+        await asyncio.wait_for(_assigned(app, task), 30)
+        return app
+
+    async def stop(self, app: App) -> None:
+        for entry in list(self.running):
+            if entry[0] is app:
+                app.service.stop()
+                await asyncio.wait_for(entry[1], 30)
+                self.running.remove(entry)
+
+    async def stop_all(self) -> None:
+        for app, task in list(self.running):
+            app.service.stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 30)
+        self.running.clear()
+
+
+async def _assigned(app: App, task: asyncio.Task[None]) -> None:
+    while not app.service.assigned_once:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def harness(kafka: str, store: HistoryStore, ca_file: Path, topics: dict[str, Any],
+                  tmp_path: Path) -> AsyncIterator[Harness]:
+    h = Harness(kafka, store, ca_file, topics, tmp_path)
+    yield h
+    await h.stop_all()

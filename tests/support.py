@@ -1,0 +1,226 @@
+"""Test building blocks: a scripted HTTPS receiver, Kafka helpers, event factories, polling."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+
+_counter = itertools.count()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def make_event(space: str, n: int | None = None, event_type: str = "purchase.completed",
+               environment: str = "live") -> dict[str, Any]:
+    """An event shaped like the contract's example."""
+    n = next(_counter) if n is None else n
+    return {
+        "id": f"evt_{uuid.uuid4().hex[:12]}_{n}",
+        "type": event_type,
+        "created_at": "2026-06-01T10:00:00.000Z",
+        "data": {
+            "space": {"slug": space, "name": "Commerce Live", "environment": environment},
+            "user_id": "customer_123",
+            "transaction_id": f"order_{n}",
+            "event": event_type,
+            "status": "applied",
+            "occurred_at": "2026-06-01T10:00:00.000Z",
+            "context": {"amount": 12900, "currency": "CZK"},
+            "delta": [{"wallet": "loyalty_points", "amount": 10}],
+            "effects": [],
+            "wallet_state": {"loyalty_points": 120},
+        },
+    }
+
+
+def produce(bootstrap: str, topic: str, values: list[bytes | None], key: bytes | None = None,
+            headers: list[tuple[str, bytes]] | None = None, partition: int | None = None) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    for value in values:
+        kwargs: dict[str, Any] = {"key": key, "headers": headers}
+        if partition is not None:
+            kwargs["partition"] = partition
+        producer.produce(topic, value, **kwargs)
+    assert producer.flush(30) == 0
+
+
+def end_offsets(bootstrap: str, topics: list[str]) -> dict[tuple[str, int], int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("probe")})
+    try:
+        meta = consumer.list_topics(timeout=10)
+        out = {}
+        for topic in topics:
+            for pid in meta.topics[topic].partitions:
+                out[(topic, pid)] = _watermark(consumer, TopicPartition(topic, pid))
+        return out
+    finally:
+        consumer.close()
+
+
+def _watermark(consumer: Consumer, tp: TopicPartition) -> int:
+    # A topic created a moment ago may answer NOT_LEADER for a short while.
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            return int(consumer.get_watermark_offsets(tp, timeout=10)[1])
+        except KafkaException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def fast_forward_group(bootstrap: str, group: str, topics: list[str]) -> None:
+    """Commit the group's offsets at the topics' ends, so messages of earlier tests are skipped."""
+    ends = end_offsets(bootstrap, topics)
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()], asynchronous=False)
+    finally:
+        consumer.close()
+
+
+def committed(bootstrap: str, group: str, topic: str, partitions: int = 1) -> list[int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        tps = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        return [tp.offset for tp in tps]
+    finally:
+        consumer.close()
+
+
+def read_topic(bootstrap: str, topic: str, since: dict[tuple[str, int], int] | None = None,
+               timeout: float = 10.0, expect: int | None = None) -> list[Any]:
+    """Messages of `topic` after the `since` offsets (all of them by default)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("reader"),
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    try:
+        meta = consumer.list_topics(topic, timeout=10)
+        tps = [TopicPartition(topic, p, (since or {}).get((topic, p), 0)) for p in meta.topics[topic].partitions]
+        consumer.assign(tps)
+        ends = {p.partition: _watermark(consumer, p) for p in tps}
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for msg in consumer.consume(500, 0.5):
+                if msg.error() is None:
+                    out.append(msg)
+            positions = {tp.partition: tp.offset for tp in consumer.position(tps)}
+            caught_up = all(positions.get(p, 0) >= end for p, end in ends.items() if end > 0)
+            if (expect is None and caught_up) or (expect is not None and len(out) >= expect):
+                break
+        return out
+    finally:
+        consumer.close()
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1,
+                   what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+@dataclass
+class Request:
+    path: str
+    raw_headers: list[tuple[bytes, bytes]]
+    body: bytes
+    at: float
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {k.decode().lower(): v.decode() for k, v in self.raw_headers}
+
+
+Behaviour = Callable[[web.Request, int], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class ScriptedReceiver:
+    """An HTTPS server on loopback whose answer per path is scripted by the test."""
+
+    ssl_context: Any
+    requests: list[Request] = field(default_factory=list)
+    behaviours: dict[str, Behaviour] = field(default_factory=dict)
+    port: int = 0
+    runner: web.AppRunner | None = None
+
+    def url(self, path: str, host: str = "localhost") -> str:
+        return f"https://{host}:{self.port}{path}"
+
+    def on(self, path: str, behaviour: Behaviour) -> str:
+        self.behaviours[path] = behaviour
+        return path
+
+    def to(self, path: str) -> list[Request]:
+        return [r for r in self.requests if r.path == path]
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self.runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await self.runner.setup()
+        self.port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port, ssl_context=self.ssl_context).start()
+
+    async def stop(self) -> None:
+        if self.runner:
+            await self.runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        count = len(self.to(request.path))
+        self.requests.append(Request(request.path, list(request.raw_headers), body, time.time()))
+        behaviour = self.behaviours.get(request.path)
+        if behaviour is None:
+            return web.Response(status=204)
+        return await behaviour(request, count)
+
+
+def status(code: int, text: str = "", headers: dict[str, str] | None = None) -> Behaviour:
+    async def answer(_: web.Request, __: int) -> web.StreamResponse:
+        return web.Response(status=code, text=text or None, headers=headers)
+    return answer
+
+
+def sequence(*codes: int) -> Behaviour:
+    """Answer the n-th request with codes[n] (the last code repeats)."""
+    async def answer(_: web.Request, n: int) -> web.StreamResponse:
+        return web.Response(status=codes[min(n, len(codes) - 1)])
+    return answer
+
+
+def delayed(seconds: float, code: int = 204) -> Behaviour:
+    async def answer(_: web.Request, __: int) -> web.StreamResponse:
+        await asyncio.sleep(seconds)
+        return web.Response(status=code)
+    return answer
+
+
+def loads(value: bytes) -> Any:
+    return orjson.loads(value)
