@@ -224,3 +224,19 @@ def delayed(seconds: float, code: int = 204) -> Behaviour:
 
 def loads(value: bytes) -> Any:
     return orjson.loads(value)
+
+
+def query_history_in_subprocess(path: str, sql: str) -> list[list[Any]]:
+    """Read a chDB history path from a fresh process (chDB opens one path per process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, orjson\n"
+        "from consumer.history import HistoryStore\n"
+        "cols, rows = HistoryStore(sys.argv[1]).query(sys.argv[2])\n"
+        "sys.stdout.buffer.write(orjson.dumps([list(r) for r in rows], default=str))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, f"chdb://{path}", sql], check=True,
+                         capture_output=True, timeout=120)
+    return list(orjson.loads(out.stdout))

@@ -334,7 +334,14 @@ def _compose_cli() -> list[str] | None:
         if probe.returncode == 0:
             return [docker, "compose"]
     standalone = shutil.which("docker-compose")
-    return [standalone] if standalone else None
+    if standalone:
+        # Compose v1 (Debian's docker-compose 1.x) predates the Compose Specification.
+        probe = subprocess.run(
+            [standalone, "version", "--short"], capture_output=True, text=True, check=False
+        )
+        if probe.returncode == 0 and re.match(r"v?([2-9]|\d\d)\.", probe.stdout.strip()):
+            return [standalone]
+    return None
 
 
 def test_docker_compose_config_accepts_the_file() -> None:
@@ -349,6 +356,69 @@ def test_docker_compose_config_accepts_the_file() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+COMPOSECHECK_SRC = Path(__file__).resolve().parent / "data" / "composecheck"
+
+
+@pytest.fixture(scope="module")
+def resolved_compose(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """docker-compose.yml as compose-go (the loader of `docker compose`) resolves it.
+
+    tests/data/composecheck is a small Go program on compose-go (pinned in its go.mod/go.sum);
+    it is built when a Go toolchain is present. Without Go, or when its modules cannot be
+    fetched, the tests using it are skipped; a file compose-go rejects fails them.
+    """
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("no Go toolchain to build the compose-go loader")
+    binary = tmp_path_factory.mktemp("composecheck") / "composecheck"
+    env = {**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=readonly"}
+    build = subprocess.run(
+        [go, "build", "-o", str(binary), "."],
+        cwd=COMPOSECHECK_SRC,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+    )
+    if build.returncode != 0:
+        pytest.skip(f"could not build the compose-go loader: {build.stderr[-2000:]}")
+    clean_env = {k: v for k, v in os.environ.items() if not k.startswith(("PERKAMO_", "COMPOSE_"))}
+    for name in ("CLICKHOUSE_PASSWORD", "GRAFANA_ADMIN_PASSWORD"):
+        clean_env.pop(name, None)
+    result = subprocess.run(
+        [str(binary), str(COMPOSE_FILE)],
+        cwd=ROOT,
+        env=clean_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, f"compose-go rejects docker-compose.yml: {result.stderr}"
+    resolved = yaml.safe_load(result.stdout)
+    assert isinstance(resolved, dict)
+    return resolved
+
+
+def test_compose_go_loader_accepts_the_file(resolved_compose: dict[str, Any]) -> None:
+    assert set(resolved_compose["services"]) == set(_services())
+    for name, service in resolved_compose["services"].items():
+        env = service.get("environment") or {}
+        unknown = [k for k in env if k.startswith("PERKAMO_") and k not in SETTING_NAMES]
+        assert not unknown, f"{name}: {unknown}"
+
+
+def test_compose_go_resolves_the_consumers_identically(resolved_compose: dict[str, Any]) -> None:
+    """The YAML anchors/merge keys give both replicas the same config in compose's own loader."""
+    first, second = (resolved_compose["services"][c] for c in CONSUMERS)
+    differ = {k for k in first.keys() | second.keys() if first.get(k) != second.get(k)}
+    assert differ <= {"ports", "volumes"}, f"consumer-1/consumer-2 differ in {sorted(differ)}"
+    assert first["environment"]["PERKAMO_ADMIN_LISTEN"].endswith(f":{ADMIN_PORT}")
+    assert first["stop_grace_period"] == _services()["consumer-1"]["stop_grace_period"]
+    assert first["depends_on"]["init"]["condition"] == "service_completed_successfully"
 
 
 # --- settings names and values -----------------------------------------------------------------
@@ -683,6 +753,8 @@ def test_compose_receiver_is_reachable_and_trusted() -> None:
     receiver = _services()["receiver"]
     command = [str(c) for c in receiver["command"]]
     cert_dir = command[command.index("--cert-dir") + 1]
+    hostnames = [command[i + 1] for i, arg in enumerate(command) if arg == "--hostname"]
+    assert "receiver" in hostnames, "the receiver's certificate must name its compose host"
     receiver_volume = _mounts("receiver")[cert_dir]
     for consumer in CONSUMERS:
         env = _service_env(consumer)

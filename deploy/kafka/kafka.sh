@@ -34,7 +34,7 @@ fetch() {
   fi
   log "fetching Apache Kafka jars with mvn into $libs"
   rm -rf "$libs" && mkdir -p "$libs"
-  mvn -q -B -f "$here/pom.xml" dependency:copy-dependencies \
+  mvn -q -B -Dstyle.color=never -f "$here/pom.xml" dependency:copy-dependencies \
     -DoutputDirectory="$libs" -DincludeScope=runtime
   cp "$here/pom.xml" "$KAFKA_CACHE/pom.xml"
   touch "$libs/.complete"
