@@ -128,6 +128,8 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         settings_file = os.environ.get(SETTINGS_FILE_ENV)
         if settings_file:
+            if not Path(settings_file).is_file():
+                raise ConfigError(f"{SETTINGS_FILE_ENV}: no such file: {settings_file}")
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=settings_file))
         return tuple(sources)
 
@@ -167,8 +169,9 @@ class Settings(BaseSettings):
 
 def _mask_userinfo(url: str) -> str:
     scheme, sep, rest = url.partition("://")
-    if sep and "@" in rest.split("/", 1)[0]:
-        return f"{scheme}://********@{rest.split('@', 1)[1]}"
+    authority, slash, path = rest.partition("/")
+    if sep and "@" in authority:
+        return f"{scheme}://********@{authority.rpartition('@')[2]}{slash}{path}"
     return url
 
 

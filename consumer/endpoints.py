@@ -43,7 +43,13 @@ def parse_record(doc: Any) -> Endpoint:
         name = getattr(exc, "name", "record")
         rule = getattr(exc, "rule", "schema")
         raise InvalidEndpoint(f"{name} violates {rule}") from None
-    parts = urlsplit(doc["url"])
+    try:
+        parts = urlsplit(doc["url"])
+        port = parts.port
+    except ValueError:
+        raise InvalidEndpoint("url is malformed (host or port)") from None
+    if port == 0:
+        raise InvalidEndpoint("url port must be 1-65535")
     if parts.scheme != "https" or not parts.hostname:
         raise InvalidEndpoint("url must be an https:// URL with a host")
     if parts.username or parts.password:

@@ -21,7 +21,11 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(doc).decode()
+        try:
+            return orjson.dumps(doc).decode()
+        except TypeError:  # a lone surrogate in the text: keep the line, replace the bad characters
+            clean = {k: v.encode("utf-8", "replace").decode() for k, v in doc.items()}
+            return orjson.dumps(clean).decode()
 
 
 def configure(level: str = "INFO", fmt: str = "text") -> None:

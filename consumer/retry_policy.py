@@ -12,10 +12,12 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 
 from consumer.constants import RETRY_TOPIC_PREFIX
 
+_DELTA_SECONDS_RE = re.compile(r"[0-9]{1,10}")
 _TIER_RE = re.compile(r"^(\d+)(ms|s|m|h|d)$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 JITTER_FRACTION = 0.10
@@ -23,6 +25,8 @@ JITTER_FRACTION = 0.10
 
 def parse_tiers(tiers: Sequence[str]) -> list[tuple[str, float]]:
     """`["10s", "1m"]` -> `[("10s", 10.0), ("1m", 60.0)]`; raises ValueError naming a bad tier."""
+    if not tiers:
+        raise ValueError("at least one retry tier is required, e.g. 10s,1m,10m")
     parsed: list[tuple[str, float]] = []
     for tier in tiers:
         match = _TIER_RE.match(tier)
@@ -57,14 +61,14 @@ def parse_retry_after(value: str | None, now_s: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if _DELTA_SECONDS_RE.fullmatch(value):
         return float(value)
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError):
         return None
-    if when.tzinfo is None:
-        return None
+    if when.tzinfo is None:  # asctime form: RFC 9110 says it is GMT
+        when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - now_s)
 
 

