@@ -31,6 +31,9 @@ LOOPBACK = ["127.0.0.0/8", "::1/128"]
 TEST_TIERS = ["1s", "2s", "4s"]
 
 
+_BROKER_ENV: dict[str, str] = {}
+
+
 @pytest.fixture(scope="session")
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
@@ -42,6 +45,7 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env = {**os.environ, "KAFKA_PORT": str(port), "KAFKA_CONTROLLER_PORT": str(free_port()),
            "KAFKA_DIR": str(tmp_path_factory.mktemp("kafka"))}
     subprocess.run([str(KAFKA_SCRIPT), "start"], env=env, check=True)
+    _BROKER_ENV.update(env)
     bootstrap = f"127.0.0.1:{port}"
     try:
         wait_for_broker(bootstrap, 30)
@@ -52,8 +56,9 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def kafka_env(kafka: str) -> dict[str, str]:
-    """How to restart the session's own broker (broker-restart tests); empty if external."""
-    return {}
+    """The environment that restarts the session's own broker with `deploy/kafka/kafka.sh stop|start`
+    (same port, same data dir); empty when the broker is external (restart tests then skip)."""
+    return dict(_BROKER_ENV)
 
 
 @pytest.fixture(scope="session")
