@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     breaker_failures: int = Field(5, ge=1)
     breaker_cooldown_s: float = Field(30.0, gt=0)
     commit_interval_s: float = Field(1.0, gt=0)
+    lag_interval_s: float = Field(5.0, ge=0.1)  # librdkafka statistics -> consumer lag gauge
     drain_timeout_s: float = Field(25.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"

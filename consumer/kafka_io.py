@@ -20,7 +20,9 @@ log = logging.getLogger(__name__)
 Headers = list[tuple[str, bytes]]
 
 
-def consumer_config(bootstrap: str, group_id: str, protocol: str) -> dict[str, Any]:
+def consumer_config(
+    bootstrap: str, group_id: str, protocol: str, stats_interval_s: float = 5.0
+) -> dict[str, Any]:
     """Offsets are committed explicitly by the service (DESIGN §7), never automatically."""
     config: dict[str, Any] = {
         "bootstrap.servers": bootstrap,
@@ -29,7 +31,7 @@ def consumer_config(bootstrap: str, group_id: str, protocol: str) -> dict[str, A
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
         "enable.partition.eof": False,
-        "statistics.interval.ms": 5000,
+        "statistics.interval.ms": int(stats_interval_s * 1000),
         "fetch.wait.max.ms": 100,
         "queued.max.messages.kbytes": 16384,
         "client.id": "perkamo-webhooks",

@@ -128,7 +128,10 @@ class DeliveryService:
         await self.deliverer.start()
         self.producer = AsyncProducer(self.settings.kafka_bootstrap_servers)
         config = consumer_config(
-            self.settings.kafka_bootstrap_servers, self.settings.group_id, self.settings.group_protocol
+            self.settings.kafka_bootstrap_servers,
+            self.settings.group_id,
+            self.settings.group_protocol,
+            self.settings.lag_interval_s,
         )
         config["stats_cb"] = self._on_stats
         self._consumer = Consumer(config)
@@ -527,8 +530,8 @@ class DeliveryService:
             for pid, pstats in tstats.get("partitions", {}).items():
                 if pid == "-1" or (topic, int(pid)) not in self._parts:
                     continue
-                lag = pstats.get("consumer_lag", -1)
-                if lag >= 0:
+                lag = _partition_lag(pstats)
+                if lag is not None:
                     self.metrics.consumer_lag.labels(topic, pid).set(lag)
 
     # Helpers -------------------------------------------------------------------------
@@ -575,6 +578,22 @@ def _int_header(headers: dict[str, bytes], name: str, strict: bool = False) -> i
     if strict and not 1 <= number <= 10_000:
         raise InvalidEvent(REASON_BAD_HEADER, f"header {name} out of range")
     return number
+
+
+def _partition_lag(pstats: dict[str, Any]) -> int | None:
+    """High watermark minus the committed offset; with no commit yet, minus the log start.
+
+    librdkafka's own `consumer_lag` is -1 until the group has committed the partition, which
+    would hide exactly the backlog of a new group or a never-committed partition.
+    """
+    high = pstats.get("hi_offset", -1)
+    if high < 0:
+        return None
+    committed = pstats.get("committed_offset", -1)
+    base = committed if committed >= 0 else pstats.get("lo_offset", -1)
+    if base < 0:
+        return None
+    return max(0, high - base)
 
 
 def _origin(msg: Message, headers: dict[str, bytes]) -> tuple[str, int, int]:
