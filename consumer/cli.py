@@ -74,7 +74,7 @@ def _health(args: argparse.Namespace, settings: Settings) -> int:
     path = "/readyz" if args.ready else "/healthz"
     url = f"http://{host}:{port}{path}"
     try:
-        with urllib.request.urlopen(url, timeout=args.timeout) as response:  # noqa: S310 - fixed http URL
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:
             ok = response.status == 200
     except (urllib.error.URLError, OSError):
         ok = False
@@ -116,8 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     topics = sub.add_parser("topics", help="create every Kafka topic the service uses")
     topics.add_argument("--partitions", type=int, default=6)
     topics.add_argument("--replication-factor", type=int, default=1)
-    topics.add_argument("--retention-hours", type=float, default=None,
-                        help="retention of event and retry topics (default: 7 days or 2x the longest tier)")
+    topics.add_argument(
+        "--retention-hours",
+        type=float,
+        default=None,
+        help="retention of event and retry topics (default: 7 days or 2x the longest tier)",
+    )
     topics.set_defaults(fn=_topics)
 
     sub.add_parser("settings", help="print every setting (secrets masked)").set_defaults(fn=_settings)

@@ -160,7 +160,7 @@ class Deliverer:
             return ""
         try:
             chunk = await response.content.read(self._excerpt)
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             return ""
         return chunk.decode("utf-8", "replace")
 

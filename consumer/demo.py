@@ -75,8 +75,12 @@ def run_demo(workdir: Path, events: int = 20) -> int:
     workdir.mkdir(parents=True)
     console = Console(width=max(Console().width, 150))
     port = free_port()
-    env = {**os.environ, "KAFKA_PORT": str(port), "KAFKA_CONTROLLER_PORT": str(free_port()),
-           "KAFKA_DIR": str(workdir / "kafka")}
+    env = {
+        **os.environ,
+        "KAFKA_PORT": str(port),
+        "KAFKA_CONTROLLER_PORT": str(free_port()),
+        "KAFKA_DIR": str(workdir / "kafka"),
+    }
     console.print(f"[bold]1/5[/] starting Apache Kafka on 127.0.0.1:{port}")
     started = time.monotonic()
     subprocess.run([str(KAFKA_SCRIPT), "start"], env=env, check=True)
@@ -92,10 +96,14 @@ async def _demo(workdir: Path, bootstrap: str, events: int, console: Console) ->
     await receiver.start("127.0.0.1", 0)
     base = f"https://localhost:{receiver.port}/webhooks"
     endpoints_file = workdir / "endpoints.json"
-    endpoints_file.write_bytes(orjson.dumps([
-        {"space": HEALTHY, "url": f"{base}/ok", "active": True},
-        {"space": FAILING, "url": f"{base}/fail", "active": True},
-    ]))
+    endpoints_file.write_bytes(
+        orjson.dumps(
+            [
+                {"space": HEALTHY, "url": f"{base}/ok", "active": True},
+                {"space": FAILING, "url": f"{base}/fail", "active": True},
+            ]
+        )
+    )
     settings = load_settings(
         kafka_bootstrap_servers=bootstrap,
         data_dir=workdir,
@@ -114,8 +122,10 @@ async def _demo(workdir: Path, bootstrap: str, events: int, console: Console) ->
     healthy = [sample_event(n, HEALTHY) for n in range(events)]
     failing = [sample_event(events + n, FAILING, "test") for n in range(max(1, events // 4))]
     orphan = sample_event(10_000, UNKNOWN)
-    console.print(f"[bold]3/5[/] publishing {len(healthy)} events for {HEALTHY} (answers 204), "
-                  f"{len(failing)} for {FAILING} (answers 500), 1 for a Space with no endpoint, 1 not JSON")
+    console.print(
+        f"[bold]3/5[/] publishing {len(healthy)} events for {HEALTHY} (answers 204), "
+        f"{len(failing)} for {FAILING} (answers 500), 1 for a Space with no endpoint, 1 not JSON"
+    )
     producer = Producer(producer_config(bootstrap))
     for doc in [*healthy, *failing, orphan]:
         producer.produce(c.EVENTS_TOPIC, orjson.dumps(doc), key=doc["data"]["space"]["slug"])
@@ -134,7 +144,7 @@ async def _demo(workdir: Path, bootstrap: str, events: int, console: Console) ->
         await asyncio.sleep(0.5)
         _, rows = await asyncio.to_thread(
             app.store.query,
-            f"SELECT countIf(status = 'delivered'), countIf(status = 'failed') FROM {TABLE} FINAL",
+            f"SELECT countIf(status = 'delivered'), countIf(status = 'failed') FROM {TABLE} FINAL",  # noqa: S608 - constant
         )
         delivered, failed = rows[0]
         if delivered >= len(healthy) and failed >= expected_failed:
@@ -145,15 +155,25 @@ async def _demo(workdir: Path, bootstrap: str, events: int, console: Console) ->
     await receiver.stop()
 
     console.print("[bold]5/5[/] delivery history (perkamo.webhook_attempts)")
-    _, rows = app.store.query(
-        f"SELECT delivery_id, attempt, space_slug, event_type, trigger, status, status_code, "
-        f"duration_ms, error, attempted_at FROM {TABLE} FINAL ORDER BY space_slug, event_id, attempt"
-    )
+    columns = "delivery_id, attempt, space_slug, event_type, trigger, status, status_code, duration_ms, error"
+    order = "ORDER BY space_slug, event_id, attempt"
+    sql = f"SELECT {columns}, attempted_at FROM {TABLE} FINAL {order}"  # noqa: S608 - constants only
+    _, rows = app.store.query(sql)
     table = Table("delivery", "att", "space", "event", "trigger", "status", "code", "ms", "error", "at (UTC)")
     for row in rows:
         style = {"delivered": "green", "retrying": "yellow", "failed": "red"}.get(row[5], "")
-        table.add_row(row[0], str(row[1]), row[2], row[3], row[4], f"[{style}]{row[5]}[/]", str(row[6]),
-                      str(row[7]), (row[8] or "")[:40], row[9].strftime("%H:%M:%S.%f")[:-3])
+        table.add_row(
+            row[0],
+            str(row[1]),
+            row[2],
+            row[3],
+            row[4],
+            f"[{style}]{row[5]}[/]",
+            str(row[6]),
+            str(row[7]),
+            (row[8] or "")[:40],
+            row[9].strftime("%H:%M:%S.%f")[:-3],
+        )
     console.print(table)
     ok = delivered >= len(healthy) and failed >= expected_failed
     console.print(

@@ -12,6 +12,7 @@ after that. When the store is slow or down the writer keeps every row and retrie
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import threading
@@ -95,7 +96,9 @@ class HistoryStore:
         with self._lock:
             self._client.insert(TABLE, data, column_names=COLUMNS)
 
-    def query(self, sql: str, parameters: dict[str, Any] | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
+    def query(
+        self, sql: str, parameters: dict[str, Any] | None = None
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
         """Run a read; returns (column names, rows)."""
         with self._lock:
             result = self._client.query(sql, parameters=parameters or {})
@@ -195,7 +198,11 @@ class HistoryWriter:
                         and time.monotonic() - self._first_at < self._interval
                     )
                 ):
-                    wait = self._interval if not self._rows else self._interval - (time.monotonic() - self._first_at)
+                    wait = (
+                        self._interval
+                        if not self._rows
+                        else self._interval - (time.monotonic() - self._first_at)
+                    )
                     self._cond.wait(max(wait, 0.01))
                 if not self._rows:
                     if self._stopping:
@@ -237,10 +244,8 @@ def _resolve(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]
     for loop, future, _ in waiters:
         by_loop.setdefault(loop, []).append(future)
     for loop, futures in by_loop.items():
-        try:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
             loop.call_soon_threadsafe(_set_all, futures)
-        except RuntimeError:  # the loop is closed: nobody waits any more
-            pass
 
 
 def _set_all(futures: list[asyncio.Future[None]]) -> None:

@@ -11,7 +11,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from confluent_kafka import KafkaException, Message, Producer
-from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
+from confluent_kafka.admin import (  # type: ignore[attr-defined]  # the stubs omit re-exports
+    AdminClient,
+    ConfigResource,
+    NewTopic,
+)
 
 from consumer.errors import KafkaError
 
@@ -85,7 +89,13 @@ class AsyncProducer:
 
         while True:
             try:
-                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery)
+                self._producer.produce(
+                    topic,
+                    value=value,
+                    key=key,
+                    headers=headers,  # type: ignore[arg-type]  # the stub's list is invariant
+                    on_delivery=on_delivery,
+                )
                 break
             except BufferError:  # local queue full: let the background thread drain it
                 await asyncio.sleep(0.01)
@@ -144,7 +154,9 @@ def _wait_for_leaders(admin: AdminClient, names: Sequence[str], timeout: float) 
     while True:
         meta = admin.list_topics(timeout=timeout).topics
         if all(
-            name in meta and meta[name].partitions and all(p.leader >= 0 for p in meta[name].partitions.values())
+            name in meta
+            and meta[name].partitions
+            and all(p.leader >= 0 for p in meta[name].partitions.values())
             for name in names
         ):
             return
@@ -175,6 +187,25 @@ def wait_for_broker(bootstrap: str, timeout: float) -> None:
         raise KafkaError(f"broker {bootstrap} not reachable within {timeout:.0f}s: {exc}") from None
 
 
+def header_list(msg: Message) -> Headers:
+    """Message headers as (name, bytes) pairs; headers without a value are left out."""
+    out: Headers = []
+    for pair in msg.headers() or []:
+        name, value = pair[0], pair[1]
+        if value is None:
+            continue
+        out.append((name, value if isinstance(value, bytes) else str(value).encode()))
+    return out
+
+
 def header_map(msg: Message) -> dict[str, bytes]:
     """Message headers as a dict (the last value wins if a name repeats)."""
-    return {k: v for k, v in (msg.headers() or []) if v is not None}
+    return dict(header_list(msg))
+
+
+def position(msg: Message) -> tuple[str, int, int]:
+    """(topic, partition, offset) of a consumed message."""
+    topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+    if topic is None or partition is None or offset is None:
+        raise KafkaError("consumed message has no topic/partition/offset")
+    return topic, partition, offset

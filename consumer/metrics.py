@@ -160,9 +160,7 @@ class Metrics:
             name = PREFIX + short
             if kind == "counter":
                 # prometheus-client adds _total itself
-                made[short] = Counter(
-                    name.removesuffix("_total"), doc, labels, registry=self.registry
-                )
+                made[short] = Counter(name.removesuffix("_total"), doc, labels, registry=self.registry)
             elif kind == "gauge":
                 made[short] = Gauge(name, doc, labels, registry=self.registry)
             else:

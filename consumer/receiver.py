@@ -50,8 +50,7 @@ class SampleReceiver:
         await self.runner.setup()
         site = web.TCPSite(self.runner, host, port, ssl_context=self._server_context())
         await site.start()
-        sockets = site._server.sockets if site._server else []  # noqa: SLF001 - aiohttp has no public getter
-        self.port = sockets[0].getsockname()[1] if sockets else port
+        self.port = int(self.runner.addresses[0][1])
 
     async def stop(self) -> None:
         if self.runner is not None:

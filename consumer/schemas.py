@@ -29,4 +29,4 @@ def schema_path(name: str) -> Path:
 def validator(name: str) -> Validator:
     """A compiled validator for `schemas/<name>`; raises JsonSchemaException on bad data."""
     schema = orjson.loads(schema_path(name).read_bytes())
-    return fastjsonschema.compile(schema)  # type: ignore[no-any-return]
+    return fastjsonschema.compile(schema)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import time
 from collections.abc import Iterable
@@ -34,7 +35,7 @@ from consumer.endpoints import EndpointRegistry
 from consumer.errors import InvalidEvent, PerkamoError
 from consumer.history import HistoryStore, HistoryWriter
 from consumer.intake import REASON_BAD_HEADER, parse_event
-from consumer.kafka_io import AsyncProducer, Headers, consumer_config, header_map
+from consumer.kafka_io import AsyncProducer, Headers, consumer_config, header_list, header_map, position
 from consumer.models import AttemptResult, AttemptRow, Endpoint, Event, delivery_id_for
 from consumer.offsets import OffsetTracker
 from consumer.retry_policy import decide, tier_topic
@@ -151,7 +152,9 @@ class DeliveryService:
         self._update_pauses()
         room = self.settings.max_in_flight - self._in_flight
         timeout = self._poll_timeout()
-        msgs: list[Message] = await self._call(self._consumer_or_fail().consume, max(1, min(_BATCH, room)), timeout)
+        msgs: list[Message] = await self._call(
+            self._consumer_or_fail().consume, max(1, min(_BATCH, room)), timeout
+        )
         if msgs:
             self._take(msgs)
         if time.monotonic() - self._last_commit >= self.settings.commit_interval_s:
@@ -169,11 +172,13 @@ class DeliveryService:
         deadline = time.monotonic() + self.settings.drain_timeout_s
         tasks = [t for st in self._parts.values() for t in st.tasks]
         if tasks:
-            done, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
+            _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic()))
             for task in pending:
                 task.cancel()
             if pending:
-                log.warning("drain deadline passed: %d deliveries abandoned (redelivered later)", len(pending))
+                log.warning(
+                    "drain deadline passed: %d deliveries abandoned (redelivered later)", len(pending)
+                )
                 await asyncio.gather(*pending, return_exceptions=True)
         flushed = await asyncio.to_thread(self.writer.stop, max(1.0, deadline - time.monotonic()))
         if not flushed:
@@ -197,11 +202,11 @@ class DeliveryService:
             if msg.error() is not None:
                 log.warning("consume error: %s", msg.error())
                 continue
-            tp = (msg.topic(), msg.partition())
+            topic, partition, offset = position(msg)
+            tp = (topic, partition)
             st = self._parts.get(tp)
             if st is None or st.revoked or tp in halted:
                 continue
-            offset = msg.offset()
             if tp[0] in self.retry_topics:
                 due = _int_header(header_map(msg), c.K_DUE_MS)
                 if due is not None and due > now:
@@ -215,7 +220,7 @@ class DeliveryService:
             self.metrics.events_consumed.labels(tp[0]).inc()
             st.tracker.add(offset)
             self._in_flight += 1
-            task = asyncio.create_task(self._process(msg, st))
+            task = asyncio.create_task(self._process(msg, st, offset))
             st.tasks.add(task)
             task.add_done_callback(st.tasks.discard)
         self.metrics.in_flight.set(self._in_flight)
@@ -262,7 +267,7 @@ class DeliveryService:
 
     # One message ---------------------------------------------------------------------
 
-    async def _process(self, msg: Message, st: PartitionState) -> None:
+    async def _process(self, msg: Message, st: PartitionState, offset: int) -> None:
         try:
             await self._handle(msg)
         except asyncio.CancelledError:
@@ -274,13 +279,17 @@ class DeliveryService:
             try:
                 await self._dead_letter_invalid(msg, REASON_INTERNAL, "internal error, see the consumer log")
             except Exception:
-                log.exception("could not dead-letter %s[%d]@%d; its offset stays uncommitted",
-                              msg.topic(), msg.partition(), msg.offset())
+                log.exception(
+                    "could not dead-letter %s[%d]@%d; its offset stays uncommitted",
+                    msg.topic(),
+                    msg.partition(),
+                    msg.offset(),
+                )
                 return
         finally:
             self._in_flight -= 1
             self.metrics.in_flight.set(self._in_flight)
-        st.tracker.done(msg.offset())
+        st.tracker.done(offset)
 
     async def _handle(self, msg: Message) -> None:
         headers = header_map(msg)
@@ -291,7 +300,10 @@ class DeliveryService:
             self.metrics.invalid_events.labels(exc.reason).inc()
             log.warning(
                 "invalid event on %s[%d]@%d: %s (dead-lettered)",
-                msg.topic(), msg.partition(), msg.offset(), exc,
+                msg.topic(),
+                msg.partition(),
+                msg.offset(),
+                exc,
             )
             await self._dead_letter_invalid(msg, exc.reason, exc.detail)
             return
@@ -314,10 +326,20 @@ class DeliveryService:
                 error="circuit open: the endpoint kept failing; no HTTP call made, moved to the next tier",
             )
         self.metrics.attempts.labels(event.space_slug, event.type, result.outcome).inc()
-        await self._complete(msg, headers, event, endpoint, delivery_id, attempt_no, trigger, result)
+        await self._complete(
+            msg=msg,
+            headers=headers,
+            event=event,
+            endpoint=endpoint,
+            delivery_id=delivery_id,
+            attempt_no=attempt_no,
+            trigger=trigger,
+            result=result,
+        )
 
     async def _complete(
         self,
+        *,
         msg: Message,
         headers: dict[str, bytes],
         event: Event,
@@ -335,7 +357,14 @@ class DeliveryService:
             status = c.STATUS_DELIVERED
         else:
             decision = decide(attempt_no, self.tiers, now, result.retry_after_s)
-            out_headers = self._retry_headers(msg, headers, delivery_id, attempt_no + 1, now, result)
+            out_headers = self._retry_headers(
+                msg=msg,
+                headers=headers,
+                delivery_id=delivery_id,
+                next_attempt=attempt_no + 1,
+                now=now,
+                result=result,
+            )
             if decision.tier is None:
                 status = c.STATUS_FAILED
                 out_headers += [
@@ -386,13 +415,21 @@ class DeliveryService:
         else:
             await written
         log.info(
-            "attempt delivery=%s space=%s event_type=%s attempt=%d status=%s outcome=%s code=%d duration_ms=%d",
-            delivery_id, event.space_slug, event.type, attempt_no, status,
-            result.outcome, result.status_code, result.duration_ms,
+            "attempt delivery=%s space=%s event_type=%s attempt=%d status=%s outcome=%s code=%d "
+            "duration_ms=%d",
+            delivery_id,
+            event.space_slug,
+            event.type,
+            attempt_no,
+            status,
+            result.outcome,
+            result.status_code,
+            result.duration_ms,
         )
 
     def _retry_headers(
         self,
+        *,
         msg: Message,
         headers: dict[str, bytes],
         delivery_id: str,
@@ -419,13 +456,14 @@ class DeliveryService:
 
     async def _dead_letter_invalid(self, msg: Message, reason: str, detail: str) -> None:
         """Bad input: the original bytes and headers go to the DLQ with the reason."""
-        kept = [(k, v) for k, v in (msg.headers() or []) if not k.startswith("perkamo-") and v is not None]
+        topic, partition, offset = position(msg)
+        kept = [(k, v) for k, v in header_list(msg) if not k.startswith("perkamo-")]
         kept += [
             (c.K_DLQ_REASON, reason.encode()),
             (c.K_DLQ_DETAIL, detail.encode("utf-8", "replace")[:500]),
-            (c.K_ORIGIN_TOPIC, msg.topic().encode()),
-            (c.K_ORIGIN_PARTITION, str(msg.partition()).encode()),
-            (c.K_ORIGIN_OFFSET, str(msg.offset()).encode()),
+            (c.K_ORIGIN_TOPIC, topic.encode()),
+            (c.K_ORIGIN_PARTITION, str(partition).encode()),
+            (c.K_ORIGIN_OFFSET, str(offset).encode()),
         ]
         await self._publisher().publish(c.DLQ_TOPIC, msg.value(), msg.key(), kept)
         self.metrics.dead_lettered.labels(reason).inc()
@@ -514,10 +552,8 @@ class DeliveryService:
     def _drop(self, states: list[PartitionState]) -> None:
         for st in states:
             self._parts.pop(st.tp, None)
-            try:
+            with contextlib.suppress(KeyError):  # no statistics arrived for it yet
                 self.metrics.consumer_lag.remove(st.tp[0], str(st.tp[1]))
-            except KeyError:  # no statistics arrived for it yet
-                pass
         self.metrics.assigned_partitions.set(len(self._parts))
 
     def _on_stats(self, stats_json: str) -> None:
@@ -586,11 +622,11 @@ def _partition_lag(pstats: dict[str, Any]) -> int | None:
     librdkafka's own `consumer_lag` is -1 until the group has committed the partition, which
     would hide exactly the backlog of a new group or a never-committed partition.
     """
-    high = pstats.get("hi_offset", -1)
+    high = int(pstats.get("hi_offset", -1))
     if high < 0:
         return None
-    committed = pstats.get("committed_offset", -1)
-    base = committed if committed >= 0 else pstats.get("lo_offset", -1)
+    committed = int(pstats.get("committed_offset", -1))
+    base = committed if committed >= 0 else int(pstats.get("lo_offset", -1))
     if base < 0:
         return None
     return max(0, high - base)
@@ -603,4 +639,4 @@ def _origin(msg: Message, headers: dict[str, bytes]) -> tuple[str, int, int]:
         partition = _int_header(headers, c.K_ORIGIN_PARTITION) or 0
         offset = _int_header(headers, c.K_ORIGIN_OFFSET) or 0
         return topic, partition, offset
-    return msg.topic(), msg.partition(), msg.offset()
+    return position(msg)

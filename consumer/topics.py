@@ -20,7 +20,9 @@ class TopicSpec:
     config: dict[str, str]
 
 
-def plan(settings: Settings, partitions: int, retention_hours: float | None) -> tuple[list[TopicSpec], list[str]]:
+def plan(
+    settings: Settings, partitions: int, retention_hours: float | None
+) -> tuple[list[TopicSpec], list[str]]:
     """Every topic with its config, and warnings (e.g. retention shorter than a tier)."""
     longest_ms = int(max(seconds for _, seconds in settings.tier_seconds) * 1000)
     default_ms = max(7 * DAY_MS, int(longest_ms * RETENTION_SLACK) + DAY_MS)
@@ -29,13 +31,14 @@ def plan(settings: Settings, partitions: int, retention_hours: float | None) -> 
     if retention_ms < longest_ms * RETENTION_SLACK:
         warnings.append(
             f"retention {retention_ms / 3_600_000:.1f}h is shorter than {RETENTION_SLACK:g}x the longest "
-            f"retry tier ({longest_ms / 3_600_000:.1f}h): waiting retries could be deleted before they are due"
+            f"retry tier ({longest_ms / 3_600_000:.1f}h): waiting retries could be deleted before "
+            "they are due"
         )
     keep = {"retention.ms": str(retention_ms), "cleanup.policy": "delete"}
     specs = [TopicSpec(topic, partitions, keep) for topic in settings.events_topics]
     specs += [TopicSpec(tier_topic(name), partitions, keep) for name, _ in settings.tier_seconds]
-    specs.append(TopicSpec(c.DLQ_TOPIC, partitions, {**keep, "retention.ms": str(max(retention_ms, 30 * DAY_MS))}))
     specs.append(
-        TopicSpec(c.ENDPOINTS_TOPIC, 1, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"})
+        TopicSpec(c.DLQ_TOPIC, partitions, {**keep, "retention.ms": str(max(retention_ms, 30 * DAY_MS))})
     )
+    specs.append(TopicSpec(c.ENDPOINTS_TOPIC, 1, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}))
     return specs, warnings
