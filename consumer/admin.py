@@ -1,4 +1,17 @@
-"""The admin HTTP server on PERKAMO_ADMIN_LISTEN: /metrics, /healthz, /readyz (DESIGN §8)."""
+"""The admin HTTP server on PERKAMO_ADMIN_LISTEN: /metrics, /healthz, /readyz and the history
+API (DESIGN §8). The embedded history engine opens in one process only, so the CLI and support
+tools read history and ask for resends and replays through this API.
+
+    GET  /api/v1/deliveries?space=&status=&event_type=&since=&until=&limit=&cursor=
+    GET  /api/v1/deliveries/{delivery_id}[?include_body=true]
+    POST /api/v1/deliveries/{delivery_id}/resend        {"force": false}
+    POST /api/v1/replay  {"space", "since", "until"?, "status"?, "dry_run"?, "force"?}
+
+Reads are open (bind to loopback, the default). Mutating calls, and reading a stored payload,
+need `Authorization: Bearer <PERKAMO_ADMIN_TOKEN>`; with no token configured they are refused
+(403). Errors are JSON `{"error": "..."}` with 400/401/403/404/409/502/503. A replay asked for
+with `Accept: application/x-ndjson` streams one JSON line per published chunk, then the result.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +19,80 @@ import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn, Protocol
 
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from consumer.config import Settings
+from consumer.kafka_io import AsyncProducer
 from consumer.metrics import Metrics
+from consumer.queries import (
+    DEFAULT_LIMIT,
+    BadRequest,
+    DeliveryFilter,
+    Reader,
+    check_text,
+    delivery_detail,
+    list_deliveries,
+    parse_time,
+)
+from consumer.republish import (
+    Conflict,
+    NotFound,
+    NotReady,
+    PublishFailed,
+    ReplayPlan,
+    Republisher,
+    Selection,
+)
 
 log = logging.getLogger(__name__)
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+API = "/api/v1"
+NDJSON = "application/x-ndjson"
+_LIST_PARAMS = frozenset({"space", "status", "event_type", "since", "until", "limit", "cursor"})
+_REPLAY_FIELDS = frozenset({"space", "since", "until", "status", "dry_run", "force"})
+
+
+class _ProducerHolder(Protocol):
+    @property
+    def producer(self) -> AsyncProducer | None: ...
+
+
+class _EndpointLookup(Protocol):
+    def get(self, space: str) -> object | None: ...
+
+
+class AdminContext(Protocol):
+    """What the history API needs of the running service (consumer.app.App has it)."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def store(self) -> Reader: ...
+
+    @property
+    def service(self) -> _ProducerHolder: ...
+
+    @property
+    def registry(self) -> _EndpointLookup: ...
+
+
+class ApiError(Exception):
+    """An answer other than 2xx: status, message, and extra JSON fields."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None,
+                 **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = headers
+        self.extra = extra
 
 
 def token_ok(expected: str, given: str | None) -> bool:
@@ -24,8 +102,19 @@ def token_ok(expected: str, given: str | None) -> bool:
     return hmac.compare_digest(expected.encode(), given.encode())
 
 
-def build_app(metrics: Metrics, readiness: ReadinessCheck) -> web.Application:
-    app = web.Application()
+def _dumps(doc: Any) -> str:
+    return orjson.dumps(doc).decode()
+
+
+def _json(doc: Any, status: int = 200) -> web.Response:
+    return web.json_response(doc, status=status, dumps=_dumps)
+
+
+def build_app(
+    metrics: Metrics, readiness: ReadinessCheck, context: AdminContext | None = None
+) -> web.Application:
+    """/metrics and probes; with `context`, the history API as well."""
+    app = web.Application(middlewares=[_errors])
 
     async def metrics_handler(_: web.Request) -> web.Response:
         body = await asyncio.to_thread(generate_latest, metrics.registry)
@@ -38,13 +127,226 @@ def build_app(metrics: Metrics, readiness: ReadinessCheck) -> web.Application:
         checks = await readiness()
         ready = all(checks.values())
         return web.json_response(
-            {"status": "ready" if ready else "not ready", "checks": checks}, status=200 if ready else 503
+            {"status": "ready" if ready else "not ready", "checks": checks},
+            status=200 if ready else 503,
         )
 
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if context is not None:
+        HistoryApi(context, metrics).register(app.router)
     return app
+
+
+class HistoryApi:
+    """Handlers of /api/v1: reads off the event loop (the store's client blocks); writes go
+    through Kafka."""
+
+    def __init__(self, context: AdminContext, metrics: Metrics) -> None:
+        self._store = context.store
+        self._token = context.settings.admin_token.get_secret_value()
+        service, registry = context.service, context.registry
+        self._republisher = Republisher(
+            context.store, context.settings.events_topics[0], lambda: service.producer, metrics,
+            has_endpoint=lambda space: registry.get(space) is not None,
+        )
+
+    def register(self, router: web.UrlDispatcher) -> None:
+        router.add_get(f"{API}/deliveries", self.deliveries)
+        router.add_get(f"{API}/deliveries/{{delivery_id}}", self.delivery)
+        router.add_post(f"{API}/deliveries/{{delivery_id}}/resend", self.resend)
+        router.add_post(f"{API}/replay", self.replay)
+
+    async def deliveries(self, request: web.Request) -> web.Response:
+        query = request.query
+        unknown = set(query) - _LIST_PARAMS
+        if unknown:
+            known = ", ".join(sorted(_LIST_PARAMS))
+            raise BadRequest(f"unknown parameter {sorted(unknown)[0]!r}; known: {known}")
+        flt = DeliveryFilter(
+            space=query.get("space", ""),
+            status=query.get("status", ""),
+            event_type=query.get("event_type", ""),
+            since=parse_time(query["since"]) if query.get("since") else None,
+            until=parse_time(query["until"]) if query.get("until") else None,
+        )
+        limit = _int(query.get("limit"), "limit", DEFAULT_LIMIT)
+        cursor = query.get("cursor") or None
+        page = await asyncio.to_thread(list_deliveries, self._store, flt, limit, cursor)
+        return _json(page.as_json())
+
+    async def delivery(self, request: web.Request) -> web.Response:
+        delivery_id = check_text("delivery_id", request.match_info["delivery_id"], required=True)
+        with_body = _bool(request.query.get("include_body"), "include_body")
+        if with_body:  # the payload is customer data
+            self._authorize(request)
+        detail = await asyncio.to_thread(delivery_detail, self._store, delivery_id, with_body)
+        if detail is None:
+            raise NotFound(f"history has no attempt of delivery {delivery_id}")
+        return _json(detail)
+
+    async def resend(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        body = await _body(request, frozenset({"force"}), required=False)
+        force = _field_bool(body, "force")
+        result = await self._republisher.resend(request.match_info["delivery_id"], force=force)
+        return _json(result.as_json(), status=202)
+
+    async def replay(self, request: web.Request) -> web.StreamResponse:
+        self._authorize(request)
+        body = await _body(request, _REPLAY_FIELDS, required=True)
+        until = _field_str(body, "until")
+        selection = Selection(
+            space=_field_str(body, "space"),
+            since=parse_time(_field_str(body, "since") or _missing("since")),
+            until=parse_time(until) if until else None,
+            status=_field_str(body, "status"),
+        )
+        dry_run = _field_bool(body, "dry_run")
+        force = _field_bool(body, "force")
+        plan = await self._republisher.plan_replay(selection, force, reserve=not dry_run)
+        if dry_run or not plan.todo:
+            return _json(plan.as_json(published=0, dry_run=dry_run))
+        if NDJSON not in request.headers.get("Accept", ""):
+            published = await self._republisher.execute(plan)
+            return _json(plan.as_json(published, dry_run=False), status=202)
+        return await self._stream_replay(request, plan)
+
+    async def _stream_replay(self, request: web.Request, plan: ReplayPlan) -> web.StreamResponse:
+        response = web.StreamResponse(status=202, headers={"Content-Type": NDJSON})
+        await response.prepare(request)
+        alive = True
+
+        async def line(doc: dict[str, Any]) -> None:
+            nonlocal alive
+            if not alive:
+                return
+            try:
+                await response.write(orjson.dumps(doc) + b"\n")
+            except (ConnectionError, RuntimeError):
+                alive = False  # the client left; the replay goes on to the end regardless
+
+        async def progress(published: int) -> None:
+            await line({"published": published, "eligible": len(plan.todo)})
+
+        await line({"replay_id": plan.replay_id, "matched": plan.matched,
+                    "eligible": len(plan.todo)})
+        try:
+            published = await self._republisher.execute(plan, progress)
+        except PublishFailed as exc:
+            await line({"error": str(exc), "status": 502, "published": exc.published})
+        except NotReady as exc:
+            await line({"error": str(exc), "status": 503, "published": 0})
+        except Exception as exc:  # the answer has begun: report in the stream, not as a status
+            log.exception("replay %s failed while publishing", plan.replay_id)
+            await line({"error": f"replay stopped ({type(exc).__name__}); see the consumer log "
+                                 "and the history before replaying the rest", "status": 503})
+        else:
+            await line({"result": plan.as_json(published, dry_run=False)})
+        if alive:
+            await response.write_eof()
+        return response
+
+    def _authorize(self, request: web.Request) -> None:
+        if not self._token:
+            raise ApiError(403, "set PERKAMO_ADMIN_TOKEN on the consumer to allow this call")
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token_ok(self._token, given.strip()):
+            raise ApiError(
+                401,
+                "missing or wrong admin token (Authorization: Bearer <PERKAMO_ADMIN_TOKEN>)",
+                headers={"WWW-Authenticate": 'Bearer realm="perkamo-admin"'},
+            )
+
+
+@web.middleware
+async def _errors(  # noqa: PLR0911 - one answer per error type
+    request: web.Request, handler: Handler
+) -> web.StreamResponse:
+    """Map the API's errors to JSON answers; never echo payloads or URLs."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        response = _json({"error": str(exc), **exc.extra}, status=exc.status)
+        response.headers.update(exc.headers or {})
+        return response
+    except BadRequest as exc:
+        return _json({"error": str(exc)}, status=400)
+    except NotFound as exc:
+        return _json({"error": str(exc)}, status=404)
+    except Conflict as exc:
+        doc = {"error": str(exc), "replay_id": exc.replay_id or None, **exc.details}
+        return _json(doc, status=409)
+    except NotReady as exc:
+        return _json({"error": str(exc)}, status=503)
+    except PublishFailed as exc:
+        return _json({"error": str(exc), "published": exc.published}, status=502)
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        if not request.path.startswith(API):
+            raise
+        route = request.match_info.route.resource
+        log.exception("admin API %s %s failed", request.method, route.canonical if route else "?")
+        return _json({"error": f"history store or broker unavailable ({type(exc).__name__}); "
+                               "see the consumer log"}, status=503)
+
+
+def _missing(name: str) -> NoReturn:
+    raise BadRequest(f"{name} is required")
+
+
+def _int(value: str | None, name: str, default: int) -> int:
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise BadRequest(f"{name} must be an integer") from None
+
+
+def _bool(value: str | None, name: str) -> bool:
+    if value is None or value.lower() in ("", "0", "false", "no"):
+        return False
+    if value.lower() in ("1", "true", "yes"):
+        return True
+    raise BadRequest(f"{name} must be true or false")
+
+
+async def _body(request: web.Request, allowed: frozenset[str], required: bool) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip():
+        if required:
+            raise BadRequest("a JSON object body is required")
+        return {}
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("the body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("the body must be a JSON object")
+    unknown = set(doc) - allowed
+    if unknown:
+        known = ", ".join(sorted(allowed))
+        raise BadRequest(f"unknown field {sorted(unknown)[0]!r}; known: {known}")
+    return doc
+
+
+def _field_str(doc: dict[str, Any], name: str) -> str:
+    value = doc.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise BadRequest(f"{name} must be a string")
+    return value
+
+
+def _field_bool(doc: dict[str, Any], name: str) -> bool:
+    value = doc.get(name, False)
+    if not isinstance(value, bool):
+        raise BadRequest(f"{name} must be true or false")
+    return value
 
 
 async def start_admin(app: web.Application, host: str, port: int) -> web.AppRunner:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -12,12 +13,16 @@ from aiohttp import web
 from consumer.admin import build_app, start_admin
 from consumer.config import Settings
 from consumer.endpoints import EndpointRegistry, load_file
+from consumer.errors import KafkaError
 from consumer.history import HistoryStore
 from consumer.kafka_io import wait_for_broker
 from consumer.metrics import Metrics
+from consumer.registry_topic import RegistryFollower
 from consumer.service import DeliveryService
 
 log = logging.getLogger(__name__)
+
+REGISTRY_LOAD_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -27,6 +32,7 @@ class App:
     store: HistoryStore
     registry: EndpointRegistry
     service: DeliveryService
+    follower: RegistryFollower | None = None
     admin: web.AppRunner | None = None
 
     async def readiness(self) -> dict[str, bool]:
@@ -45,10 +51,11 @@ def build(settings: Settings, store: HistoryStore | None = None, metrics: Metric
     store.migrate(settings.history_ttl_days)
     file_endpoints = load_file(settings.endpoints_file) if settings.endpoints_file else []
     registry = EndpointRegistry(file_endpoints)
-    registry.loaded = True  # no registry topic follower yet: the file is all there is
     metrics.endpoints_loaded.set(registry.active_count())
     service = DeliveryService(settings, registry, store, metrics)
-    return App(settings, metrics, store, registry, service)
+    # Follows perkamo.webhooks.endpoints; registry.loaded stays False until it is read to its end.
+    follower = RegistryFollower(settings, registry, metrics)
+    return App(settings, metrics, store, registry, service, follower=follower)
 
 
 async def serve(app: App, install_signals: bool = True) -> None:
@@ -59,8 +66,26 @@ async def serve(app: App, install_signals: bool = True) -> None:
             loop.add_signal_handler(sig, app.service.stop)
     await asyncio.to_thread(wait_for_broker, app.settings.kafka_bootstrap_servers, 30.0)
     host, port = app.settings.admin_host_port
-    app.admin = await start_admin(build_app(app.metrics, app.readiness), host, port)
+    app.admin = await start_admin(build_app(app.metrics, app.readiness, app), host, port)
     try:
+        if app.follower is not None:
+            app.follower.start()
+            await _wait_for_registry(app)
         await app.service.run()
     finally:
+        if app.follower is not None:
+            await asyncio.to_thread(app.follower.stop)
         await app.admin.cleanup()
+
+
+async def _wait_for_registry(app: App) -> None:
+    """Deliver nothing before the registry topic was read to its end (DESIGN §5)."""
+    assert app.follower is not None
+    deadline = time.monotonic() + REGISTRY_LOAD_TIMEOUT_S
+    while not await asyncio.to_thread(app.follower.wait_loaded, 0.5):
+        if app.service.stopping:
+            return
+        if time.monotonic() > deadline:
+            raise KafkaError(
+                f"endpoint registry topic not read to its end within {REGISTRY_LOAD_TIMEOUT_S:.0f}s"
+            )

@@ -1,9 +1,366 @@
-"""Placeholder being replaced in this session; registers no subcommand yet."""
+"""`perkamo-webhooks endpoints set | list | remove`: the endpoint registry topic by hand.
+
+Each command talks to Kafka only (DESIGN §5): `set` publishes an endpoint record (key = the
+Space's slug) to the compacted topic `perkamo.webhooks.endpoints` and waits for the broker's
+acknowledgement, `remove` publishes a tombstone, `list` reads the topic to its end. Running
+consumers follow the topic and apply a change within seconds.
+
+A record is validated here exactly as the consumer validates it (`endpoints.parse_record`),
+so what the CLI accepts the consumer applies. Endpoint URLs are secrets: `list` shows
+`https://host/…` unless asked for `--show-urls`; signing secrets are never shown.
+"""
+
+from __future__ import annotations
 
 import argparse
-from typing import Any
+import re
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import orjson
+from confluent_kafka import KafkaException, Producer
+from confluent_kafka.admin import AdminClient
+from rich.console import Console
+from rich.table import Table
+
+from consumer.config import Settings
+from consumer.constants import ENDPOINTS_TOPIC
+from consumer.endpoints import EndpointRegistry, load_file, parse_record, record_of
+from consumer.errors import BlockedAddress, InvalidEndpoint, KafkaError
+from consumer.kafka_io import producer_config, topic_configs
+from consumer.models import Endpoint
+from consumer.netguard import AddressPolicy
+from consumer.registry_topic import read_all
+from consumer.schemas import schema_path
+
+EXIT_INVALID: Final = 2  # same as argparse's usage errors: nothing was published
+_SCHEMA: Final = "endpoint.schema.json"
+
+
+class _Refused(Exception):
+    """A command line or record that is refused before anything is sent to Kafka."""
 
 
 def add_subcommands(sub: Any) -> None:
-    """Register this module's subcommands on the `perkamo-webhooks` parser."""
-    _ = (sub, argparse)
+    """Register `endpoints set|list|remove` on the `perkamo-webhooks` parser."""
+    endpoints = sub.add_parser(
+        "endpoints",
+        help="set, list or remove Spaces' webhook endpoints (registry topic)",
+        description=f"Manage endpoint records on the compacted topic {ENDPOINTS_TOPIC} "
+        "(key = space slug). Running consumers apply changes within seconds; per Space a "
+        "record on the topic wins over PERKAMO_ENDPOINTS_FILE.",
+    )
+    commands = endpoints.add_subparsers(dest="endpoints_command", required=True)
+
+    set_cmd = commands.add_parser(
+        "set",
+        help="create or replace a Space's endpoint",
+        description="Validate an endpoint record and publish it. Either --space and --url "
+        "(with the optional flags), or --record with the whole record as JSON.",
+    )
+    set_cmd.add_argument("--space", help="the Space's slug (the record's key)")
+    set_cmd.add_argument("--url", help="the endpoint's public https:// URL (a secret)")
+    set_cmd.add_argument("--inactive", action="store_true",
+                         help="keep the record but deliver nothing "
+                         "(events are counted as no endpoint)")
+    set_cmd.add_argument("--id", dest="endpoint_id", metavar="ep_…",
+                         help="endpoint id (default: derived from the space, stable)")
+    set_cmd.add_argument("--signing-secret", dest="signing_secrets", action="append", default=[],
+                         metavar="whsec_…",
+                         help="sign deliveries (Standard Webhooks); repeat to rotate secrets")
+    set_cmd.add_argument("--record", metavar="JSON|@FILE|-",
+                         help="the whole endpoint record as JSON, read from FILE, or from stdin "
+                         "(keeps secrets out of the shell history)")
+    set_cmd.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for Kafka")
+    set_cmd.set_defaults(fn=_set)
+
+    list_cmd = commands.add_parser(
+        "list",
+        help="show the endpoints in effect (URLs masked, secrets never shown)",
+        description="Read the registry topic to its end and show each Space's endpoint; "
+        "records of PERKAMO_ENDPOINTS_FILE are included when it is set.",
+    )
+    list_cmd.add_argument("--show-urls", action="store_true",
+                          help="show full URLs (they are secrets)")
+    list_cmd.add_argument("--json", action="store_true", help="one JSON array on stdout")
+    list_cmd.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for Kafka")
+    list_cmd.set_defaults(fn=_list)
+
+    remove_cmd = commands.add_parser(
+        "remove",
+        help="remove a Space's endpoint record from the topic (tombstone)",
+        description="Publish a tombstone for the Space. If PERKAMO_ENDPOINTS_FILE has a record "
+        "for it, consumers fall back to that one.",
+    )
+    remove_cmd.add_argument("--space", required=True, help="the Space's slug")
+    remove_cmd.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for Kafka")
+    remove_cmd.set_defaults(fn=_remove)
+
+
+# Commands ----------------------------------------------------------------------------------
+
+
+def _set(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        doc = _record_from_args(args)
+        _precheck(doc)
+        endpoint = parse_record(doc)
+    except _Refused as exc:
+        return _refuse("set", str(exc))
+    except InvalidEndpoint as exc:
+        return _refuse("set", _explain(str(exc)))
+    _warn_if_refused_literal(endpoint, settings)
+    value = orjson.dumps(record_of(endpoint))
+    bootstrap = settings.kafka_bootstrap_servers
+    partition, offset = _publish(bootstrap, endpoint.space, value, args.timeout)
+    secrets = len(endpoint.signing_secrets)
+    print(
+        f"space {endpoint.space}: endpoint {endpoint.id} {mask_url(endpoint.url)} "
+        f"{'active' if endpoint.active else 'INACTIVE'}, "
+        f"{secrets} signing secret{'s' if secrets != 1 else ''} -> published to "
+        f"{ENDPOINTS_TOPIC} (partition {partition}, offset {offset})"
+    )
+    return 0
+
+
+def _remove(args: argparse.Namespace, settings: Settings) -> int:
+    if not _slug_ok(args.space):
+        return _refuse("remove", f"--space {args.space!r} is not a space slug "
+                       f"(pattern {_slug_pattern()})")
+    partition, offset = _publish(settings.kafka_bootstrap_servers, args.space, None, args.timeout)
+    print(
+        f"space {args.space}: endpoint record removed from {ENDPOINTS_TOPIC} "
+        f"(tombstone at partition {partition}, offset {offset}); "
+        "a PERKAMO_ENDPOINTS_FILE record for it, if any, applies again"
+    )
+    return 0
+
+
+def _list(args: argparse.Namespace, settings: Settings) -> int:
+    records = read_all(settings.kafka_bootstrap_servers, ENDPOINTS_TOPIC, args.timeout)
+    topic_registry = EndpointRegistry()
+    ignored = 0
+    if records is None:
+        print(f"warning: topic {ENDPOINTS_TOPIC} does not exist; create it with "
+              "`perkamo-webhooks topics`", file=sys.stderr)
+    else:
+        for msg in records:
+            if topic_registry.apply(msg.key(), msg.value()) is not None:
+                ignored += 1
+    if ignored:
+        print(f"warning: {ignored} invalid record(s) on {ENDPOINTS_TOPIC} ignored "
+              "(consumers ignore them too)", file=sys.stderr)
+    rows = _rows(topic_registry.all(), _file_endpoints(settings), args.show_urls)
+    if args.json:
+        sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    if not rows:
+        print("no endpoints")
+        return 0
+    table = Table("space", "endpoint id", "active", "url", "signing secrets", "source")
+    for row in rows:
+        table.add_row(row["space"], row["id"], "yes" if row["active"] else "no", row["url"],
+                      str(row["signing_secret_count"]), row["source"])
+    # Not a terminal: never wrap or crop (scripts grep this), however wide it gets.
+    Console(width=None if sys.stdout.isatty() else 10_000).print(table)
+    return 0
+
+
+# Helpers -----------------------------------------------------------------------------------
+
+
+def mask_url(url: str) -> str:
+    """`scheme://host/…`: what may be shown of a URL (the path and query are secrets)."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}/…"
+
+
+def _rows(
+    topic_eps: list[Endpoint], file_eps: list[Endpoint], show_urls: bool
+) -> list[dict[str, Any]]:
+    """One row per Space, the topic's record winning over the file's (as in the consumer)."""
+    on_topic = {ep.space: ep for ep in topic_eps}
+    in_file = {ep.space: ep for ep in file_eps}
+    rows = []
+    for space in sorted(on_topic.keys() | in_file.keys()):
+        endpoint = on_topic.get(space) or in_file[space]
+        if space not in on_topic:
+            source = "file"
+        elif space in in_file:
+            source = "topic (overrides file)"
+        else:
+            source = "topic"
+        rows.append({
+            "space": space,
+            "id": endpoint.id,
+            "active": endpoint.active,
+            "url": endpoint.url if show_urls else mask_url(endpoint.url),
+            "signing_secret_count": len(endpoint.signing_secrets),
+            "source": source,
+        })
+    return rows
+
+
+def _file_endpoints(settings: Settings) -> list[Endpoint]:
+    return load_file(settings.endpoints_file) if settings.endpoints_file else []
+
+
+def _record_from_args(args: argparse.Namespace) -> Any:
+    """The record to validate: --record's JSON, or one built from the flags."""
+    if args.record is not None:
+        given = {
+            "--url": args.url is not None,
+            "--inactive": args.inactive,
+            "--id": args.endpoint_id is not None,
+            "--signing-secret": bool(args.signing_secrets),
+        }
+        combined = [flag for flag, present in given.items() if present]
+        if combined:
+            raise _Refused(f"--record carries the whole record; drop {', '.join(combined)}")
+        parsed = _load_json(_read_record_arg(args.record))
+        if args.space is not None and (
+            not isinstance(parsed, dict) or parsed.get("space") != args.space
+        ):
+            raise _Refused(f"--space {args.space!r} does not match the record's space")
+        return parsed
+    missing = [flag for flag, value in (("--space", args.space), ("--url", args.url)) if not value]
+    if missing:
+        raise _Refused(f"{' and '.join(missing)} required (or --record with the whole record)")
+    doc: dict[str, Any] = {"space": args.space, "url": args.url, "active": not args.inactive}
+    if args.endpoint_id is not None:
+        doc["id"] = args.endpoint_id
+    if args.signing_secrets:
+        doc["signing_secrets"] = list(args.signing_secrets)
+    return doc
+
+
+def _read_record_arg(value: str) -> bytes:
+    if value == "-":
+        return sys.stdin.buffer.read()
+    if value.startswith("@"):
+        try:
+            return Path(value[1:]).read_bytes()
+        except OSError as exc:
+            raise _Refused(f"--record {value}: {exc.strerror}") from None
+    return value.encode()
+
+
+def _load_json(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        # orjson's message names the position only, never the text around it
+        raise _Refused(f"the record is not valid JSON ({exc})") from None
+
+
+def _precheck(doc: Any) -> None:
+    """Clear messages for the common mistakes, before the schema's terse ones."""
+    if not isinstance(doc, dict):
+        raise _Refused("the record must be a JSON object like "
+                       '{"space": "<slug>", "url": "https://…", "active": true}')
+    allowed = _schema_fields()
+    unknown = sorted(set(doc) - set(allowed))
+    if unknown:
+        raise _Refused(f"unknown field(s) {', '.join(unknown)}; an endpoint record has "
+                       f"{', '.join(allowed)}")
+    url = doc.get("url")
+    if isinstance(url, str):
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme != "https":
+            shown = f"{scheme}:" if scheme else "no scheme"
+            raise _Refused(f"url must be an https:// URL (got {shown}); plain http and other "
+                           "schemes are refused")
+        if "@" in parts.netloc:
+            raise _Refused("url must not carry credentials (user:password@); sign deliveries "
+                           "with --signing-secret instead")
+    secrets = doc.get("signing_secrets")
+    if isinstance(secrets, list) and any(
+        not isinstance(s, str) or not s.startswith("whsec_") for s in secrets
+    ):
+        raise _Refused("a signing secret must be whsec_ followed by the base64 of the key")
+    space = doc.get("space")
+    if isinstance(space, str) and not _slug_ok(space):
+        raise _Refused(f"space {space!r} is not a space slug (pattern {_slug_pattern()})")
+
+
+def _explain(message: str) -> str:
+    """parse_record's schema messages name fastjsonschema's `data.<field>`; name the field."""
+    if message.startswith("data."):
+        return f"field {message.removeprefix('data.')} (see schemas/{_SCHEMA})"
+    if message.startswith("data "):
+        return f"the record {message.removeprefix('data ')} (see schemas/{_SCHEMA})"
+    return message
+
+
+def _refuse(command: str, message: str) -> int:
+    print(f"perkamo-webhooks endpoints {command}: {message}; nothing published", file=sys.stderr)
+    return EXIT_INVALID
+
+
+def _warn_if_refused_literal(endpoint: Endpoint, settings: Settings) -> None:
+    """An IP-literal host the SSRF guard refuses would never be delivered to: say so now."""
+    try:
+        AddressPolicy(settings.allow_private_networks).check_literal(endpoint.host)
+    except BlockedAddress as exc:
+        print(f"warning: consumers will refuse this endpoint unless PERKAMO_ALLOW_PRIVATE_NETWORKS "
+              f"lists its address ({exc.reason})", file=sys.stderr)
+
+
+@cache
+def _schema() -> dict[str, Any]:
+    doc: dict[str, Any] = orjson.loads(schema_path(_SCHEMA).read_bytes())
+    return doc
+
+
+def _schema_fields() -> list[str]:
+    return list(_schema()["properties"])
+
+
+def _slug_pattern() -> str:
+    return str(_schema()["properties"]["space"]["pattern"])
+
+
+def _slug_ok(space: str) -> bool:
+    return re.fullmatch(_slug_pattern(), space) is not None
+
+
+def _require_topic(bootstrap: str, timeout: float) -> None:
+    """Refuse to publish to a missing topic: the broker could auto-create it uncompacted."""
+    try:
+        names = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=timeout).topics
+    except KafkaException as exc:
+        raise KafkaError(f"broker {bootstrap} did not answer: {exc}") from None
+    if ENDPOINTS_TOPIC not in names:
+        raise KafkaError(f"topic {ENDPOINTS_TOPIC} does not exist; create it (compacted) with "
+                         "`perkamo-webhooks topics`")
+    configs = topic_configs(bootstrap, [ENDPOINTS_TOPIC]).get(ENDPOINTS_TOPIC, {})
+    policy = configs.get("cleanup.policy")
+    if policy is not None and "compact" not in policy:
+        print(f"warning: {ENDPOINTS_TOPIC} has cleanup.policy={policy}, not compact: "
+              "records will expire and consumers would lose their endpoints", file=sys.stderr)
+
+
+def _publish(bootstrap: str, space: str, value: bytes | None, timeout: float) -> tuple[int, int]:
+    """Publish one record (None = tombstone) keyed by the space; returns (partition, offset)."""
+    _require_topic(bootstrap, timeout)
+    producer = Producer({**producer_config(bootstrap), "client.id": "perkamo-webhooks-cli"})
+    outcome: dict[str, Any] = {}
+
+    def on_delivery(err: Any, msg: Any) -> None:
+        outcome["err"], outcome["msg"] = err, msg
+
+    producer.produce(ENDPOINTS_TOPIC, key=space.encode(), value=value, on_delivery=on_delivery)
+    producer.flush(timeout)
+    if "msg" not in outcome:
+        raise KafkaError(f"Kafka did not acknowledge within {timeout:.0f}s; the record may or may "
+                         "not be published: check with `perkamo-webhooks endpoints list`")
+    if outcome["err"] is not None:
+        raise KafkaError(f"publish to {ENDPOINTS_TOPIC} failed: {outcome['err']}")
+    return int(outcome["msg"].partition()), int(outcome["msg"].offset())

@@ -120,6 +120,10 @@ class DeliveryService:
         self._stopping.set()
 
     @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    @property
     def in_flight(self) -> int:
         return self._in_flight
 

@@ -1,0 +1,433 @@
+"""Reading delivery history: the named SQL the project offers, and the reads built on it.
+
+Every query here deduplicates: a crash or a replay of the same Kafka offset can write an
+attempt row twice, and ReplacingMergeTree keeps one per (space_slug, delivery_id, attempt)
+only when parts merge, so each SELECT reads the table with FINAL (DESIGN §8).
+
+A *delivery* is all attempt rows with one delivery id. Its status is the status of its latest
+attempt (the highest attempt number), and it belongs to the time window in which its FIRST
+attempt was made: the window of a delivery never moves when it is retried, resent or replayed,
+so paging and replay selections stay stable while new attempts arrive.
+
+`README_QUERIES` are the analysts' queries of docs/analysts.md, word for word; tests run them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, Protocol
+
+import orjson
+
+from consumer.constants import STATUS_DELIVERED, STATUS_FAILED, STATUS_RETRYING
+from consumer.errors import PerkamoError
+
+STATUSES: Final = (STATUS_DELIVERED, STATUS_RETRYING, STATUS_FAILED)
+# A delivery whose latest attempt is `retrying` and whose next attempt was due longer ago than
+# this is stuck (its retry message was lost or the consumer is far behind): it may be resent.
+STUCK_AFTER: Final = timedelta(minutes=15)
+MAX_LIMIT: Final = 1000
+DEFAULT_LIMIT: Final = 50
+# Open ends of a time window (DateTime64(3) covers 1900-2299).
+EARLIEST: Final = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST: Final = datetime(2200, 1, 1, tzinfo=UTC)
+
+_RELATIVE_RE = re.compile(r"^(\d+)\s*(s|m|h|d|w)$")
+_RELATIVE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_TEXT_MAX = 256
+
+
+class BadRequest(PerkamoError):
+    """A filter, time or cursor the caller gave is not valid; the message says which and why."""
+
+
+class Reader(Protocol):
+    """What the reads need of a history store (HistoryStore has it)."""
+
+    def query(
+        self, sql: str, parameters: dict[str, Any] | None = None
+    ) -> tuple[list[str], list[tuple[Any, ...]]]: ...
+
+
+# The API's SQL -------------------------------------------------------------------------
+
+# One row per delivery of the window, newest first, after a keyset cursor. `attempted_at >=
+# since` prunes partitions; `min(attempt) = 1` drops deliveries whose first attempt is older
+# than `since` (only their later attempts passed the WHERE).
+DELIVERIES: Final = """
+SELECT
+    delivery_id,
+    any(space_slug) AS space,
+    argMin(event_id, attempt) AS event_id,
+    argMin(event_type, attempt) AS event_type,
+    argMax(status, attempt) AS status,
+    count() AS attempts,
+    max(attempt) AS last_attempt,
+    argMax(trigger, attempt) AS last_trigger,
+    argMax(status_code, attempt) AS last_status_code,
+    argMax(error_kind, attempt) AS last_error_kind,
+    argMax(endpoint_host, attempt) AS endpoint_host,
+    argMax(tuple(next_attempt_at), attempt).1 AS next_attempt_at,
+    min(attempted_at) AS first_attempted_at,
+    max(attempted_at) AS last_attempted_at
+FROM perkamo.webhook_attempts FINAL
+WHERE ({space:String} = '' OR space_slug = {space:String})
+  AND ({event_type:String} = '' OR webhook_attempts.event_type = {event_type:String})
+  AND attempted_at >= {since:DateTime64(3, 'UTC')}
+GROUP BY delivery_id
+HAVING min(attempt) = 1
+  AND first_attempted_at < {until:DateTime64(3, 'UTC')}
+  AND ({status:String} = '' OR status = {status:String})
+  AND (first_attempted_at, delivery_id) < ({after_at:DateTime64(3, 'UTC')}, {after_id:String})
+ORDER BY first_attempted_at DESC, delivery_id DESC
+LIMIT {limit:UInt32}
+"""
+
+# Every attempt of one delivery; the bloom filter on delivery_id finds its granules.
+DELIVERY_ATTEMPTS: Final = """
+SELECT
+    attempt, trigger, status, status_code, status_text, duration_ms, error_kind, error,
+    attempted_at, next_attempt_at, event_id, event_type, space_slug, environment,
+    endpoint_id, endpoint_host, user_id, transaction_id, response_excerpt, replay_id,
+    source_topic, source_partition, source_offset
+FROM perkamo.webhook_attempts FINAL
+WHERE delivery_id = {delivery_id:String}
+ORDER BY attempt
+"""
+
+DELIVERY_ATTEMPTS_WITH_BODY: Final = """
+SELECT
+    attempt, trigger, status, status_code, status_text, duration_ms, error_kind, error,
+    attempted_at, next_attempt_at, event_id, event_type, space_slug, environment,
+    endpoint_id, endpoint_host, user_id, transaction_id, response_excerpt, replay_id,
+    source_topic, source_partition, source_offset,
+    request_body
+FROM perkamo.webhook_attempts FINAL
+WHERE delivery_id = {delivery_id:String}
+ORDER BY attempt
+"""
+
+# What a re-publish needs of a delivery: where it stands and where it first came from.
+_REPUBLISH_SELECT = """
+SELECT
+    delivery_id,
+    any(space_slug) AS space,
+    max(attempt) AS last_attempt,
+    argMax(status, attempt) AS last_status,
+    argMax(tuple(next_attempt_at), attempt).1 AS next_attempt_at,
+    argMax(replay_id, attempt) AS last_replay_id,
+    argMin(source_topic, attempt) AS source_topic,
+    argMin(source_partition, attempt) AS source_partition,
+    argMin(source_offset, attempt) AS source_offset,
+    min(attempted_at) AS first_attempted_at
+FROM perkamo.webhook_attempts FINAL"""
+
+# The deliveries of one Space whose first attempt is in [since, until), optionally only those
+# whose latest attempt has `status`; oldest first, so a replay re-publishes in order.
+REPLAY_SELECTION: Final = _REPUBLISH_SELECT + """
+WHERE space_slug = {space:String}
+  AND attempted_at >= {since:DateTime64(3, 'UTC')}
+GROUP BY delivery_id
+HAVING min(attempt) = 1
+  AND first_attempted_at < {until:DateTime64(3, 'UTC')}
+  AND ({status:String} = '' OR last_status = {status:String})
+ORDER BY first_attempted_at, delivery_id
+"""
+
+REPUBLISH_ONE: Final = _REPUBLISH_SELECT + """
+WHERE delivery_id = {delivery_id:String}
+GROUP BY delivery_id
+"""
+
+# The payload to re-publish: the body recorded with the first attempt, base64 so the bytes
+# come back exactly as they were sent.
+BODIES: Final = """
+SELECT delivery_id, base64Encode(argMin(request_body, attempt)) AS body
+FROM perkamo.webhook_attempts FINAL
+WHERE space_slug = {space:String} AND delivery_id IN {delivery_ids:Array(String)}
+GROUP BY delivery_id
+"""
+
+# Whether a replay id reached history (a replay of the same selection already ran).
+REPLAY_ROWS: Final = """
+SELECT count() AS attempts, uniqExact(delivery_id) AS deliveries
+FROM perkamo.webhook_attempts FINAL
+WHERE space_slug = {space:String} AND replay_id = {replay_id:String}
+"""
+
+
+# The analysts' queries (docs/analysts.md) ------------------------------------------------
+# Parameters: {space:String} ('' = every Space), {since:…}/{until:…} a half-open time range.
+
+FAILURE_RATE_PER_SPACE_PER_HOUR: Final = """
+SELECT
+    space_slug,
+    toStartOfHour(attempted_at) AS hour,
+    count() AS attempts,
+    countIf(status != 'delivered') AS failed_attempts,
+    round(failed_attempts / attempts, 4) AS failure_rate
+FROM perkamo.webhook_attempts FINAL
+WHERE attempted_at >= {since:DateTime64(3, 'UTC')}
+  AND attempted_at < {until:DateTime64(3, 'UTC')}
+  AND ({space:String} = '' OR space_slug = {space:String})
+GROUP BY space_slug, hour
+ORDER BY space_slug, hour
+"""
+
+P95_DURATION_PER_SPACE: Final = """
+SELECT
+    space_slug,
+    count() AS attempts,
+    quantileExact(0.95)(duration_ms) AS p95_ms,
+    max(duration_ms) AS max_ms
+FROM perkamo.webhook_attempts FINAL
+WHERE attempted_at >= {since:DateTime64(3, 'UTC')}
+  AND attempted_at < {until:DateTime64(3, 'UTC')}
+  AND ({space:String} = '' OR space_slug = {space:String})
+  AND error_kind != 'circuit_open'
+GROUP BY space_slug
+ORDER BY p95_ms DESC
+"""
+
+STUCK_IN_RETRYING: Final = """
+SELECT
+    delivery_id,
+    any(space_slug) AS space,
+    max(attempt) AS last_attempt,
+    argMax(status, attempt) AS last_status,
+    argMax(tuple(next_attempt_at), attempt).1 AS next_attempt_at,
+    argMax(error_kind, attempt) AS last_error_kind
+FROM perkamo.webhook_attempts FINAL
+WHERE ({space:String} = '' OR space_slug = {space:String})
+GROUP BY delivery_id
+HAVING last_status = 'retrying'
+   AND next_attempt_at < now64(3) - INTERVAL {stuck_minutes:UInt32} MINUTE
+ORDER BY next_attempt_at
+"""
+
+TOP_ERROR_KINDS: Final = """
+SELECT
+    if(error_kind = '', 'unknown', error_kind) AS kind,
+    count() AS attempts,
+    uniqExact(delivery_id) AS deliveries,
+    uniqExact(space_slug) AS spaces
+FROM perkamo.webhook_attempts FINAL
+WHERE status != 'delivered'
+  AND attempted_at >= {since:DateTime64(3, 'UTC')}
+  AND attempted_at < {until:DateTime64(3, 'UTC')}
+  AND ({space:String} = '' OR space_slug = {space:String})
+GROUP BY kind
+ORDER BY attempts DESC, kind
+LIMIT 10
+"""
+
+REPLAY_OUTCOMES: Final = """
+SELECT
+    replay_id,
+    uniqExact(delivery_id) AS deliveries,
+    countIf(status = 'delivered') AS delivered,
+    countIf(status = 'failed') AS failed,
+    min(attempted_at) AS started_at
+FROM perkamo.webhook_attempts FINAL
+WHERE replay_id != ''
+  AND attempted_at >= {since:DateTime64(3, 'UTC')}
+  AND ({space:String} = '' OR space_slug = {space:String})
+GROUP BY replay_id
+ORDER BY started_at DESC
+"""
+
+README_QUERIES: Final[dict[str, str]] = {
+    "failure_rate_per_space_per_hour": FAILURE_RATE_PER_SPACE_PER_HOUR,
+    "p95_duration_per_space": P95_DURATION_PER_SPACE,
+    "stuck_in_retrying": STUCK_IN_RETRYING,
+    "top_error_kinds": TOP_ERROR_KINDS,
+    "delivery_history": DELIVERY_ATTEMPTS,
+    "replay_outcomes": REPLAY_OUTCOMES,
+}
+
+
+# Inputs --------------------------------------------------------------------------------
+
+
+def parse_time(value: str, now: datetime | None = None) -> datetime:
+    """ISO-8601 (naive means UTC), `now`, or a time ago like `30m`, `24h`, `7d`.
+
+    Returns an aware UTC datetime truncated to milliseconds (the table's precision)."""
+    text = value.strip()
+    now = now or datetime.now(UTC)
+    match = _RELATIVE_RE.match(text)
+    if match:
+        moment = now - timedelta(seconds=int(match.group(1)) * _RELATIVE_UNITS[match.group(2)])
+    elif text == "now":
+        moment = now
+    else:
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            raise BadRequest(
+                f"time {value[:40]!r} is neither ISO-8601 (2026-06-01T10:00:00Z) "
+                "nor a time ago like 30m, 24h, 7d"
+            ) from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+    moment = moment.astimezone(UTC)
+    if not EARLIEST <= moment < LATEST:
+        raise BadRequest(f"time {value[:40]!r} is out of range")
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
+def iso(moment: datetime | None) -> str | None:
+    """A time from the store (naive UTC) or from parse_time as ISO-8601 with `Z`."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def check_status(value: str) -> str:
+    if value and value not in STATUSES:
+        raise BadRequest(f"status must be one of {', '.join(STATUSES)}")
+    return value
+
+
+def check_text(name: str, value: str, required: bool = False) -> str:
+    """A free-text filter: bounded, printable."""
+    if required and not value:
+        raise BadRequest(f"{name} is required")
+    if len(value) > _TEXT_MAX or not value.isprintable():
+        raise BadRequest(f"{name} must be printable text of at most {_TEXT_MAX} characters")
+    return value
+
+
+def check_range(since: datetime | None, until: datetime | None) -> None:
+    if since is not None and until is not None and since >= until:
+        raise BadRequest("since must be before until")
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryFilter:
+    """Filters of the delivery list; empty strings and None mean "any"."""
+
+    space: str = ""
+    status: str = ""
+    event_type: str = ""
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def __post_init__(self) -> None:
+        check_text("space", self.space)
+        check_text("event_type", self.event_type)
+        check_status(self.status)
+        check_range(self.since, self.until)
+
+    def fingerprint(self) -> str:
+        """Ties a cursor to the filters it was made for. Not to the time window: a relative
+        `--since 24h` moves between two pages, and the cursor (the last delivery shown) still
+        says where the next page starts."""
+        key = "\x00".join([self.space, self.status, self.event_type])
+        return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    deliveries: list[dict[str, Any]]
+    next_cursor: str | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"deliveries": self.deliveries, "next_cursor": self.next_cursor}
+
+
+def _encode_cursor(flt: DeliveryFilter, last: dict[str, Any]) -> str:
+    raw = orjson.dumps(
+        {"f": flt.fingerprint(), "t": last["first_attempted_at"], "d": last["delivery_id"]}
+    )
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(flt: DeliveryFilter, cursor: str) -> tuple[datetime, str]:
+    try:
+        doc = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        at = datetime.fromisoformat(doc["t"])
+        delivery_id = doc["d"]
+        fingerprint = doc["f"]
+    except (ValueError, TypeError, KeyError, binascii.Error, orjson.JSONDecodeError):
+        raise BadRequest("cursor is not one this API handed out") from None
+    if fingerprint != flt.fingerprint() or not isinstance(delivery_id, str):
+        raise BadRequest("cursor belongs to other filters: start again without it")
+    return at, delivery_id
+
+
+def check_limit(limit: int) -> int:
+    if not 1 <= limit <= MAX_LIMIT:
+        raise BadRequest(f"limit must be between 1 and {MAX_LIMIT}")
+    return limit
+
+
+# Reads ---------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return iso(value)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value
+
+
+def _dicts(columns: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    return [{c: _jsonable(v) for c, v in zip(columns, row, strict=True)} for row in rows]
+
+
+def list_deliveries(
+    store: Reader, flt: DeliveryFilter, limit: int = DEFAULT_LIMIT, cursor: str | None = None
+) -> Page:
+    """One page of deliveries (newest first by first attempt) and the cursor of the next page."""
+    check_limit(limit)
+    after_at, after_id = (LATEST, "") if not cursor else _decode_cursor(flt, cursor)
+    columns, rows = store.query(DELIVERIES, {
+        "space": flt.space,
+        "event_type": flt.event_type,
+        "status": flt.status,
+        "since": flt.since or EARLIEST,
+        "until": flt.until or LATEST,
+        "after_at": after_at,
+        "after_id": after_id,
+        "limit": limit + 1,
+    })
+    deliveries = _dicts(columns, rows[:limit])
+    more = len(rows) > limit
+    return Page(deliveries, _encode_cursor(flt, deliveries[-1]) if more else None)
+
+
+def delivery_attempts(
+    store: Reader, delivery_id: str, with_body: bool = False
+) -> list[dict[str, Any]]:
+    """Every attempt of one delivery, deduplicated, by attempt number; [] if unknown."""
+    sql = DELIVERY_ATTEMPTS_WITH_BODY if with_body else DELIVERY_ATTEMPTS
+    columns, rows = store.query(sql, {"delivery_id": delivery_id})
+    return _dicts(columns, rows)
+
+
+def delivery_detail(
+    store: Reader, delivery_id: str, with_body: bool = False
+) -> dict[str, Any] | None:
+    """A delivery's summary and its attempts, or None if history has no row of it."""
+    attempts = delivery_attempts(store, delivery_id, with_body)
+    if not attempts:
+        return None
+    first, last = attempts[0], attempts[-1]
+    return {
+        "delivery_id": delivery_id,
+        "space": first["space_slug"],
+        "event_id": first["event_id"],
+        "event_type": first["event_type"],
+        "status": last["status"],
+        "attempts": attempts,
+    }

@@ -1,0 +1,271 @@
+"""Follows the compacted registry topic `perkamo.webhooks.endpoints` into the EndpointRegistry.
+
+DESIGN §5: the consumer reads the topic to its end before it delivers, then follows updates
+live. Every process reads the whole topic itself, so the reader joins no consumer group and
+commits nothing: it assigns every partition from the beginning (a unique group.id only
+because librdkafka requires one; with no subscribe() and no commit, no group is created).
+
+"Read to its end" means: every partition reached the high watermark it had when it was
+assigned (librdkafka's partition-EOF event, which also covers offsets left as gaps by
+compaction or transaction markers). A missing topic means "no topic records": the registry
+counts as loaded (file only) and the follower keeps checking for the topic.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from typing import Any, Final
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
+from confluent_kafka import KafkaError as RdKafkaError
+
+from consumer.config import Settings
+from consumer.constants import ENDPOINTS_TOPIC
+from consumer.endpoints import EndpointRegistry
+from consumer.errors import KafkaError
+from consumer.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RECHECK_S: Final = 10.0  # how often partition metadata is looked at again
+_METADATA_TIMEOUT_S: Final = 5.0
+_POLL_S: Final = 0.25
+_BATCH: Final = 500
+
+
+def reader_config(bootstrap: str, client_id: str = "perkamo-webhooks-registry") -> dict[str, Any]:
+    """A consumer that reads by assignment only: no group membership, no offset commits."""
+    return {
+        "bootstrap.servers": bootstrap,
+        "group.id": f"{client_id}-{uuid.uuid4().hex}",  # required by librdkafka, never joined
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "enable.partition.eof": True,
+        "allow.auto.create.topics": False,
+        "auto.offset.reset": "earliest",
+        "fetch.wait.max.ms": 100,
+        "client.id": client_id,
+    }
+
+
+class TopicReader:
+    """Reads every partition of one topic from the beginning and tells when it caught up.
+
+    Caught up = each partition reached the high watermark it had when it was assigned.
+    Not thread-safe: one thread owns it (the follower's, or the CLI's main thread).
+    """
+
+    def __init__(
+        self, bootstrap: str, topic: str, client_id: str = "perkamo-webhooks-registry"
+    ) -> None:
+        self.topic = topic
+        self._consumer = Consumer(reader_config(bootstrap, client_id))
+        self._partitions: set[int] = set()
+        self._pending: dict[int, int] = {}  # partition -> high watermark still to reach
+
+    @property
+    def assigned(self) -> bool:
+        return bool(self._partitions)
+
+    @property
+    def caught_up(self) -> bool:
+        return self.assigned and not self._pending
+
+    def refresh(self) -> bool:
+        """Assign partitions not assigned yet; False if the topic does not exist.
+
+        Raises confluent_kafka.KafkaException when the broker does not answer in time.
+        """
+        meta = self._consumer.list_topics(self.topic, timeout=_METADATA_TIMEOUT_S)
+        topic_meta = meta.topics.get(self.topic)
+        error = topic_meta.error if topic_meta is not None else None
+        if error is not None and error.code() != RdKafkaError.UNKNOWN_TOPIC_OR_PART:
+            raise KafkaException(error)
+        if topic_meta is None or error is not None or not topic_meta.partitions:
+            return False
+        new = sorted(set(topic_meta.partitions) - self._partitions)
+        if not new:
+            return True
+        ends: dict[int, int] = {}
+        for partition in new:
+            low, high = self._consumer.get_watermark_offsets(
+                TopicPartition(self.topic, partition), timeout=_METADATA_TIMEOUT_S
+            )
+            if high > low:
+                ends[partition] = high
+        self._consumer.incremental_assign(
+            [TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in new]
+        )
+        self._partitions.update(new)
+        self._pending.update(ends)
+        return True
+
+    def poll(self, timeout: float) -> list[Message]:
+        """The next records (tombstones included); partition-EOF events only update progress."""
+        records: list[Message] = []
+        for msg in self._consumer.consume(_BATCH, timeout):
+            error = msg.error()
+            partition = msg.partition() or 0
+            if error is not None:
+                if error.code() == RdKafkaError._PARTITION_EOF:
+                    self._pending.pop(partition, None)
+                else:
+                    log.warning("reading %s: %s", self.topic, error)
+                continue
+            end = self._pending.get(partition)
+            if end is not None and (msg.offset() or 0) + 1 >= end:
+                del self._pending[partition]
+            records.append(msg)
+        return records
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def read_all(bootstrap: str, topic: str, timeout: float) -> list[Message] | None:
+    """Every record of the topic up to its current end, in order; None if it does not exist.
+
+    Raises KafkaError when the broker does not answer, or the end is not reached in time.
+    """
+    reader = TopicReader(bootstrap, topic, client_id="perkamo-webhooks-cli")
+    deadline = time.monotonic() + timeout
+    try:
+        try:
+            if not reader.refresh():
+                return None
+        except KafkaException as exc:
+            raise KafkaError(f"cannot read topic {topic}: {exc}") from None
+        records: list[Message] = []
+        while not reader.caught_up:
+            if time.monotonic() > deadline:
+                raise KafkaError(f"topic {topic} not read to its end within {timeout:.0f}s")
+            records.extend(reader.poll(_POLL_S))
+        return records
+    finally:
+        reader.close()
+
+
+class RegistryFollower:
+    """Keeps an EndpointRegistry in step with the registry topic, in a daemon thread.
+
+    `start()` marks the registry not loaded; it becomes loaded once the topic was read to its
+    end (or found missing). Invalid records are ignored and counted by reason; the registry
+    logs the Space and the reason, never the URL.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: EndpointRegistry,
+        metrics: Metrics,
+        topic: str = ENDPOINTS_TOPIC,
+        recheck_s: float = DEFAULT_RECHECK_S,
+    ) -> None:
+        self._bootstrap = settings.kafka_bootstrap_servers
+        self.registry = registry
+        self._metrics = metrics
+        self.topic = topic
+        self._recheck_s = recheck_s
+        self._loaded = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.records_applied = 0
+        self.records_invalid = 0
+
+    def start(self) -> None:
+        """Start following; returns at once (see `wait_loaded`)."""
+        if self._thread is not None:
+            raise RuntimeError("RegistryFollower already started")
+        self.registry.loaded = False
+        self._thread = threading.Thread(target=self._run, name="endpoint-registry", daemon=True)
+        self._thread.start()
+
+    def wait_loaded(self, timeout: float) -> bool:
+        """True once the topic was read to its end (or found missing) within the timeout."""
+        return self._loaded.wait(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop following and close the Kafka consumer."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("endpoint registry follower did not stop within %.0fs", timeout)
+
+    # The thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            reader = TopicReader(self._bootstrap, self.topic)
+        except KafkaException as exc:
+            log.error("endpoint registry follower cannot start: %s", exc)
+            return
+        try:
+            self._follow(reader)
+        except Exception:
+            # Keep the registry as it is (deliveries go on with it); say loudly that it is stale.
+            log.exception("endpoint registry follower stopped; endpoint changes are not applied")
+        finally:
+            reader.close()
+
+    def _follow(self, reader: TopicReader) -> None:
+        next_check = 0.0
+        missing_logged = False
+        unreachable_logged = False
+        while not self._stop.is_set():
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + self._recheck_s
+                try:
+                    exists = reader.refresh()
+                except KafkaException as exc:
+                    if not unreachable_logged:
+                        log.warning("endpoint registry topic %s: metadata failed (%s); retrying",
+                                    self.topic, exc)
+                        unreachable_logged = True
+                    exists = None
+                    next_check = time.monotonic() + min(1.0, self._recheck_s)
+                else:
+                    unreachable_logged = False
+                if exists is False and not missing_logged:
+                    log.warning(
+                        "endpoint registry topic %s does not exist: endpoints come from "
+                        "PERKAMO_ENDPOINTS_FILE only (create it with `perkamo-webhooks topics`); "
+                        "checking again every %.0fs", self.topic, self._recheck_s,
+                    )
+                    missing_logged = True
+                    self._mark_loaded("no registry topic")
+                elif exists and missing_logged:
+                    log.info("endpoint registry topic %s appeared; following it", self.topic)
+                    missing_logged = False
+            if not reader.assigned:
+                self._stop.wait(min(1.0, max(0.0, next_check - time.monotonic())))
+                continue
+            records = reader.poll(_POLL_S)
+            for msg in records:
+                self._apply(msg)
+            if records:
+                self._metrics.endpoints_loaded.set(self.registry.active_count())
+            if reader.caught_up and not self._loaded.is_set():
+                self._mark_loaded(f"read {self.topic} to its end")
+
+    def _apply(self, msg: Message) -> None:
+        reason = self.registry.apply(msg.key(), msg.value())
+        if reason is None:
+            self.records_applied += 1
+            return
+        self.records_invalid += 1
+        self._metrics.endpoint_records_invalid.labels(reason).inc()
+        log.debug("registry record %s[%d]@%d ignored (%s)",
+                  msg.topic(), msg.partition(), msg.offset(), reason)
+
+    def _mark_loaded(self, why: str) -> None:
+        self._metrics.endpoints_loaded.set(self.registry.active_count())
+        if not self._loaded.is_set():
+            log.info("endpoint registry loaded (%s): %d active endpoints, %d records applied, "
+                     "%d ignored", why, self.registry.active_count(), self.records_applied,
+                     self.records_invalid)
+        self.registry.loaded = True
+        self._loaded.set()
