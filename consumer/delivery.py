@@ -13,6 +13,7 @@ import logging
 import ssl
 import time
 from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -70,7 +71,9 @@ class Deliverer:
             limit=self._settings.max_in_flight,
             limit_per_host=self._settings.max_in_flight_per_endpoint,
             ssl=make_ssl_context(str(self._settings.ca_bundle) if self._settings.ca_bundle else None),
-            resolver=GuardedResolver(self._policy),
+            # With an egress proxy aiohttp resolves only the proxy's host, which the operator
+            # chose (often a private address); the proxy must enforce egress rules itself.
+            resolver=GuardedResolver(self._policy, trusted_hosts=_proxy_hosts(self._proxy)),
             ttl_dns_cache=30,
             enable_cleanup_closed=True,
         )
@@ -163,6 +166,11 @@ class Deliverer:
         except (TimeoutError, aiohttp.ClientError):
             return ""
         return chunk.decode("utf-8", "replace")
+
+
+def _proxy_hosts(proxy: str | None) -> tuple[str, ...]:
+    host = urlsplit(proxy).hostname if proxy else None
+    return (host,) if host else ()
 
 
 def _ms_since(started: float) -> int:

@@ -111,26 +111,36 @@ class EndpointRegistry:
         return endpoint
 
     def apply(self, key: bytes | None, value: bytes | None) -> str | None:
-        """Apply one registry-topic record; returns a reason label when it was ignored."""
+        """Apply one registry-topic record; returns a reason label when it was invalid.
+
+        The newest record per key is the truth, as compaction will leave only it: an invalid
+        newest record removes the Space's topic record (its file record, if any, applies), so a
+        running consumer and one started after compaction agree.
+        """
         space = key.decode("utf-8", "replace") if key else ""
         if value is None:
-            with self._lock:
-                self._from_topic.pop(space, None)
+            self._drop_topic_record(space)
             return None
         try:
             endpoint = parse_record(orjson.loads(value))
         except orjson.JSONDecodeError:
-            log.warning("endpoint record for space %s ignored: not JSON", space)
-            return REASON_INVALID_JSON
+            reason = REASON_INVALID_JSON
         except InvalidEndpoint as exc:
-            log.warning("endpoint record for space %s ignored: %s", space, exc)
-            return REASON_SCHEMA
-        if space and endpoint.space != space:
-            log.warning("endpoint record ignored: key %s names another space", space)
-            return REASON_KEY_MISMATCH
+            log.warning("endpoint record for space %r is invalid: %s", space, exc)
+            reason = REASON_SCHEMA
+        else:
+            if not space or endpoint.space == space:
+                with self._lock:
+                    self._from_topic[endpoint.space] = endpoint
+                return None
+            reason = REASON_KEY_MISMATCH
+        log.warning("endpoint record for space %r ignored (%s); its topic record is removed", space, reason)
+        self._drop_topic_record(space)
+        return reason
+
+    def _drop_topic_record(self, space: str) -> None:
         with self._lock:
-            self._from_topic[endpoint.space] = endpoint
-        return None
+            self._from_topic.pop(space, None)
 
     def all(self) -> list[Endpoint]:
         """Every endpoint record in effect (active or not), one per Space."""
