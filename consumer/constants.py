@@ -23,6 +23,9 @@ H_ATTEMPT: Final = "x-perkamo-attempt"
 # Kafka headers on retry / DLQ / resend / replay messages.
 K_DELIVERY_ID: Final = "perkamo-delivery-id"
 K_ATTEMPT: Final = "perkamo-attempt"  # the number of the NEXT attempt
+# The next attempt's number within its run (the initial delivery, a resend or a replay): the
+# retry tier follows it, so a resend after exhausted tiers walks the tiers again.
+K_RUN_ATTEMPT: Final = "perkamo-run-attempt"
 K_DUE_MS: Final = "perkamo-due-ms"
 K_FIRST_FAILED_MS: Final = "perkamo-first-failed-ms"
 K_ORIGIN_TOPIC: Final = "perkamo-origin-topic"

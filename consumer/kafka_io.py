@@ -70,6 +70,7 @@ class AsyncProducer:
 
     def __init__(self, bootstrap: str, extra: dict[str, Any] | None = None) -> None:
         self._producer = Producer({**producer_config(bootstrap), **(extra or {})})
+        self._closed = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="kafka-producer", daemon=True)
         self._thread.start()
@@ -81,6 +82,8 @@ class AsyncProducer:
     async def publish(
         self, topic: str, value: bytes | None, key: bytes | str | None = None, headers: Headers | None = None
     ) -> Message:
+        if self._closed:
+            raise KafkaError("producer is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Message] = loop.create_future()
 
@@ -110,6 +113,8 @@ class AsyncProducer:
             log.error("producer closed with %d messages not acknowledged", left)
         self._stop.set()
         self._thread.join(2)
+        self._closed = True
+        del self._producer  # release the librdkafka handle (its threads keep reconnecting otherwise)
 
 
 def _settle(future: asyncio.Future[Message], err: Any, msg: Message) -> None:

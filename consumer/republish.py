@@ -418,6 +418,7 @@ class Republisher:
         headers: Headers = [
             (c.K_DELIVERY_ID, state.delivery_id.encode()),
             (c.K_ATTEMPT, str(attempt).encode()),
+            (c.K_RUN_ATTEMPT, b"1"),  # a resend/replay walks the retry tiers afresh
             (c.K_TRIGGER, trigger.encode()),
             (c.K_REPLAY_ID, replay_id.encode()),
             (c.K_ORIGIN_TOPIC, state.source_topic.encode()),

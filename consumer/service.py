@@ -300,6 +300,7 @@ class DeliveryService:
         try:
             event = parse_event(msg.value(), self.settings.max_payload_bytes)
             attempt_no = _int_header(headers, c.K_ATTEMPT, strict=True) or 1
+            run_attempt = _int_header(headers, c.K_RUN_ATTEMPT, strict=True) or attempt_no
         except InvalidEvent as exc:
             self.metrics.invalid_events.labels(exc.reason).inc()
             log.warning(
@@ -337,6 +338,7 @@ class DeliveryService:
             endpoint=endpoint,
             delivery_id=delivery_id,
             attempt_no=attempt_no,
+            run_attempt=run_attempt,
             trigger=trigger,
             result=result,
         )
@@ -350,6 +352,7 @@ class DeliveryService:
         endpoint: Endpoint,
         delivery_id: str,
         attempt_no: int,
+        run_attempt: int,
         trigger: str,
         result: AttemptResult,
     ) -> None:
@@ -360,12 +363,13 @@ class DeliveryService:
         if result.delivered:
             status = c.STATUS_DELIVERED
         else:
-            decision = decide(attempt_no, self.tiers, now, result.retry_after_s)
+            decision = decide(run_attempt, self.tiers, now, result.retry_after_s)
             out_headers = self._retry_headers(
                 msg=msg,
                 headers=headers,
                 delivery_id=delivery_id,
                 next_attempt=attempt_no + 1,
+                next_run_attempt=run_attempt + 1,
                 now=now,
                 result=result,
             )
@@ -438,6 +442,7 @@ class DeliveryService:
         headers: dict[str, bytes],
         delivery_id: str,
         next_attempt: int,
+        next_run_attempt: int,
         now: int,
         result: AttemptResult,
     ) -> Headers:
@@ -446,6 +451,7 @@ class DeliveryService:
         out: Headers = [
             (c.K_DELIVERY_ID, delivery_id.encode()),
             (c.K_ATTEMPT, str(next_attempt).encode()),
+            (c.K_RUN_ATTEMPT, str(next_run_attempt).encode()),
             (c.K_FIRST_FAILED_MS, headers.get(c.K_FIRST_FAILED_MS) or str(now).encode()),
             (c.K_ORIGIN_TOPIC, origin_topic.encode()),
             (c.K_ORIGIN_PARTITION, str(origin_partition).encode()),

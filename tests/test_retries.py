@@ -222,3 +222,17 @@ async def test_hanging_endpoint_does_not_delay_healthy_ones_and_the_breaker_cycl
     # Every event that met the hanging endpoint ends delivered or dead-lettered; none is lost.
     done = await wait_for(lambda: len(f := finals()) == 7 and f, timeout=40, what="every hanging event's outcome")
     assert set(done) == {e["id"] for e in [*hanging_events, late]}
+
+
+async def test_a_resend_after_exhausted_tiers_walks_the_tiers_again(harness, receiver):
+    """Attempt numbers continue after a resend, but the tiers start over for the new run."""
+    receiver.on("/still-down", status(500))
+    await harness.start(harness.settings([{"space": "s-resend", "url": receiver.url("/still-down")}],
+                                         retry_tiers=["1s"]))
+    event = make_event("s-resend")
+    produce(harness.kafka, harness.events_topic, [orjson.dumps(event)], headers=[
+        (c.K_DELIVERY_ID, b"dlv_resend_walks_tiers"), (c.K_ATTEMPT, b"5"), (c.K_RUN_ATTEMPT, b"1"),
+        (c.K_TRIGGER, b"resend")])
+    rows = await wait_for(lambda: (r := _rows(harness, event["id"])) and r[-1][1] == c.STATUS_FAILED and r,
+                          timeout=30, what="the resend run to end")
+    assert [(r[0], r[1], r[2]) for r in rows] == [(5, c.STATUS_RETRYING, "resend"), (6, c.STATUS_FAILED, "retry")]
