@@ -42,8 +42,12 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield external
         return
     port = free_port()
-    env = {**os.environ, "KAFKA_PORT": str(port), "KAFKA_CONTROLLER_PORT": str(free_port()),
-           "KAFKA_DIR": str(tmp_path_factory.mktemp("kafka"))}
+    env = {
+        **os.environ,
+        "KAFKA_PORT": str(port),
+        "KAFKA_CONTROLLER_PORT": str(free_port()),
+        "KAFKA_DIR": str(tmp_path_factory.mktemp("kafka")),
+    }
     subprocess.run([str(KAFKA_SCRIPT), "start"], env=env, check=True)
     _BROKER_ENV.update(env)
     bootstrap = f"127.0.0.1:{port}"
@@ -110,8 +114,9 @@ def topics(kafka: str) -> dict[str, Any]:
 class Harness:
     """Builds settings and runs in-process services for one test."""
 
-    def __init__(self, kafka: str, store: HistoryStore, ca_file: Path, topics: dict[str, Any],
-                 tmp_path: Path) -> None:
+    def __init__(
+        self, kafka: str, store: HistoryStore, ca_file: Path, topics: dict[str, Any], tmp_path: Path
+    ) -> None:
         self.kafka = kafka
         self.store = store
         self.ca_file = ca_file
@@ -180,8 +185,9 @@ async def _assigned(app: App, task: asyncio.Task[None]) -> None:
 
 
 @pytest.fixture
-async def harness(kafka: str, store: HistoryStore, ca_file: Path, topics: dict[str, Any],
-                  tmp_path: Path) -> AsyncIterator[Harness]:
+async def harness(
+    kafka: str, store: HistoryStore, ca_file: Path, topics: dict[str, Any], tmp_path: Path
+) -> AsyncIterator[Harness]:
     h = Harness(kafka, store, ca_file, topics, tmp_path)
     yield h
     await h.stop_all()

@@ -28,8 +28,9 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def make_event(space: str, n: int | None = None, event_type: str = "purchase.completed",
-               environment: str = "live") -> dict[str, Any]:
+def make_event(
+    space: str, n: int | None = None, event_type: str = "purchase.completed", environment: str = "live"
+) -> dict[str, Any]:
     """An event shaped like the contract's example."""
     n = next(_counter) if n is None else n
     return {
@@ -51,8 +52,14 @@ def make_event(space: str, n: int | None = None, event_type: str = "purchase.com
     }
 
 
-def produce(bootstrap: str, topic: str, values: list[bytes | None], key: bytes | None = None,
-            headers: list[tuple[str, bytes]] | None = None, partition: int | None = None) -> None:
+def produce(
+    bootstrap: str,
+    topic: str,
+    values: list[bytes | None],
+    key: bytes | None = None,
+    headers: list[tuple[str, bytes]] | None = None,
+    partition: int | None = None,
+) -> None:
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
     for value in values:
         kwargs: dict[str, Any] = {"key": key, "headers": headers}
@@ -106,14 +113,27 @@ def committed(bootstrap: str, group: str, topic: str, partitions: int = 1) -> li
         consumer.close()
 
 
-def read_topic(bootstrap: str, topic: str, since: dict[tuple[str, int], int] | None = None,
-               timeout: float = 10.0, expect: int | None = None) -> list[Any]:
+def read_topic(
+    bootstrap: str,
+    topic: str,
+    since: dict[tuple[str, int], int] | None = None,
+    timeout: float = 10.0,
+    expect: int | None = None,
+) -> list[Any]:
     """Messages of `topic` after the `since` offsets (all of them by default)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("reader"),
-                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": unique("reader"),
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
     try:
         meta = consumer.list_topics(topic, timeout=10)
-        tps = [TopicPartition(topic, p, (since or {}).get((topic, p), 0)) for p in meta.topics[topic].partitions]
+        tps = [
+            TopicPartition(topic, p, (since or {}).get((topic, p), 0)) for p in meta.topics[topic].partitions
+        ]
         consumer.assign(tps)
         ends = {p.partition: _watermark(consumer, p) for p in tps}
         out: list[Any] = []
@@ -131,8 +151,9 @@ def read_topic(bootstrap: str, topic: str, since: dict[tuple[str, int], int] | N
         consumer.close()
 
 
-async def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1,
-                   what: str = "condition") -> Any:
+async def wait_for(
+    predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.1, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -205,13 +226,16 @@ class ScriptedReceiver:
 def status(code: int, text: str = "", headers: dict[str, str] | None = None) -> Behaviour:
     async def answer(_: web.Request, __: int) -> web.StreamResponse:
         return web.Response(status=code, text=text or None, headers=headers)
+
     return answer
 
 
 def sequence(*codes: int) -> Behaviour:
     """Answer the n-th request with codes[n] (the last code repeats)."""
+
     async def answer(_: web.Request, n: int) -> web.StreamResponse:
         return web.Response(status=codes[min(n, len(codes) - 1)])
+
     return answer
 
 
@@ -219,6 +243,7 @@ def delayed(seconds: float, code: int = 204) -> Behaviour:
     async def answer(_: web.Request, __: int) -> web.StreamResponse:
         await asyncio.sleep(seconds)
         return web.Response(status=code)
+
     return answer
 
 
@@ -237,6 +262,7 @@ def query_history_in_subprocess(path: str, sql: str) -> list[list[Any]]:
         "cols, rows = HistoryStore(sys.argv[1]).query(sys.argv[2])\n"
         "sys.stdout.buffer.write(orjson.dumps([list(r) for r in rows], default=str))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, f"chdb://{path}", sql], check=True,
-                         capture_output=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code, f"chdb://{path}", sql], check=True, capture_output=True, timeout=120
+    )
     return list(orjson.loads(out.stdout))

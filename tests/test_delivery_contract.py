@@ -9,8 +9,14 @@ from consumer.history import TABLE
 from consumer.models import delivery_id_for
 from tests.support import make_event, produce, wait_for
 
-CONTRACT_HEADERS = {"content-type", "user-agent", "x-perkamo-delivery", "x-perkamo-event",
-                    "x-perkamo-space", "x-perkamo-attempt"}
+CONTRACT_HEADERS = {
+    "content-type",
+    "user-agent",
+    "x-perkamo-delivery",
+    "x-perkamo-event",
+    "x-perkamo-space",
+    "x-perkamo-attempt",
+}
 HTTP_FRAMING = {"host", "content-length"}
 
 
@@ -39,8 +45,14 @@ async def test_body_and_headers_are_exactly_the_contract(harness, receiver):
     assert headers["x-perkamo-delivery"] == delivery_id_for(event["id"], endpoint_id)
     assert int(headers["content-length"]) == len(body)
 
-    rows = await wait_for(lambda: harness.store.query(
-        f"SELECT status, status_code, attempt, trigger, request_body, endpoint_host, source_topic "
-        f"FROM {TABLE} FINAL WHERE event_id = {{e:String}}", {"e": event["id"]})[1], what="history row")
-    assert rows == [(c.STATUS_DELIVERED, 204, 1, c.TRIGGER_INITIAL, body.decode(), "localhost",
-                     harness.events_topic)]
+    rows = await wait_for(
+        lambda: harness.store.query(
+            f"SELECT status, status_code, attempt, trigger, request_body, endpoint_host, source_topic "
+            f"FROM {TABLE} FINAL WHERE event_id = {{e:String}}",
+            {"e": event["id"]},
+        )[1],
+        what="history row",
+    )
+    assert rows == [
+        (c.STATUS_DELIVERED, 204, 1, c.TRIGGER_INITIAL, body.decode(), "localhost", harness.events_topic)
+    ]

@@ -20,16 +20,23 @@ async def _first_attempt(harness, space: str, url: str, **overrides):
     await harness.start(harness.settings([{"space": space, "url": url}], **{**SLOW_TIERS, **overrides}))
     event = make_event(space)
     produce(harness.kafka, harness.events_topic, [orjson.dumps(event)])
-    rows = await wait_for(lambda: harness.store.query(
-        f"SELECT status, status_code, status_text, error_kind, error, duration_ms, next_attempt_at "
-        f"FROM {TABLE} FINAL WHERE event_id = {{e:String}}", {"e": event["id"]})[1],
-        timeout=30, what="the attempt row")
+    rows = await wait_for(
+        lambda: harness.store.query(
+            f"SELECT status, status_code, status_text, error_kind, error, duration_ms, next_attempt_at "
+            f"FROM {TABLE} FINAL WHERE event_id = {{e:String}}",
+            {"e": event["id"]},
+        )[1],
+        timeout=30,
+        what="the attempt row",
+    )
     assert len(rows) == 1
     return dict(zip(["status", "code", "text", "kind", "error", "duration_ms", "next_at"], rows[0]))
 
 
-@pytest.mark.parametrize(("code", "text"), [(404, "Not Found"), (400, "Bad Request"), (500, "Internal Server Error"),
-                                            (503, "Service Unavailable")])
+@pytest.mark.parametrize(
+    ("code", "text"),
+    [(404, "Not Found"), (400, "Bad Request"), (500, "Internal Server Error"), (503, "Service Unavailable")],
+)
 async def test_http_error_status_is_recorded(harness, receiver, code, text):
     receiver.on("/h", status(code, "nope"))
     row = await _first_attempt(harness, f"s-{code}", receiver.url("/h"))
@@ -81,11 +88,18 @@ async def test_untrusted_certificate_is_a_tls_error(harness):
 
 async def test_large_response_body_is_cut_to_the_excerpt(harness, receiver):
     receiver.on("/big", status(500, "x" * 5_000_000))
-    await harness.start(harness.settings([{"space": "s-big", "url": receiver.url("/big")}], **SLOW_TIERS,
-                                         response_excerpt_bytes=100))
+    await harness.start(
+        harness.settings(
+            [{"space": "s-big", "url": receiver.url("/big")}], **SLOW_TIERS, response_excerpt_bytes=100
+        )
+    )
     event = make_event("s-big")
     produce(harness.kafka, harness.events_topic, [orjson.dumps(event)])
-    rows = await wait_for(lambda: harness.store.query(
-        f"SELECT length(response_excerpt), status_code FROM {TABLE} FINAL WHERE event_id = {{e:String}}",
-        {"e": event["id"]})[1], timeout=30)
+    rows = await wait_for(
+        lambda: harness.store.query(
+            f"SELECT length(response_excerpt), status_code FROM {TABLE} FINAL WHERE event_id = {{e:String}}",
+            {"e": event["id"]},
+        )[1],
+        timeout=30,
+    )
     assert rows == [(100, 500)]

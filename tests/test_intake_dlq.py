@@ -11,8 +11,9 @@ from tests.support import end_offsets, make_event, produce, read_topic, wait_for
 
 async def test_every_bad_input_kind_reaches_the_dlq_with_its_reason(harness, receiver):
     space = "s-dlq"
-    app = await harness.start(harness.settings([{"space": space, "url": receiver.url("/ok")}],
-                                               max_payload_bytes=4096))
+    app = await harness.start(
+        harness.settings([{"space": space, "url": receiver.url("/ok")}], max_payload_bytes=4096)
+    )
     before = end_offsets(harness.kafka, [c.DLQ_TOPIC])
     bad_schema = make_event(space)
     bad_schema["data"]["space"]["slug"] = "Not A Slug!"
@@ -29,8 +30,13 @@ async def test_every_bad_input_kind_reaches_the_dlq_with_its_reason(harness, rec
     ]
     for value, _ in cases:
         produce(harness.kafka, harness.events_topic, [value], key=b"k", partition=0)
-    produce(harness.kafka, harness.events_topic, [orjson.dumps(make_event(space))], partition=0,
-            headers=[(c.K_ATTEMPT, b"not-a-number")])
+    produce(
+        harness.kafka,
+        harness.events_topic,
+        [orjson.dumps(make_event(space))],
+        partition=0,
+        headers=[(c.K_ATTEMPT, b"not-a-number")],
+    )
     # A good event behind them on the same partition is still delivered.
     produce(harness.kafka, harness.events_topic, [orjson.dumps(good)], partition=0)
     await wait_for(lambda: receiver.to("/ok"), what="the good event behind the bad ones")
@@ -50,16 +56,31 @@ async def test_every_bad_input_kind_reaches_the_dlq_with_its_reason(harness, rec
 
 
 async def test_event_for_a_space_without_endpoint_is_counted_not_delivered(harness, receiver):
-    app = await harness.start(harness.settings([{"space": "s-known", "url": receiver.url("/ok")},
-                                                {"space": "s-off", "url": receiver.url("/off"), "active": False}]))
+    app = await harness.start(
+        harness.settings(
+            [
+                {"space": "s-known", "url": receiver.url("/ok")},
+                {"space": "s-off", "url": receiver.url("/off"), "active": False},
+            ]
+        )
+    )
     orphan, inactive, known = make_event("s-nobody"), make_event("s-off"), make_event("s-known")
-    produce(harness.kafka, harness.events_topic, [orjson.dumps(e) for e in (orphan, inactive, known)], partition=0)
+    produce(
+        harness.kafka, harness.events_topic, [orjson.dumps(e) for e in (orphan, inactive, known)], partition=0
+    )
     await wait_for(lambda: receiver.to("/ok"), what="the known space's delivery")
-    await wait_for(lambda: {s.labels["space"]: s.value for s in _samples(app, "perkamo_webhook_no_endpoint_total")}
-                   == {"s-nobody": 1, "s-off": 1}, what="no-endpoint counts")
+    await wait_for(
+        lambda: (
+            {s.labels["space"]: s.value for s in _samples(app, "perkamo_webhook_no_endpoint_total")}
+            == {"s-nobody": 1, "s-off": 1}
+        ),
+        what="no-endpoint counts",
+    )
     assert receiver.to("/off") == []
-    _, rows = harness.store.query(f"SELECT count() FROM {TABLE} WHERE event_id IN ({{a:String}}, {{b:String}})",
-                                  {"a": orphan["id"], "b": inactive["id"]})
+    _, rows = harness.store.query(
+        f"SELECT count() FROM {TABLE} WHERE event_id IN ({{a:String}}, {{b:String}})",
+        {"a": orphan["id"], "b": inactive["id"]},
+    )
     assert rows == [(0,)]
 
 

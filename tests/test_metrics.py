@@ -14,8 +14,10 @@ from tests.support import make_event, produce, sequence, status, wait_for
 
 
 async def scrape(app) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    async with aiohttp.ClientSession() as session, session.get(
-            f"http://{app.settings.admin_listen}/metrics") as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://{app.settings.admin_listen}/metrics") as response,
+    ):
         assert response.status == 200
         text = await response.text()
     out = {}
@@ -34,17 +36,27 @@ async def test_scraped_metrics_match_the_scenario(harness, receiver):
     receiver.on("/flaky", sequence(500, 204))
     receiver.on("/down", status(500))
     spaces = {"m-ok": "/ok", "m-flaky": "/flaky", "m-down": "/down"}
-    app = await harness.start(harness.settings(
-        [{"space": s, "url": receiver.url(p)} for s, p in spaces.items()], retry_tiers=["1s"]))
-    events = [make_event("m-ok") for _ in range(3)] + [make_event("m-flaky"), make_event("m-down"),
-                                                        make_event("m-nobody")]
+    app = await harness.start(
+        harness.settings(
+            [{"space": s, "url": receiver.url(p)} for s, p in spaces.items()], retry_tiers=["1s"]
+        )
+    )
+    events = [make_event("m-ok") for _ in range(3)] + [
+        make_event("m-flaky"),
+        make_event("m-down"),
+        make_event("m-nobody"),
+    ]
     produce(harness.kafka, harness.events_topic, [orjson.dumps(e) for e in events] + [b"{broken"])
 
     async def settled():
         s = await scrape(app)
-        return pick(s, "perkamo_webhook_dead_lettered_total", reason="exhausted") == 1 and \
-            pick(s, "perkamo_webhook_attempts_total", outcome="delivered") == 4 and \
-            pick(s, "perkamo_webhook_history_rows_written_total") == 7 and s
+        return (
+            pick(s, "perkamo_webhook_dead_lettered_total", reason="exhausted") == 1
+            and pick(s, "perkamo_webhook_attempts_total", outcome="delivered") == 4
+            and pick(s, "perkamo_webhook_history_rows_written_total") == 7
+            and s
+        )
+
     samples = await wait_for(settled, timeout=30, what="the scenario to settle")
     ev = harness.events_topic
     assert pick(samples, "perkamo_webhook_events_consumed_total", topic=ev) == 7
@@ -79,9 +91,11 @@ async def test_consumer_lag_counts_what_piled_up_and_returns_to_zero(harness, re
         return web.Response(status=204)
 
     receiver.on("/held", held)
-    settings = harness.settings([{"space": "m-lag", "url": receiver.url("/held")},
-                                 {"space": "m-warm", "url": receiver.url("/ok")}],
-                                lag_interval_s=0.5, delivery_timeout_s=60)
+    settings = harness.settings(
+        [{"space": "m-lag", "url": receiver.url("/held")}, {"space": "m-warm", "url": receiver.url("/ok")}],
+        lag_interval_s=0.5,
+        delivery_timeout_s=60,
+    )
     first = await harness.start(settings)
     produce(harness.kafka, harness.events_topic, [orjson.dumps(make_event("m-warm"))])
     await wait_for(lambda: receiver.to("/ok"), what="a first delivery")
@@ -94,6 +108,7 @@ async def test_consumer_lag_counts_what_piled_up_and_returns_to_zero(harness, re
 
     async def lag(expected):
         return pick(await scrape(second), "perkamo_webhook_consumer_lag", topic=ev) == expected
+
     await wait_for(lambda: lag(40), timeout=20, what="lag 40 while deliveries hang")
     release.set()
     await wait_for(lambda: lag(0), timeout=20, what="lag back to 0")

@@ -10,15 +10,29 @@ import sys
 import orjson
 
 from consumer.history import TABLE
-from tests.support import (committed, delayed, free_port, make_event, produce, query_history_in_subprocess,
-                           unique, wait_for)
+from tests.support import (
+    committed,
+    delayed,
+    free_port,
+    make_event,
+    produce,
+    query_history_in_subprocess,
+    unique,
+    wait_for,
+)
 
 
 async def test_commit_never_passes_an_unfinished_offset(harness, receiver):
     receiver.on("/slow", delayed(4))
-    await harness.start(harness.settings([{"space": "s-slow", "url": receiver.url("/slow")},
-                                          {"space": "s-fast", "url": receiver.url("/fast")}],
-                                         delivery_timeout_s=10))
+    await harness.start(
+        harness.settings(
+            [
+                {"space": "s-slow", "url": receiver.url("/slow")},
+                {"space": "s-fast", "url": receiver.url("/fast")},
+            ],
+            delivery_timeout_s=10,
+        )
+    )
     first = make_event("s-slow")
     rest = [make_event("s-fast") for _ in range(20)]
     produce(harness.kafka, harness.events_topic, [orjson.dumps(e) for e in [first, *rest]], partition=1)
@@ -28,26 +42,38 @@ async def test_commit_never_passes_an_unfinished_offset(harness, receiver):
     for _ in range(5):
         assert committed(harness.kafka, harness.group, harness.events_topic, 3)[1] < 0
         await __import__("asyncio").sleep(0.3)
-    await wait_for(lambda: committed(harness.kafka, harness.group, harness.events_topic, 3)[1] == 21,
-                   timeout=15, what="the commit after the slow delivery finished")
+    await wait_for(
+        lambda: committed(harness.kafka, harness.group, harness.events_topic, 3)[1] == 21,
+        timeout=15,
+        what="the commit after the slow delivery finished",
+    )
 
 
 def _run_consumer(env):
-    return subprocess.Popen([sys.executable, "-m", "consumer", "run"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "consumer", "run"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
 
 
 async def test_kill_before_commit_redelivers_with_the_same_delivery_id(harness, receiver, tmp_path):
     space = "s-crash"
     endpoints = harness.endpoints_file([{"space": space, "url": receiver.url("/crash")}])
     data = tmp_path / "consumer-data"
-    env = {**os.environ, "PERKAMO_KAFKA_BOOTSTRAP_SERVERS": harness.kafka,
-           "PERKAMO_EVENTS_TOPICS": harness.events_topic, "PERKAMO_GROUP_ID": unique("crash"),
-           "PERKAMO_DATA_DIR": str(data), "PERKAMO_ENDPOINTS_FILE": str(endpoints),
-           "PERKAMO_ALLOW_PRIVATE_NETWORKS": "127.0.0.0/8,::1/128", "PERKAMO_CA_BUNDLE": str(harness.ca_file),
-           "PERKAMO_ADMIN_LISTEN": f"127.0.0.1:{free_port()}", "PERKAMO_RETRY_TIERS": "1s,2s,4s",
-           # Never commit on a timer: the kill lands before any commit.
-           "PERKAMO_COMMIT_INTERVAL_S": "3600", "PERKAMO_HISTORY_FLUSH_INTERVAL_S": "0.2"}
+    env = {
+        **os.environ,
+        "PERKAMO_KAFKA_BOOTSTRAP_SERVERS": harness.kafka,
+        "PERKAMO_EVENTS_TOPICS": harness.events_topic,
+        "PERKAMO_GROUP_ID": unique("crash"),
+        "PERKAMO_DATA_DIR": str(data),
+        "PERKAMO_ENDPOINTS_FILE": str(endpoints),
+        "PERKAMO_ALLOW_PRIVATE_NETWORKS": "127.0.0.0/8,::1/128",
+        "PERKAMO_CA_BUNDLE": str(harness.ca_file),
+        "PERKAMO_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
+        "PERKAMO_RETRY_TIERS": "1s,2s,4s",
+        # Never commit on a timer: the kill lands before any commit.
+        "PERKAMO_COMMIT_INTERVAL_S": "3600",
+        "PERKAMO_HISTORY_FLUSH_INTERVAL_S": "0.2",
+    }
     events = [make_event(space) for _ in range(5)]
     produce(harness.kafka, harness.events_topic, [orjson.dumps(e) for e in events])
     proc = _run_consumer(env)
@@ -73,9 +99,11 @@ async def test_kill_before_commit_redelivers_with_the_same_delivery_id(harness, 
     assert all(attempts == ["1", "1"] for attempts in by_id.values())
     # Written twice, counted once.
     ids = ",".join(f"'{e['id']}'" for e in events)
-    raw = query_history_in_subprocess(str(data / "history"),
-                                      f"SELECT count() FROM {TABLE} WHERE event_id IN ({ids})")
-    deduped = query_history_in_subprocess(str(data / "history"),
-                                          f"SELECT count() FROM {TABLE} FINAL WHERE event_id IN ({ids})")
+    raw = query_history_in_subprocess(
+        str(data / "history"), f"SELECT count() FROM {TABLE} WHERE event_id IN ({ids})"
+    )
+    deduped = query_history_in_subprocess(
+        str(data / "history"), f"SELECT count() FROM {TABLE} FINAL WHERE event_id IN ({ids})"
+    )
     assert raw[0][0] >= 5
     assert deduped == [[5]]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from email.utils import format_datetime
 from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 
 import orjson
 from aiohttp import web
@@ -14,16 +14,26 @@ from aiohttp import web
 from consumer import constants as c
 from consumer.history import TABLE
 from consumer.retry_policy import tier_topic
-from tests.support import (delayed, end_offsets, make_event, produce, read_topic, sequence, status, unique,
-                           wait_for)
+from tests.support import (
+    end_offsets,
+    make_event,
+    produce,
+    read_topic,
+    sequence,
+    status,
+    unique,
+    wait_for,
+)
 
 TIERS = [("1s", 1.0), ("2s", 2.0), ("4s", 4.0)]
 
 
 def _rows(harness, event_id):
     return harness.store.query(
-        f"SELECT attempt, status, trigger, status_code, attempted_at, next_attempt_at, delivery_id, error_kind "
-        f"FROM {TABLE} FINAL WHERE event_id = {{e:String}} ORDER BY attempt", {"e": event_id})[1]
+        "SELECT attempt, status, trigger, status_code, attempted_at, next_attempt_at, delivery_id, "
+        f"error_kind FROM {TABLE} FINAL WHERE event_id = {{e:String}} ORDER BY attempt",
+        {"e": event_id},
+    )[1]
 
 
 async def test_always_failing_delivery_walks_every_tier_then_dead_letters(harness, receiver):
@@ -32,8 +42,11 @@ async def test_always_failing_delivery_walks_every_tier_then_dead_letters(harnes
     dlq_before = end_offsets(harness.kafka, [c.DLQ_TOPIC])
     event = make_event("s-walk")
     produce(harness.kafka, harness.events_topic, [orjson.dumps(event)])
-    rows = await wait_for(lambda: (r := _rows(harness, event["id"])) and r[-1][1] == c.STATUS_FAILED and r,
-                          timeout=40, what="the final failed row")
+    rows = await wait_for(
+        lambda: (r := _rows(harness, event["id"])) and r[-1][1] == c.STATUS_FAILED and r,
+        timeout=40,
+        what="the final failed row",
+    )
     assert [r[0] for r in rows] == [1, 2, 3, 4]
     assert [r[1] for r in rows] == [c.STATUS_RETRYING] * 3 + [c.STATUS_FAILED]
     assert [r[2] for r in rows] == [c.TRIGGER_INITIAL, c.TRIGGER_RETRY, c.TRIGGER_RETRY, c.TRIGGER_RETRY]
@@ -47,8 +60,11 @@ async def test_always_failing_delivery_walks_every_tier_then_dead_letters(harnes
     assert rows[-1][5] is None
     attempts = [r.headers["x-perkamo-attempt"] for r in receiver.to("/down")]
     assert attempts == ["1", "2", "3", "4"]
-    dead = [m for m in read_topic(harness.kafka, c.DLQ_TOPIC, since=dlq_before, timeout=10)
-            if dict(m.headers()).get(c.K_DELIVERY_ID) == rows[0][6].encode()]
+    dead = [
+        m
+        for m in read_topic(harness.kafka, c.DLQ_TOPIC, since=dlq_before, timeout=10)
+        if dict(m.headers()).get(c.K_DELIVERY_ID) == rows[0][6].encode()
+    ]
     assert len(dead) == 1
     headers = dict(dead[0].headers())
     assert headers[c.K_DLQ_REASON] == b"exhausted"
@@ -62,14 +78,20 @@ async def test_retry_message_headers_are_rebuilt_with_one_value_each(harness, re
     before = end_offsets(harness.kafka, [tier_topic("2s")])
     event = make_event("s-hdr")
     produce(harness.kafka, harness.events_topic, [orjson.dumps(event)])
-    rows = await wait_for(lambda: (r := _rows(harness, event["id"])) and r[-1][1] == c.STATUS_DELIVERED and r,
-                          timeout=30, what="delivery on attempt 3")
+    rows = await wait_for(
+        lambda: (r := _rows(harness, event["id"])) and r[-1][1] == c.STATUS_DELIVERED and r,
+        timeout=30,
+        what="delivery on attempt 3",
+    )
     assert [r[0] for r in rows] == [1, 2, 3]
     assert len({r[6] for r in rows}) == 1
     ids = {r.headers["x-perkamo-delivery"] for r in receiver.to("/flaky")}
     assert ids == {rows[0][6]}
-    msgs = [m for m in read_topic(harness.kafka, tier_topic("2s"), since=before, timeout=10)
-            if dict(m.headers()).get(c.K_DELIVERY_ID) == rows[0][6].encode()]
+    msgs = [
+        m
+        for m in read_topic(harness.kafka, tier_topic("2s"), since=before, timeout=10)
+        if dict(m.headers()).get(c.K_DELIVERY_ID) == rows[0][6].encode()
+    ]
     assert len(msgs) == 1
     names = [k for k, _ in msgs[0].headers()]
     assert len(names) == len(set(names))
@@ -82,9 +104,15 @@ async def test_retry_message_headers_are_rebuilt_with_one_value_each(harness, re
 
 async def test_fresh_events_flow_while_a_tier_partition_waits(harness, receiver):
     receiver.on("/fails-once", sequence(500, 204))
-    await harness.start(harness.settings([{"space": "s-wait", "url": receiver.url("/fails-once")},
-                                          {"space": "s-flow", "url": receiver.url("/flow")}],
-                                         retry_tiers=["4s"]))
+    await harness.start(
+        harness.settings(
+            [
+                {"space": "s-wait", "url": receiver.url("/fails-once")},
+                {"space": "s-flow", "url": receiver.url("/flow")},
+            ],
+            retry_tiers=["4s"],
+        )
+    )
     waiting = make_event("s-wait")
     produce(harness.kafka, harness.events_topic, [orjson.dumps(waiting)])
     await wait_for(lambda: receiver.to("/fails-once"), what="the first failure")
@@ -102,6 +130,7 @@ async def test_fresh_events_flow_while_a_tier_partition_waits(harness, receiver)
 
 async def test_retry_after_picks_the_first_tier_not_shorter(harness, receiver):
     receiver.on("/busy", sequence(429, 204))
+
     async def unavailable(_req, n):
         if n:
             return web.Response(status=204)
@@ -111,13 +140,22 @@ async def test_retry_after_picks_the_first_tier_not_shorter(harness, receiver):
 
     receiver.on("/busy", lambda req, n: _retry_after_seconds(n))
     receiver.on("/maint", unavailable)
-    await harness.start(harness.settings([{"space": "s-ra", "url": receiver.url("/busy")},
-                                          {"space": "s-rad", "url": receiver.url("/maint")}]))
+    await harness.start(
+        harness.settings(
+            [
+                {"space": "s-ra", "url": receiver.url("/busy")},
+                {"space": "s-rad", "url": receiver.url("/maint")},
+            ]
+        )
+    )
     by_seconds, by_date = make_event("s-ra"), make_event("s-rad")
     produce(harness.kafka, harness.events_topic, [orjson.dumps(by_seconds), orjson.dumps(by_date)])
     for event, tier_seconds in ((by_seconds, 2.0), (by_date, 4.0)):
-        rows = await wait_for(lambda e=event: (r := _rows(harness, e["id"])) and r[-1][1] == c.STATUS_DELIVERED
-                              and r, timeout=30, what=f"delivery after Retry-After: {_rows(harness, event['id'])}")
+        rows = await wait_for(
+            lambda e=event: (r := _rows(harness, e["id"])) and r[-1][1] == c.STATUS_DELIVERED and r,
+            timeout=30,
+            what=f"delivery after Retry-After: {_rows(harness, event['id'])}",
+        )
         first = rows[0]
         wait = (first[5] - first[4]).total_seconds()
         assert tier_seconds <= wait <= tier_seconds * 1.1 + 0.01, (event["data"]["space"]["slug"], wait)
@@ -140,9 +178,17 @@ async def test_not_due_retry_messages_are_not_skipped_after_pause(harness, recei
     # already. They arrive in one batch; the consumer must pause on the first and seek back.
     for i, event in enumerate(events):
         due = now_ms + 2000 if i == 0 else now_ms - 1000
-        produce(harness.kafka, topic, [orjson.dumps(event)], partition=2, headers=[
-            (c.K_DELIVERY_ID, f"dlv_trap_{unique('x')}".encode()), (c.K_ATTEMPT, b"2"),
-            (c.K_DUE_MS, str(due).encode())])
+        produce(
+            harness.kafka,
+            topic,
+            [orjson.dumps(event)],
+            partition=2,
+            headers=[
+                (c.K_DELIVERY_ID, f"dlv_trap_{unique('x')}".encode()),
+                (c.K_ATTEMPT, b"2"),
+                (c.K_DUE_MS, str(due).encode()),
+            ],
+        )
     await wait_for(lambda: len(receiver.to("/trap")) >= 30, timeout=20, what="all 30 retries")
     await asyncio.sleep(1)
     arrived = receiver.to("/trap")
@@ -158,20 +204,29 @@ async def test_a_second_consumer_joining_mid_retry_loses_nothing(harness, receiv
     first = await harness.start(settings)
     events = [make_event("s-rb") for _ in range(30)]
     produce(harness.kafka, harness.events_topic, [orjson.dumps(e) for e in events])
-    await wait_for(lambda: len({orjson.loads(r.body)["id"] for r in receiver.to("/rebalance")}) == 30,
-                   timeout=20, what="every first attempt")
-    second = await harness.start(harness.settings([{"space": "s-rb", "url": receiver.url("/rebalance")}],
-                                                  retry_tiers=["2s"]))
+    await wait_for(
+        lambda: len({orjson.loads(r.body)["id"] for r in receiver.to("/rebalance")}) == 30,
+        timeout=20,
+        what="every first attempt",
+    )
+    second = await harness.start(
+        harness.settings([{"space": "s-rb", "url": receiver.url("/rebalance")}], retry_tiers=["2s"])
+    )
 
     def delivered():
         _, rows = harness.store.query(
-            f"SELECT count(DISTINCT event_id) FROM {TABLE} FINAL WHERE space_slug = 's-rb' AND status = 'delivered'")
+            f"SELECT count(DISTINCT event_id) FROM {TABLE} FINAL "
+            "WHERE space_slug = 's-rb' AND status = 'delivered'"
+        )
         return rows[0][0] == 30
 
     await wait_for(delivered, timeout=40, what="every event delivered after the rebalance")
     for app in (first, second):
-        await wait_for(lambda app=app: not any(st.reasons for st in app.service._parts.values()), timeout=10,
-                       what="no partition left paused")
+        await wait_for(
+            lambda app=app: not any(st.reasons for st in app.service._parts.values()),
+            timeout=10,
+            what="no partition left paused",
+        )
 
 
 async def test_hanging_endpoint_does_not_delay_healthy_ones_and_the_breaker_cycles(harness, receiver):
@@ -183,9 +238,18 @@ async def test_hanging_endpoint_does_not_delay_healthy_ones_and_the_breaker_cycl
         return web.Response(status=204)
 
     receiver.on("/hang", hanging)
-    app = await harness.start(harness.settings(
-        [{"space": "s-hang", "url": receiver.url("/hang")}, {"space": "s-healthy", "url": receiver.url("/fine")}],
-        delivery_timeout_s=3.0, breaker_failures=3, breaker_cooldown_s=3.0, retry_tiers=["1s", "2s", "4s"]))
+    app = await harness.start(
+        harness.settings(
+            [
+                {"space": "s-hang", "url": receiver.url("/hang")},
+                {"space": "s-healthy", "url": receiver.url("/fine")},
+            ],
+            delivery_timeout_s=3.0,
+            breaker_failures=3,
+            breaker_cooldown_s=3.0,
+            retry_tiers=["1s", "2s", "4s"],
+        )
+    )
     hanging_events = [make_event("s-hang") for _ in range(6)]
     produce(harness.kafka, harness.events_topic, [orjson.dumps(e) for e in hanging_events])
     latencies = []
@@ -200,7 +264,8 @@ async def test_hanging_endpoint_does_not_delay_healthy_ones_and_the_breaker_cycl
 
     def kinds():
         _, rows = harness.store.query(
-            f"SELECT error_kind, count() FROM {TABLE} FINAL WHERE space_slug = 's-hang' GROUP BY error_kind")
+            f"SELECT error_kind, count() FROM {TABLE} FINAL WHERE space_slug = 's-hang' GROUP BY error_kind"
+        )
         return dict(rows)
 
     await wait_for(lambda: kinds().get("circuit_open", 0) >= 1, timeout=20, what="the breaker to open")
@@ -209,30 +274,51 @@ async def test_hanging_endpoint_does_not_delay_healthy_ones_and_the_breaker_cycl
     hang.set()  # the endpoint recovers: after the cool-down a half-open probe succeeds
     late = make_event("s-hang")
     produce(harness.kafka, harness.events_topic, [orjson.dumps(late)])
-    rows = await wait_for(lambda: (r := _rows(harness, late["id"])) and r[-1][1] == c.STATUS_DELIVERED and r,
-                          timeout=30, what="a delivery through the closed breaker")
+    await wait_for(
+        lambda: (r := _rows(harness, late["id"])) and r[-1][1] == c.STATUS_DELIVERED and r,
+        timeout=30,
+        what="a delivery through the closed breaker",
+    )
     assert app.service.breakers.state(endpoint_id) == 0
 
     def finals():
         _, rows = harness.store.query(
             f"SELECT event_id, argMax(status, attempt) FROM {TABLE} FINAL WHERE space_slug = 's-hang' "
-            f"GROUP BY event_id")
+            f"GROUP BY event_id"
+        )
         return {e: st for e, st in rows if st != c.STATUS_RETRYING}
 
     # Every event that met the hanging endpoint ends delivered or dead-lettered; none is lost.
-    done = await wait_for(lambda: len(f := finals()) == 7 and f, timeout=40, what="every hanging event's outcome")
+    done = await wait_for(
+        lambda: len(f := finals()) == 7 and f, timeout=40, what="every hanging event's outcome"
+    )
     assert set(done) == {e["id"] for e in [*hanging_events, late]}
 
 
 async def test_a_resend_after_exhausted_tiers_walks_the_tiers_again(harness, receiver):
     """Attempt numbers continue after a resend, but the tiers start over for the new run."""
     receiver.on("/still-down", status(500))
-    await harness.start(harness.settings([{"space": "s-resend", "url": receiver.url("/still-down")}],
-                                         retry_tiers=["1s"]))
+    await harness.start(
+        harness.settings([{"space": "s-resend", "url": receiver.url("/still-down")}], retry_tiers=["1s"])
+    )
     event = make_event("s-resend")
-    produce(harness.kafka, harness.events_topic, [orjson.dumps(event)], headers=[
-        (c.K_DELIVERY_ID, b"dlv_resend_walks_tiers"), (c.K_ATTEMPT, b"5"), (c.K_RUN_ATTEMPT, b"1"),
-        (c.K_TRIGGER, b"resend")])
-    rows = await wait_for(lambda: (r := _rows(harness, event["id"])) and r[-1][1] == c.STATUS_FAILED and r,
-                          timeout=30, what="the resend run to end")
-    assert [(r[0], r[1], r[2]) for r in rows] == [(5, c.STATUS_RETRYING, "resend"), (6, c.STATUS_FAILED, "retry")]
+    produce(
+        harness.kafka,
+        harness.events_topic,
+        [orjson.dumps(event)],
+        headers=[
+            (c.K_DELIVERY_ID, b"dlv_resend_walks_tiers"),
+            (c.K_ATTEMPT, b"5"),
+            (c.K_RUN_ATTEMPT, b"1"),
+            (c.K_TRIGGER, b"resend"),
+        ],
+    )
+    rows = await wait_for(
+        lambda: (r := _rows(harness, event["id"])) and r[-1][1] == c.STATUS_FAILED and r,
+        timeout=30,
+        what="the resend run to end",
+    )
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        (5, c.STATUS_RETRYING, "resend"),
+        (6, c.STATUS_FAILED, "retry"),
+    ]
