@@ -422,7 +422,9 @@ class DeliveryService:
             await asyncio.gather(written, publish)
         else:
             await written
-        log.info(
+        # Successes at DEBUG: at thousands per second a line each would dominate the hot path.
+        log.log(
+            logging.DEBUG if result.delivered else logging.INFO,
             "attempt delivery=%s space=%s event_type=%s attempt=%d status=%s outcome=%s code=%d "
             "duration_ms=%d",
             delivery_id,
