@@ -41,6 +41,11 @@ class CircuitBreakers:
     def state(self, key: str) -> int:
         return self._states[key].state if key in self._states else CLOSED
 
+    def is_open(self, key: str) -> bool:
+        """Open and still cooling down (no probe due yet); does not change the state."""
+        st = self._states.get(key)
+        return st is not None and st.state == OPEN and self._clock() - st.opened_at < self._cooldown_s
+
     def allow(self, key: str) -> bool:
         """May a call to this endpoint go out now? (Takes the half-open probe slot if so.)"""
         st = self._states.get(key)

@@ -19,6 +19,7 @@ import aiohttp
 
 from consumer import constants as c
 from consumer import metrics as m
+from consumer.breaker import CircuitBreakers
 from consumer.config import Settings
 from consumer.errors import BlockedAddress
 from consumer.models import AttemptResult, Endpoint, Event
@@ -30,6 +31,12 @@ log = logging.getLogger(__name__)
 
 # aiohttp adds Accept and Accept-Encoding by default; the contract's header set has neither.
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding")
+
+
+_CIRCUIT_OPEN = AttemptResult(
+    m.OUTCOME_CIRCUIT_OPEN,
+    error="circuit open: the endpoint kept failing; no HTTP call made, moved to the next tier",
+)
 
 
 def contract_headers(event: Event, delivery_id: str, attempt: int) -> dict[str, str]:
@@ -55,7 +62,7 @@ def make_ssl_context(ca_bundle: str | None) -> ssl.SSLContext:
 class Deliverer:
     """Owns the process's one aiohttp session and makes delivery attempts."""
 
-    def __init__(self, settings: Settings, metrics: m.Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: m.Metrics, breakers: CircuitBreakers) -> None:
         self._settings = settings
         self._metrics = metrics
         self._policy = AddressPolicy(settings.allow_private_networks)
@@ -63,13 +70,20 @@ class Deliverer:
         self._excerpt = settings.response_excerpt_bytes
         self._proxy = settings.https_proxy or None
         self._session: aiohttp.ClientSession | None = None
+        self._breakers = breakers
         self._per_endpoint: dict[str, asyncio.Semaphore] = {}
         self._active: dict[str, int] = {}
+        self._waiting: dict[str, int] = {}
+        # Deliveries that may wait for one endpoint's connections before more are moved on.
+        self._queue_cap = 2 * settings.max_in_flight_per_endpoint
+        self._vetted: dict[str, BlockedAddress | None] = {}
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
             limit=self._settings.max_in_flight,
-            limit_per_host=self._settings.max_in_flight_per_endpoint,
+            # Per-endpoint caps are the semaphores above; aiohttp's limit_per_host would couple
+            # different customers' endpoints that share a host name.
+            limit_per_host=0,
             ssl=make_ssl_context(str(self._settings.ca_bundle) if self._settings.ca_bundle else None),
             # With an egress proxy aiohttp resolves only the proxy's host, which the operator
             # chose (often a private address); the proxy must enforce egress rules itself.
@@ -96,35 +110,73 @@ class Deliverer:
     async def attempt(
         self, endpoint: Endpoint, event: Event, delivery_id: str, attempt: int
     ) -> AttemptResult:
-        """POST the event to the endpoint once; never raises for network or HTTP failures."""
-        headers = contract_headers(event, delivery_id, attempt)
-        if endpoint.signing_secrets:
-            headers.update(
-                signature_headers(endpoint.signing_secrets, delivery_id, int(time.time()), event.body)
+        """POST the event to the endpoint once; never raises for network or HTTP failures.
+
+        Isolation: an endpoint whose circuit is open, or which already has a full queue of
+        deliveries waiting for one of its connections, gets no call: the delivery moves on to
+        its next tier at once instead of holding one of the global in-flight places.
+        """
+        key = endpoint.id
+        if self._breakers.is_open(key):
+            return _CIRCUIT_OPEN
+        waiting = self._waiting.get(key, 0)
+        if waiting >= self._queue_cap:
+            return AttemptResult(
+                m.OUTCOME_SATURATED,
+                error=f"endpoint saturated: {waiting} deliveries already waiting; no HTTP call made",
             )
-        semaphore = self._per_endpoint.get(endpoint.id)
+        semaphore = self._per_endpoint.get(key)
         if semaphore is None:
-            semaphore = self._per_endpoint[endpoint.id] = asyncio.Semaphore(
-                self._settings.max_in_flight_per_endpoint
-            )
-        async with semaphore:
-            self._active[endpoint.id] = self._active.get(endpoint.id, 0) + 1
+            semaphore = self._per_endpoint[key] = asyncio.Semaphore(self._settings.max_in_flight_per_endpoint)
+        self._waiting[key] = waiting + 1
+        try:
+            await semaphore.acquire()
+        finally:
+            self._waiting[key] -= 1
+        try:
+            # Checked again after the wait: the circuit may have opened meanwhile, and this
+            # takes the half-open probe's place when one is due.
+            if not self._breakers.allow(key):
+                return _CIRCUIT_OPEN
+            self._active[key] = self._active.get(key, 0) + 1
             self._metrics.in_flight_max_per_endpoint.set(self.max_active_per_endpoint)
-            try:
-                return await self._post(endpoint, event.body, headers)
-            finally:
-                left = self._active[endpoint.id] - 1
+            headers = contract_headers(event, delivery_id, attempt)
+            if endpoint.signing_secrets:
+                headers.update(
+                    signature_headers(endpoint.signing_secrets, delivery_id, int(time.time()), event.body)
+                )
+            result = await self._post(endpoint, event.body, headers)
+            self._breakers.record(key, result.delivered)
+            return result
+        finally:
+            semaphore.release()
+            if key in self._active:
+                left = self._active[key] - 1
                 if left:
-                    self._active[endpoint.id] = left
+                    self._active[key] = left
                 else:
-                    del self._active[endpoint.id]
+                    del self._active[key]
+
+    def _vet_literal(self, host: str) -> None:
+        """The SSRF guard for IP-literal hosts (aiohttp never resolves those), cached per host."""
+        if host in self._vetted:
+            refused = self._vetted[host]
+        else:
+            try:
+                self._policy.check_literal(host)
+                refused = None
+            except BlockedAddress as exc:
+                refused = exc
+            self._vetted[host] = refused
+        if refused is not None:
+            raise refused
 
     async def _post(self, endpoint: Endpoint, body: bytes, headers: Mapping[str, str]) -> AttemptResult:
         assert self._session is not None, "Deliverer.start() was not called"
         host = endpoint.host
         started = time.perf_counter()
         try:
-            self._policy.check_literal(host)
+            self._vet_literal(host)
             async with self._session.post(
                 endpoint.url,
                 data=body,

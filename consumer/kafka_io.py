@@ -42,6 +42,10 @@ def consumer_config(
     }
     if protocol == "consumer":
         config["group.protocol"] = "consumer"  # KIP-848: takes no assignment strategy
+        # The broker's default ("uniform") balances partition counts over all topics together,
+        # which can hand one member every events partition and another only retry tiers;
+        # "range" spreads each topic's partitions over the members.
+        config["group.remote.assignor"] = "range"
     else:
         config["partition.assignment.strategy"] = "cooperative-sticky"
         config["session.timeout.ms"] = 10000

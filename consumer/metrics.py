@@ -29,7 +29,10 @@ OUTCOME_TLS = "tls_error"
 OUTCOME_BLOCKED = "blocked_address"
 OUTCOME_CIRCUIT_OPEN = "circuit_open"
 OUTCOME_PROTOCOL = "protocol_error"
+# Too many deliveries already queued for this endpoint: moved to the next tier without a call.
+OUTCOME_SATURATED = "endpoint_saturated"
 OUTCOMES = (
+    OUTCOME_SATURATED,
     OUTCOME_DELIVERED,
     OUTCOME_HTTP_STATUS,
     OUTCOME_TIMEOUT,
@@ -187,3 +190,12 @@ class Metrics:
         self.endpoints_loaded: Any = made["endpoints_loaded"]
         self.endpoint_records_invalid: Any = made["endpoint_records_invalid_total"]
         self.republished: Any = made["republished_total"]
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, cached: label lookups cost a lock and a dict per call."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found

@@ -6,6 +6,7 @@ import hashlib
 from base64 import b32encode
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from urllib.parse import urlsplit
 
 
@@ -18,6 +19,12 @@ def stable_id(prefix: str, *parts: str) -> str:
 def delivery_id_for(event_id: str, endpoint_id: str) -> str:
     """x-perkamo-delivery: the same for an (event, endpoint) pair on every attempt and redelivery."""
     return stable_id("dlv", event_id, endpoint_id)
+
+
+@lru_cache(maxsize=65_536)
+def host_of(url: str) -> str:
+    """The host of a URL (cached: it is asked for on every delivery)."""
+    return urlsplit(url).hostname or ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +52,7 @@ class Endpoint:
 
     @property
     def host(self) -> str:
-        return urlsplit(self.url).hostname or ""
+        return host_of(self.url)
 
     def __repr__(self) -> str:  # never let the URL reach a log line through repr()
         return f"Endpoint(id={self.id!r}, space={self.space!r}, host={self.host!r})"

@@ -190,7 +190,7 @@ FROM perkamo.webhook_attempts FINAL
 WHERE attempted_at >= {since:DateTime64(3, 'UTC')}
   AND attempted_at < {until:DateTime64(3, 'UTC')}
   AND ({space:String} = '' OR space_slug = {space:String})
-  AND error_kind != 'circuit_open'
+  AND error_kind NOT IN ('circuit_open', 'endpoint_saturated')
 GROUP BY space_slug
 ORDER BY p95_ms DESC
 """

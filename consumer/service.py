@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Iterable
@@ -55,6 +56,7 @@ REASON_EXHAUSTED = "exhausted"
 REASON_INTERNAL = "internal_error"
 
 _BATCH = 500
+_NO_CALL = frozenset({m.OUTCOME_CIRCUIT_OPEN, m.OUTCOME_SATURATED})
 _REVOKE_BUDGET_S = 10.0
 
 
@@ -68,6 +70,8 @@ class PartitionState:
     due_ms: int = 0
     committed: int | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    # History rows of finished deliveries not yet written: their offsets wait for them.
+    unwritten: set[asyncio.Future[None]] = field(default_factory=set)
     revoked: bool = False
 
 
@@ -98,10 +102,10 @@ class DeliveryService:
         self.writer = HistoryWriter(
             store, metrics, settings.history_batch_rows, settings.history_flush_interval_s
         )
-        self.deliverer = Deliverer(settings, metrics)
         self.breakers = CircuitBreakers(
             settings.breaker_failures, settings.breaker_cooldown_s, on_change=self._circuit_changed
         )
+        self.deliverer = Deliverer(settings, metrics, self.breakers)
         self.producer: AsyncProducer | None = None
         self._consumer: Consumer | None = None
         self._kafka = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kafka-consumer")
@@ -156,13 +160,24 @@ class DeliveryService:
         self._update_pauses()
         room = self.settings.max_in_flight - self._in_flight
         timeout = self._poll_timeout()
-        msgs: list[Message] = await self._call(
-            self._consumer_or_fail().consume, max(1, min(_BATCH, room)), timeout
-        )
+        msgs: list[Message] = await self._call(self._fetch, max(1, min(_BATCH, room)), timeout)
         if msgs:
             self._take(msgs)
         if time.monotonic() - self._last_commit >= self.settings.commit_interval_s:
             await self.commit()
+
+    def _fetch(self, most: int, timeout: float) -> list[Message]:
+        """Whatever is ready now; if nothing, wait up to `timeout` for one message, then take
+        whatever else is ready. (`consume(n, t)` would wait for n messages or the full t, which
+        adds up to t to every delivery's latency at low rates.) Runs on the consumer thread."""
+        consumer = self._consumer_or_fail()
+        msgs: list[Message] = consumer.consume(most, 0)
+        if msgs or most == 0:
+            return msgs
+        msgs = consumer.consume(1, timeout)
+        if msgs and most > 1:
+            msgs += consumer.consume(most - 1, 0)
+        return msgs
 
     def _poll_timeout(self) -> float:
         timeout = 0.1
@@ -187,6 +202,9 @@ class DeliveryService:
         flushed = await asyncio.to_thread(self.writer.stop, max(1.0, deadline - time.monotonic()))
         if not flushed:
             log.error("history rows still unwritten at shutdown; their offsets are not committed")
+        unwritten = [f for st in self._parts.values() for f in st.unwritten]
+        if unwritten:  # written rows resolve their futures through the loop: let that run
+            await asyncio.wait(unwritten, timeout=2.0)
         await self.commit()
         if self.producer is not None:
             await asyncio.to_thread(self.producer.close, 10.0)
@@ -221,7 +239,7 @@ class DeliveryService:
                     consumer.seek(TopicPartition(tp[0], tp[1], offset))
                     halted.add(tp)
                     continue
-            self.metrics.events_consumed.labels(tp[0]).inc()
+            self.metrics.child(self.metrics.events_consumed, topic).inc()
             st.tracker.add(offset)
             self._in_flight += 1
             task = asyncio.create_task(self._process(msg, st, offset))
@@ -272,8 +290,12 @@ class DeliveryService:
     # One message ---------------------------------------------------------------------
 
     async def _process(self, msg: Message, st: PartitionState, offset: int) -> None:
+        """One message, start to end. Its in-flight place is freed once the attempt is made and
+        any retry/DLQ publish acknowledged; its offset becomes committable only once its history
+        row is written too (the writer's backlog and the partition window bound that wait)."""
+        written: asyncio.Future[None] | None = None
         try:
-            await self._handle(msg)
+            written = await self._handle(msg)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -293,9 +315,14 @@ class DeliveryService:
         finally:
             self._in_flight -= 1
             self.metrics.in_flight.set(self._in_flight)
-        st.tracker.done(offset)
+        if written is None or written.done():
+            st.tracker.done(offset)
+        else:
+            st.unwritten.add(written)
+            written.add_done_callback(functools.partial(_row_written, st, offset))
 
-    async def _handle(self, msg: Message) -> None:
+    async def _handle(self, msg: Message) -> asyncio.Future[None] | None:
+        """Attempt the delivery; returns the history write to wait for (None if no row)."""
         headers = header_map(msg)
         try:
             event = parse_event(msg.value(), self.settings.max_payload_bytes)
@@ -311,27 +338,22 @@ class DeliveryService:
                 exc,
             )
             await self._dead_letter_invalid(msg, exc.reason, exc.detail)
-            return
+            return None
         endpoint = self.registry.get(event.space_slug)
         if endpoint is None:
             self.metrics.no_endpoint.labels(event.space_slug).inc()
             log.info("event %s: space %s has no active endpoint; not delivered", event.id, event.space_slug)
-            return
+            return None
         delivery_id = _str_header(headers, c.K_DELIVERY_ID) or delivery_id_for(event.id, endpoint.id)
         trigger = _str_header(headers, c.K_TRIGGER) or (
             c.TRIGGER_RETRY if msg.topic() in self.retry_topics else c.TRIGGER_INITIAL
         )
-        if self.breakers.allow(endpoint.id):
-            result = await self.deliverer.attempt(endpoint, event, delivery_id, attempt_no)
-            self.breakers.record(endpoint.id, result.delivered)
-            self.metrics.attempt_duration.labels(event.space_slug).observe(result.duration_ms / 1000)
-        else:
-            result = AttemptResult(
-                m.OUTCOME_CIRCUIT_OPEN,
-                error="circuit open: the endpoint kept failing; no HTTP call made, moved to the next tier",
-            )
-        self.metrics.attempts.labels(event.space_slug, event.type, result.outcome).inc()
-        await self._complete(
+        result = await self.deliverer.attempt(endpoint, event, delivery_id, attempt_no)
+        metrics = self.metrics
+        if result.outcome not in _NO_CALL:
+            metrics.child(metrics.attempt_duration, event.space_slug).observe(result.duration_ms / 1000)
+        metrics.child(metrics.attempts, event.space_slug, event.type, result.outcome).inc()
+        return await self._complete(
             msg=msg,
             headers=headers,
             event=event,
@@ -355,8 +377,9 @@ class DeliveryService:
         run_attempt: int,
         trigger: str,
         result: AttemptResult,
-    ) -> None:
-        """Record the attempt and move a failed delivery on; returns when both are durable."""
+    ) -> asyncio.Future[None]:
+        """Record the attempt and move a failed delivery on; returns once the publish (if any)
+        is acknowledged, with the history write still to wait for."""
         now = _now_ms()
         next_at: int | None = None
         publish = None
@@ -419,9 +442,7 @@ class DeliveryService:
         )
         written = self.writer.submit(row)
         if publish is not None:
-            await asyncio.gather(written, publish)
-        else:
-            await written
+            await publish
         # Successes at DEBUG: at thousands per second a line each would dominate the hot path.
         log.log(
             logging.DEBUG if result.delivered else logging.INFO,
@@ -436,6 +457,7 @@ class DeliveryService:
             result.status_code,
             result.duration_ms,
         )
+        return written
 
     def _retry_headers(
         self,
@@ -546,6 +568,9 @@ class DeliveryService:
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
                 log.warning("revoke: %d deliveries abandoned (redelivered to the new owner)", len(pending))
+        unwritten = [f for st in states for f in st.unwritten]
+        if unwritten:  # at most a flush interval, unless the history store is down
+            await asyncio.wait(unwritten, timeout=_REVOKE_BUDGET_S)
         offsets = self._committable(states)
         self._drop(states)
         self.metrics.rebalances.labels("revoked").inc()
@@ -606,6 +631,11 @@ class DeliveryService:
         space = next((ep.space for ep in self.registry.all() if ep.id == endpoint_id), "unknown")
         self.metrics.circuit_state.labels(space).set(state)
         log.warning("circuit for space %s is now %s", space, ("closed", "open", "half-open")[state])
+
+
+def _row_written(st: PartitionState, offset: int, future: asyncio.Future[None]) -> None:
+    st.unwritten.discard(future)
+    st.tracker.done(offset)
 
 
 def _str_header(headers: dict[str, bytes], name: str) -> str:

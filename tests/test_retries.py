@@ -322,3 +322,31 @@ async def test_a_resend_after_exhausted_tiers_walks_the_tiers_again(harness, rec
         (5, c.STATUS_RETRYING, "resend"),
         (6, c.STATUS_FAILED, "retry"),
     ]
+
+
+async def test_a_full_endpoint_queue_moves_deliveries_on_without_a_call(harness, receiver):
+    """One endpoint never holds more than its connections plus a queue of twice that."""
+    release = asyncio.Event()
+
+    async def stuck(_req, _n):
+        await release.wait()
+        return web.Response(status=204)
+
+    receiver.on("/stuck", stuck)
+    app = await harness.start(harness.settings(
+        [{"space": "s-sat", "url": receiver.url("/stuck")}],
+        max_in_flight_per_endpoint=2, delivery_timeout_s=30, breaker_failures=100, retry_tiers=["1m"]))
+    events = [make_event("s-sat") for _ in range(10)]
+    produce(harness.kafka, harness.events_topic, [orjson.dumps(e) for e in events], partition=0)
+
+    def kinds():
+        _, rows = harness.store.query(
+            f"SELECT error_kind, count() FROM {TABLE} FINAL WHERE space_slug = 's-sat' GROUP BY error_kind")
+        return dict(rows)
+
+    # 2 calls in flight and 4 waiting; the other 4 are moved to their next tier at once.
+    await wait_for(lambda: kinds().get("endpoint_saturated") == 4, timeout=20, what="4 saturated attempts")
+    assert len(receiver.to("/stuck")) == 2
+    assert app.service.deliverer.max_active_per_endpoint == 2
+    release.set()
+    await wait_for(lambda: kinds().get("", 0) == 6, timeout=20, what="the 6 queued deliveries")

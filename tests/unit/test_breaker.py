@@ -143,3 +143,16 @@ def test_failure_threshold_of_one() -> None:
     breakers = CircuitBreakers(failures=1, cooldown_s=1.0, clock=FakeClock())
     breakers.record(EP, success=False)
     assert breakers.state(EP) == OPEN
+
+
+def test_is_open_does_not_take_the_probe_or_change_state() -> None:
+    now = [0.0]
+    breakers = CircuitBreakers(failures=1, cooldown_s=10, clock=lambda: now[0])
+    assert not breakers.is_open("ep")
+    breakers.record("ep", success=False)
+    assert breakers.is_open("ep")
+    now[0] = 10.0
+    assert not breakers.is_open("ep")  # the cool-down is over: a probe may go
+    assert breakers.state("ep") == OPEN  # ...but is_open did not move it to half-open
+    assert breakers.allow("ep") is True
+    assert breakers.state("ep") == HALF_OPEN
