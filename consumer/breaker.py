@@ -46,6 +46,11 @@ class CircuitBreakers:
         st = self._states.get(key)
         return st is not None and st.state == OPEN and self._clock() - st.opened_at < self._cooldown_s
 
+    def failing(self, key: str) -> bool:
+        """The endpoint's last call failed (or its circuit is not closed)."""
+        st = self._states.get(key)
+        return st is not None and (st.consecutive_failures > 0 or st.state != CLOSED)
+
     def allow(self, key: str) -> bool:
         """May a call to this endpoint go out now? (Takes the half-open probe slot if so.)"""
         st = self._states.get(key)

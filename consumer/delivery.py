@@ -9,6 +9,7 @@ error string: errors name the host only.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import ssl
 import time
@@ -77,6 +78,9 @@ class Deliverer:
         # Deliveries that may wait for one endpoint's connections before more are moved on.
         self._queue_cap = 2 * settings.max_in_flight_per_endpoint
         self._vetted: dict[str, BlockedAddress | None] = {}
+        self._started: dict[str, dict[int, float]] = {}
+        self._tokens = itertools.count()
+        self._slow_after_s = min(1.0, settings.delivery_timeout_s / 2)
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -112,15 +116,16 @@ class Deliverer:
     ) -> AttemptResult:
         """POST the event to the endpoint once; never raises for network or HTTP failures.
 
-        Isolation: an endpoint whose circuit is open, or which already has a full queue of
-        deliveries waiting for one of its connections, gets no call: the delivery moves on to
-        its next tier at once instead of holding one of the global in-flight places.
+        Isolation: an endpoint whose circuit is open gets no call, and neither does one that is
+        slow or failing while a full queue of deliveries already waits for its connections: the
+        delivery moves on to its next tier at once instead of holding one of the global
+        in-flight places. A healthy endpoint's backlog (a big customer's burst) just waits.
         """
         key = endpoint.id
         if self._breakers.is_open(key):
             return _CIRCUIT_OPEN
         waiting = self._waiting.get(key, 0)
-        if waiting >= self._queue_cap:
+        if waiting >= self._queue_cap and (self._breakers.failing(key) or self._slow(key)):
             return AttemptResult(
                 m.OUTCOME_SATURATED,
                 error=f"endpoint saturated: {waiting} deliveries already waiting; no HTTP call made",
@@ -133,6 +138,7 @@ class Deliverer:
             await semaphore.acquire()
         finally:
             self._waiting[key] -= 1
+        token: int | None = None
         try:
             # Checked again after the wait: the circuit may have opened meanwhile, and this
             # takes the half-open probe's place when one is due.
@@ -140,6 +146,8 @@ class Deliverer:
                 return _CIRCUIT_OPEN
             self._active[key] = self._active.get(key, 0) + 1
             self._metrics.in_flight_max_per_endpoint.set(self.max_active_per_endpoint)
+            token = next(self._tokens)
+            self._started.setdefault(key, {})[token] = time.monotonic()
             headers = contract_headers(event, delivery_id, attempt)
             if endpoint.signing_secrets:
                 headers.update(
@@ -150,12 +158,21 @@ class Deliverer:
             return result
         finally:
             semaphore.release()
+            if token is not None:
+                self._started[key].pop(token, None)
             if key in self._active:
                 left = self._active[key] - 1
                 if left:
                     self._active[key] = left
                 else:
                     del self._active[key]
+
+    def _slow(self, key: str) -> bool:
+        """The endpoint's oldest request in progress has run longer than a healthy one would."""
+        started = self._started.get(key)
+        if not started:
+            return False
+        return time.monotonic() - min(started.values()) > self._slow_after_s
 
     def _vet_literal(self, host: str) -> None:
         """The SSRF guard for IP-literal hosts (aiohttp never resolves those), cached per host."""

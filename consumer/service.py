@@ -48,9 +48,7 @@ TP = tuple[str, int]
 PAUSE_DUE = "due"  # a retry message that is not due yet heads the partition
 PAUSE_WINDOW = "window"  # too many uncommitted messages in this partition
 PAUSE_HISTORY = "history"  # the history writer is behind
-PAUSE_CAPACITY = "capacity"  # the global in-flight cap is reached
-PAUSE_DRAIN = "drain"  # shutting down
-PAUSE_REASONS = (PAUSE_DUE, PAUSE_WINDOW, PAUSE_HISTORY, PAUSE_CAPACITY, PAUSE_DRAIN)
+PAUSE_REASONS = (PAUSE_DUE, PAUSE_WINDOW, PAUSE_HISTORY)
 
 REASON_EXHAUSTED = "exhausted"
 REASON_INTERNAL = "internal_error"
@@ -113,6 +111,7 @@ class DeliveryService:
         self._parts: dict[TP, PartitionState] = {}
         self._in_flight = 0
         self._stopping = asyncio.Event()
+        self._room = asyncio.Event()  # set when an in-flight place frees
         self._last_commit = 0.0
         self.assigned_once = False
         self.started = False
@@ -159,10 +158,18 @@ class DeliveryService:
     async def _tick(self) -> None:
         self._update_pauses()
         room = self.settings.max_in_flight - self._in_flight
-        timeout = self._poll_timeout()
-        msgs: list[Message] = await self._call(self._fetch, max(1, min(_BATCH, room)), timeout)
-        if msgs:
-            self._take(msgs)
+        if room <= 0:
+            # At the cap: take nothing until a place frees. Not a pause: pausing drops what
+            # librdkafka prefetched, and the cap is reached all the time under a backlog.
+            # (Deliveries end within the delivery timeout, far inside max.poll.interval.ms.)
+            self._room.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._room.wait(), timeout=0.5)
+        else:
+            timeout = self._poll_timeout()
+            msgs: list[Message] = await self._call(self._fetch, min(_BATCH, room), timeout)
+            if msgs:
+                self._take(msgs)
         if time.monotonic() - self._last_commit >= self.settings.commit_interval_s:
             await self.commit()
 
@@ -267,7 +274,6 @@ class DeliveryService:
         now = _now_ms()
         history_full = self.writer.backlog >= self.settings.history_max_buffered_rows
         history_ok = self.writer.backlog < self.settings.history_max_buffered_rows // 2
-        at_capacity = self._in_flight >= self.settings.max_in_flight
         counts = dict.fromkeys(PAUSE_REASONS, 0)
         for st in self._parts.values():
             if PAUSE_DUE in st.reasons and now >= st.due_ms:
@@ -281,7 +287,6 @@ class DeliveryService:
                 self._set_reason(st, PAUSE_HISTORY, True)
             elif history_ok:
                 self._set_reason(st, PAUSE_HISTORY, False)
-            self._set_reason(st, PAUSE_CAPACITY, at_capacity)
             for reason in st.reasons:
                 counts[reason] += 1
         for reason, count in counts.items():
@@ -315,6 +320,7 @@ class DeliveryService:
         finally:
             self._in_flight -= 1
             self.metrics.in_flight.set(self._in_flight)
+            self._room.set()
         if written is None or written.done():
             st.tracker.done(offset)
         else:
