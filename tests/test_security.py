@@ -26,6 +26,7 @@ from consumer import constants as c
 from consumer.app import App
 from consumer.config import load_settings
 from consumer.constants import ENDPOINTS_TOPIC
+from consumer.breaker import CircuitBreakers
 from consumer.delivery import Deliverer
 from consumer.endpoints import endpoint_id_for, parse_record
 from consumer.errors import InvalidEndpoint
@@ -250,7 +251,7 @@ async def test_through_a_proxy_ip_literal_endpoints_are_still_refused():
     port = server.sockets[0].getsockname()[1]
     settings = load_settings(kafka_bootstrap_servers="127.0.0.1:1", allow_private_networks=[],
                              https_proxy=f"http://127.0.0.1:{port}")
-    deliverer = Deliverer(settings, Metrics(enabled=False))
+    deliverer = Deliverer(settings, Metrics(enabled=False), CircuitBreakers(5, 30.0))
     await deliverer.start()
     event = Event(b"{}", "evt_1", "purchase.completed", "shop", "live", "u", "")
     try:
