@@ -24,9 +24,9 @@ from prometheus_client import generate_latest
 from consumer import admin
 from consumer import constants as c
 from consumer.app import App
+from consumer.breaker import CircuitBreakers
 from consumer.config import load_settings
 from consumer.constants import ENDPOINTS_TOPIC
-from consumer.breaker import CircuitBreakers
 from consumer.delivery import Deliverer
 from consumer.endpoints import endpoint_id_for, parse_record
 from consumer.errors import InvalidEndpoint
