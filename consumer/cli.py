@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 import urllib.error
 import urllib.request
@@ -21,6 +22,9 @@ Command = Callable[[argparse.Namespace, Settings], int]
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
+    # Until serve() installs the draining handler, nothing is in flight: a SIGTERM during
+    # start-up is a clean stop (exit 0), not a kill by signal.
+    signal.signal(signal.SIGTERM, _stop_during_start_up)
     from consumer.app import build, serve
 
     try:
@@ -32,6 +36,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     app = build(settings)
     asyncio.run(serve(app))
     return 0
+
+
+def _stop_during_start_up(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:

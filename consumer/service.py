@@ -34,8 +34,9 @@ from consumer.config import Settings
 from consumer.delivery import Deliverer
 from consumer.endpoints import EndpointRegistry
 from consumer.errors import InvalidEvent, PerkamoError
+from consumer.headers import DeliveryMeta, due_ms, read_meta
 from consumer.history import HistoryStore, HistoryWriter
-from consumer.intake import REASON_BAD_HEADER, parse_event
+from consumer.intake import parse_event
 from consumer.kafka_io import AsyncProducer, Headers, consumer_config, header_list, header_map, position
 from consumer.models import AttemptResult, AttemptRow, Endpoint, Event, delivery_id_for
 from consumer.offsets import OffsetTracker
@@ -237,7 +238,7 @@ class DeliveryService:
             if st is None or st.revoked or tp in halted:
                 continue
             if tp[0] in self.retry_topics:
-                due = _int_header(header_map(msg), c.K_DUE_MS)
+                due = due_ms(header_map(msg))
                 if due is not None and due > now:
                     # Not due: pause, then seek back to exactly this message, so it and the
                     # messages after it (dropped from this batch) are fetched again on resume.
@@ -332,8 +333,7 @@ class DeliveryService:
         headers = header_map(msg)
         try:
             event = parse_event(msg.value(), self.settings.max_payload_bytes)
-            attempt_no = _int_header(headers, c.K_ATTEMPT, strict=True) or 1
-            run_attempt = _int_header(headers, c.K_RUN_ATTEMPT, strict=True) or attempt_no
+            meta = read_meta(headers)
         except InvalidEvent as exc:
             self.metrics.invalid_events.labels(exc.reason).inc()
             log.warning(
@@ -350,8 +350,9 @@ class DeliveryService:
             self.metrics.no_endpoint.labels(event.space_slug).inc()
             log.info("event %s: space %s has no active endpoint; not delivered", event.id, event.space_slug)
             return None
-        delivery_id = _str_header(headers, c.K_DELIVERY_ID) or delivery_id_for(event.id, endpoint.id)
-        trigger = _str_header(headers, c.K_TRIGGER) or (
+        delivery_id = meta.delivery_id or delivery_id_for(event.id, endpoint.id)
+        attempt_no = meta.attempt
+        trigger = meta.trigger or (
             c.TRIGGER_RETRY if msg.topic() in self.retry_topics else c.TRIGGER_INITIAL
         )
         result = await self.deliverer.attempt(endpoint, event, delivery_id, attempt_no)
@@ -359,29 +360,31 @@ class DeliveryService:
         if result.outcome not in _NO_CALL:
             metrics.child(metrics.attempt_duration, event.space_slug).observe(result.duration_ms / 1000)
         metrics.child(metrics.attempts, event.space_slug, event.type, result.outcome).inc()
+        origin = meta.origin or position(msg)
+        if result.outcome == m.OUTCOME_SATURATED:
+            await self._defer(
+                event=event, delivery_id=delivery_id, meta=meta, trigger=trigger, origin=origin, result=result
+            )
+            return None
         return await self._complete(
-            msg=msg,
-            headers=headers,
             event=event,
             endpoint=endpoint,
             delivery_id=delivery_id,
-            attempt_no=attempt_no,
-            run_attempt=run_attempt,
+            meta=meta,
             trigger=trigger,
+            origin=origin,
             result=result,
         )
 
     async def _complete(
         self,
         *,
-        msg: Message,
-        headers: dict[str, bytes],
         event: Event,
         endpoint: Endpoint,
         delivery_id: str,
-        attempt_no: int,
-        run_attempt: int,
+        meta: DeliveryMeta,
         trigger: str,
+        origin: tuple[str, int, int],
         result: AttemptResult,
     ) -> asyncio.Future[None]:
         """Record the attempt and move a failed delivery on; returns once the publish (if any)
@@ -392,13 +395,13 @@ class DeliveryService:
         if result.delivered:
             status = c.STATUS_DELIVERED
         else:
-            decision = decide(run_attempt, self.tiers, now, result.retry_after_s)
-            out_headers = self._retry_headers(
-                msg=msg,
-                headers=headers,
+            decision = decide(meta.run_attempt, self.tiers, now, result.retry_after_s)
+            out_headers = _retry_headers(
                 delivery_id=delivery_id,
-                next_attempt=attempt_no + 1,
-                next_run_attempt=run_attempt + 1,
+                next_attempt=meta.attempt + 1,
+                next_run_attempt=meta.run_attempt + 1,
+                meta=meta,
+                origin=origin,
                 now=now,
                 result=result,
             )
@@ -418,10 +421,9 @@ class DeliveryService:
                     tier_topic(decision.tier), event.body, delivery_id, out_headers
                 )
                 self.metrics.retries_scheduled.labels(decision.tier).inc()
-        origin_topic, origin_partition, origin_offset = _origin(msg, headers)
         row = AttemptRow(
             delivery_id=delivery_id,
-            attempt=attempt_no,
+            attempt=meta.attempt,
             event_id=event.id,
             event_type=event.type,
             space_slug=event.space_slug,
@@ -440,11 +442,11 @@ class DeliveryService:
             next_attempt_at=_ts(next_at) if next_at else None,
             request_body=event.body,
             response_excerpt=result.response_excerpt,
-            source_topic=origin_topic,
-            source_partition=origin_partition,
-            source_offset=origin_offset,
+            source_topic=origin[0],
+            source_partition=origin[1],
+            source_offset=origin[2],
             error_kind="" if result.delivered else result.outcome,
-            replay_id=_str_header(headers, c.K_REPLAY_ID),
+            replay_id=meta.replay_id,
         )
         written = self.writer.submit(row)
         if publish is not None:
@@ -457,7 +459,7 @@ class DeliveryService:
             delivery_id,
             event.space_slug,
             event.type,
-            attempt_no,
+            meta.attempt,
             status,
             result.outcome,
             result.status_code,
@@ -465,34 +467,38 @@ class DeliveryService:
         )
         return written
 
-    def _retry_headers(
+    async def _defer(
         self,
         *,
-        msg: Message,
-        headers: dict[str, bytes],
+        event: Event,
         delivery_id: str,
-        next_attempt: int,
-        next_run_attempt: int,
-        now: int,
+        meta: DeliveryMeta,
+        trigger: str,
+        origin: tuple[str, int, int],
         result: AttemptResult,
-    ) -> Headers:
-        """The header list of a retry/DLQ message, rebuilt from scratch (one value per name)."""
-        origin_topic, origin_partition, origin_offset = _origin(msg, headers)
-        out: Headers = [
-            (c.K_DELIVERY_ID, delivery_id.encode()),
-            (c.K_ATTEMPT, str(next_attempt).encode()),
-            (c.K_RUN_ATTEMPT, str(next_run_attempt).encode()),
-            (c.K_FIRST_FAILED_MS, headers.get(c.K_FIRST_FAILED_MS) or str(now).encode()),
-            (c.K_ORIGIN_TOPIC, origin_topic.encode()),
-            (c.K_ORIGIN_PARTITION, str(origin_partition).encode()),
-            (c.K_ORIGIN_OFFSET, str(origin_offset).encode()),
-            (c.K_ERROR_KIND, result.outcome.encode()),
-            (c.K_STATUS_CODE, str(result.status_code).encode()),
-        ]
-        replay_id = headers.get(c.K_REPLAY_ID)
-        if replay_id:
-            out.append((c.K_REPLAY_ID, replay_id))
-        return out
+    ) -> None:
+        """No call was made (the endpoint is saturated): wait in the first tier with the same
+        attempt number and run position, so shedding load never uses up a delivery's tiers.
+        No history row: nothing was attempted."""
+        tier = self.tiers[0][0]
+        now = _now_ms()
+        due = decide(1, self.tiers, now).due_ms
+        out_headers = _retry_headers(
+            delivery_id=delivery_id,
+            next_attempt=meta.attempt,
+            next_run_attempt=meta.run_attempt,
+            meta=meta,
+            origin=origin,
+            now=now,
+            result=result,
+        )
+        out_headers += [(c.K_DUE_MS, str(due).encode()), (c.K_TRIGGER, trigger.encode())]
+        await self._publisher().publish(tier_topic(tier), event.body, delivery_id, out_headers)
+        self.metrics.retries_scheduled.labels(tier).inc()
+        log.info(
+            "deferred delivery=%s space=%s attempt=%d: endpoint saturated, retry in %s",
+            delivery_id, event.space_slug, meta.attempt, tier,
+        )
 
     async def _dead_letter_invalid(self, msg: Message, reason: str, detail: str) -> None:
         """Bad input: the original bytes and headers go to the DLQ with the reason."""
@@ -639,29 +645,37 @@ class DeliveryService:
         log.warning("circuit for space %s is now %s", space, ("closed", "open", "half-open")[state])
 
 
+def _retry_headers(
+    *,
+    delivery_id: str,
+    next_attempt: int,
+    next_run_attempt: int,
+    meta: DeliveryMeta,
+    origin: tuple[str, int, int],
+    now: int,
+    result: AttemptResult,
+) -> Headers:
+    """The header list of a retry/DLQ message, rebuilt from scratch (one value per name)."""
+    first_failed = meta.first_failed_ms if meta.first_failed_ms is not None else now
+    out: Headers = [
+        (c.K_DELIVERY_ID, delivery_id.encode()),
+        (c.K_ATTEMPT, str(next_attempt).encode()),
+        (c.K_RUN_ATTEMPT, str(next_run_attempt).encode()),
+        (c.K_FIRST_FAILED_MS, str(first_failed).encode()),
+        (c.K_ORIGIN_TOPIC, origin[0].encode()),
+        (c.K_ORIGIN_PARTITION, str(origin[1]).encode()),
+        (c.K_ORIGIN_OFFSET, str(origin[2]).encode()),
+        (c.K_ERROR_KIND, result.outcome.encode()),
+        (c.K_STATUS_CODE, str(result.status_code).encode()),
+    ]
+    if meta.replay_id:
+        out.append((c.K_REPLAY_ID, meta.replay_id.encode()))
+    return out
+
+
 def _row_written(st: PartitionState, offset: int, future: asyncio.Future[None]) -> None:
     st.unwritten.discard(future)
     st.tracker.done(offset)
-
-
-def _str_header(headers: dict[str, bytes], name: str) -> str:
-    value = headers.get(name)
-    return value.decode("utf-8", "replace") if value else ""
-
-
-def _int_header(headers: dict[str, bytes], name: str, strict: bool = False) -> int | None:
-    value = headers.get(name)
-    if value is None:
-        return None
-    try:
-        number = int(value)
-    except ValueError:
-        if strict:
-            raise InvalidEvent(REASON_BAD_HEADER, f"header {name} is not an integer") from None
-        return None
-    if strict and not 1 <= number <= 10_000:
-        raise InvalidEvent(REASON_BAD_HEADER, f"header {name} out of range")
-    return number
 
 
 def _partition_lag(pstats: dict[str, Any]) -> int | None:
@@ -680,11 +694,3 @@ def _partition_lag(pstats: dict[str, Any]) -> int | None:
     return max(0, high - base)
 
 
-def _origin(msg: Message, headers: dict[str, bytes]) -> tuple[str, int, int]:
-    """Where the event first entered: set once, carried through retries."""
-    topic = _str_header(headers, c.K_ORIGIN_TOPIC)
-    if topic:
-        partition = _int_header(headers, c.K_ORIGIN_PARTITION) or 0
-        offset = _int_header(headers, c.K_ORIGIN_OFFSET) or 0
-        return topic, partition, offset
-    return position(msg)
