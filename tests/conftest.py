@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -63,6 +64,18 @@ def kafka_env(kafka: str) -> dict[str, str]:
     """The environment that restarts the session's own broker with `deploy/kafka/kafka.sh stop|start`
     (same port, same data dir); empty when the broker is external (restart tests then skip)."""
     return dict(_BROKER_ENV)
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """promtool (Debian's `prometheus` package): required in CI, skipped without it locally."""
+    path = shutil.which("promtool")
+    if path is None:
+        message = "promtool not found: apt-get install prometheus (Debian), or deploy/install-tools.sh"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -6,13 +6,10 @@ Without promtool (Debian package `prometheus`) these tests skip locally, but fai
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 
 from consumer.metrics import Metrics, metric_names
@@ -54,16 +51,6 @@ def _process_metrics() -> set[str]:
 def _alert_names() -> list[str]:
     return [rule["alert"] for rule in _rules() if "alert" in rule]
 
-
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        message = "promtool not found: apt-get install prometheus (Debian) to run these checks"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -8,9 +8,7 @@ query parses as PromQL (with promtool; that one test skips locally without it, f
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -171,16 +169,6 @@ def test_latency_percentiles_panel() -> None:
                 quantiles.add(match.group(1))
     assert {"0.5", "0.95", "0.99"} <= quantiles
 
-
-@pytest.fixture(scope="module")
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        message = "promtool not found: apt-get install prometheus (Debian) to parse the queries"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 def test_every_query_parses(promtool: str, tmp_path: Path) -> None:
