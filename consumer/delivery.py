@@ -73,11 +73,11 @@ class Deliverer:
         self._session: aiohttp.ClientSession | None = None
         self._breakers = breakers
         self._per_endpoint: dict[str, asyncio.Semaphore] = {}
-        self._active: dict[str, int] = {}
         self._waiting: dict[str, int] = {}
         # Deliveries that may wait for one endpoint's connections before more are moved on.
         self._queue_cap = 2 * settings.max_in_flight_per_endpoint
         self._vetted: dict[str, BlockedAddress | None] = {}
+        # Per endpoint: the start time of each call in progress (token -> monotonic time).
         self._started: dict[str, dict[int, float]] = {}
         self._tokens = itertools.count()
         self._slow_after_s = min(1.0, settings.delivery_timeout_s / 2)
@@ -109,7 +109,7 @@ class Deliverer:
 
     @property
     def max_active_per_endpoint(self) -> int:
-        return max(self._active.values(), default=0)
+        return max((len(calls) for calls in self._started.values()), default=0)
 
     async def attempt(
         self, endpoint: Endpoint, event: Event, delivery_id: str, attempt: int
@@ -144,10 +144,9 @@ class Deliverer:
             # takes the half-open probe's place when one is due.
             if not self._breakers.allow(key):
                 return _CIRCUIT_OPEN
-            self._active[key] = self._active.get(key, 0) + 1
-            self._metrics.in_flight_max_per_endpoint.set(self.max_active_per_endpoint)
             token = next(self._tokens)
             self._started.setdefault(key, {})[token] = time.monotonic()
+            self._metrics.in_flight_max_per_endpoint.set(self.max_active_per_endpoint)
             headers = contract_headers(event, delivery_id, attempt)
             if endpoint.signing_secrets:
                 headers.update(
@@ -159,13 +158,10 @@ class Deliverer:
         finally:
             semaphore.release()
             if token is not None:
-                self._started[key].pop(token, None)
-            if key in self._active:
-                left = self._active[key] - 1
-                if left:
-                    self._active[key] = left
-                else:
-                    del self._active[key]
+                calls = self._started[key]
+                del calls[token]
+                if not calls:
+                    del self._started[key]
 
     def _slow(self, key: str) -> bool:
         """The endpoint's oldest request in progress has run longer than a healthy one would."""
