@@ -4,6 +4,7 @@ tools read history and ask for resends and replays through this API.
 
     GET  /api/v1/deliveries?space=&status=&event_type=&since=&until=&limit=&cursor=
     GET  /api/v1/deliveries/{delivery_id}[?include_body=true]
+    GET  /api/v1/endpoints/health
     POST /api/v1/deliveries/{delivery_id}/resend        {"force": false}
     POST /api/v1/replay  {"space", "since", "until"?, "status"?, "dry_run"?, "force"?}
 
@@ -62,6 +63,8 @@ _REPLAY_FIELDS = frozenset({"space", "since", "until", "status", "dry_run", "for
 class _ProducerHolder(Protocol):
     @property
     def producer(self) -> AsyncProducer | None: ...
+
+    def endpoint_health(self) -> dict[str, dict[str, Any]]: ...
 
 
 class _EndpointLookup(Protocol):
@@ -147,6 +150,7 @@ class HistoryApi:
         self._store = context.store
         self._token = context.settings.admin_token.get_secret_value()
         service, registry = context.service, context.registry
+        self._service = service
         self._republisher = Republisher(
             context.store, context.settings.events_topics[0], lambda: service.producer, metrics,
             has_endpoint=lambda space: registry.get(space) is not None,
@@ -157,6 +161,11 @@ class HistoryApi:
         router.add_get(f"{API}/deliveries/{{delivery_id}}", self.delivery)
         router.add_post(f"{API}/deliveries/{{delivery_id}}/resend", self.resend)
         router.add_post(f"{API}/replay", self.replay)
+        router.add_get(f"{API}/endpoints/health", self.endpoints_health)
+
+    async def endpoints_health(self, request: web.Request) -> web.Response:
+        """Per Space: its endpoint's health as this process sees it (consumer.health)."""
+        return _json({"endpoints": self._service.endpoint_health()})
 
     async def deliveries(self, request: web.Request) -> web.Response:
         query = request.query

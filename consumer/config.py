@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -65,8 +65,16 @@ class Settings(BaseSettings):
     partition_window: int = Field(5000, ge=1)
     max_payload_bytes: int = Field(1_048_576, ge=1024)
     response_excerpt_bytes: int = Field(1024, ge=0, le=65_536)
-    breaker_failures: int = Field(5, ge=1)
-    breaker_cooldown_s: float = Field(30.0, gt=0)
+    # The circuit opens when, over breaker_window_s, at least breaker_min_calls calls were
+    # made and at least breaker_failure_rate of them found the endpoint unavailable.
+    breaker_window_s: float = Field(30.0, gt=0, le=3600)
+    breaker_min_calls: int = Field(20, ge=1)
+    breaker_failure_rate: float = Field(0.5, gt=0, le=1)
+    breaker_cooldown_s: float = Field(5.0, gt=0)  # doubles after each failed probe...
+    breaker_cooldown_max_s: float = Field(300.0, gt=0)  # ...up to this
+    breaker_ramp_s: float = Field(5.0, gt=0)  # half-open closes at the latest this long after a success
+    health_window_s: float = Field(300.0, gt=0, le=86400)
+    health_degraded_rate: float = Field(0.05, gt=0, le=1)
     commit_interval_s: float = Field(1.0, gt=0)
     lag_interval_s: float = Field(5.0, ge=0.1)  # librdkafka statistics -> consumer lag gauge
     drain_timeout_s: float = Field(25.0, gt=0)
@@ -109,6 +117,14 @@ class Settings(BaseSettings):
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9464")
         return value
+
+    @model_validator(mode="after")
+    def _cooldowns(self) -> Settings:
+        if self.breaker_cooldown_max_s < self.breaker_cooldown_s:
+            raise ValueError(
+                "PERKAMO_BREAKER_COOLDOWN_MAX_S must be at least PERKAMO_BREAKER_COOLDOWN_S"
+            )
+        return self
 
     @field_validator("ca_bundle", "endpoints_file")
     @classmethod
@@ -181,14 +197,27 @@ def setting_names() -> list[str]:
     return [ENV_PREFIX + name.upper() for name in Settings.model_fields] + [SETTINGS_FILE_ENV]
 
 
+# Settings that were replaced: setting one now would silently do nothing, so say what to use.
+REPLACED: dict[str, str] = {
+    "PERKAMO_BREAKER_FAILURES": "the circuit now opens on a failure rate: use "
+    "PERKAMO_BREAKER_MIN_CALLS and PERKAMO_BREAKER_FAILURE_RATE (see docs/configuration.md)",
+}
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read and validate settings; a bad one raises ConfigError naming it."""
+    for name, instead in REPLACED.items():
+        if name in os.environ:
+            raise ConfigError(f"{name} is no longer a setting: {instead}")
     try:
         return Settings(**overrides)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            field = ".".join(str(part) for part in err["loc"]) or "?"
+            if not err["loc"]:  # a rule across settings names them in its message
+                problems.append(err["msg"].removeprefix("Value error, "))
+                continue
+            field = ".".join(str(part) for part in err["loc"])
             name = ENV_PREFIX + field.split(".")[0].upper()
             problems.append(f"{name}: {err['msg']}")
         raise ConfigError("invalid settings: " + "; ".join(problems)) from None

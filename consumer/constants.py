@@ -6,6 +6,11 @@ EVENTS_TOPIC: Final = "perkamo.events"
 RETRY_TOPIC_PREFIX: Final = "perkamo.webhooks.retry."
 DLQ_TOPIC: Final = "perkamo.webhooks.dlq"
 ENDPOINTS_TOPIC: Final = "perkamo.webhooks.endpoints"
+# Deliveries waiting for an endpoint whose circuit is open (or that is saturated); key =
+# endpoint id, so one consumer holds all of an endpoint's held deliveries.
+HELD_TOPIC: Final = "perkamo.webhooks.held"
+# Compact records for notifiers: a circuit opened or closed, a delivery exhausted.
+OPERATIONAL_TOPIC: Final = "perkamo.webhooks.operational"
 
 HISTORY_DATABASE: Final = "perkamo"
 HISTORY_TABLE: Final = "webhook_attempts"
@@ -28,6 +33,12 @@ K_ATTEMPT: Final = "perkamo-attempt"  # the number of the NEXT attempt
 K_RUN_ATTEMPT: Final = "perkamo-run-attempt"
 K_DUE_MS: Final = "perkamo-due-ms"
 K_FIRST_FAILED_MS: Final = "perkamo-first-failed-ms"
+# When the current run (the initial delivery, a resend or a replay) began: its life ends
+# at this time plus the schedule's span.
+K_RUN_STARTED_MS: Final = "perkamo-run-started-ms"
+# On held-topic messages: when this hold began, and why (circuit_open, endpoint_saturated).
+K_HELD_SINCE_MS: Final = "perkamo-held-since-ms"
+K_HOLD_REASON: Final = "perkamo-hold-reason"
 K_ORIGIN_TOPIC: Final = "perkamo-origin-topic"
 K_ORIGIN_PARTITION: Final = "perkamo-origin-partition"
 K_ORIGIN_OFFSET: Final = "perkamo-origin-offset"
@@ -42,6 +53,8 @@ K_DLQ_DETAIL: Final = "perkamo-dlq-detail"
 STATUS_DELIVERED: Final = "delivered"
 STATUS_RETRYING: Final = "retrying"
 STATUS_FAILED: Final = "failed"
+# Only on hold records (attempt 0): waiting for the endpoint, no call made.
+STATUS_HELD: Final = "held"
 
 # What caused an attempt.
 TRIGGER_INITIAL: Final = "initial"

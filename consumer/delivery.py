@@ -9,7 +9,6 @@ error string: errors name the host only.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import ssl
 import time
@@ -20,7 +19,6 @@ import aiohttp
 
 from consumer import constants as c
 from consumer import metrics as m
-from consumer.breaker import CircuitBreakers
 from consumer.config import Settings
 from consumer.errors import BlockedAddress
 from consumer.models import AttemptResult, Endpoint, Event
@@ -32,12 +30,6 @@ log = logging.getLogger(__name__)
 
 # aiohttp adds Accept and Accept-Encoding by default; the contract's header set has neither.
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding")
-
-
-_CIRCUIT_OPEN = AttemptResult(
-    m.OUTCOME_CIRCUIT_OPEN,
-    error="circuit open: the endpoint kept failing; no HTTP call made, moved to the next tier",
-)
 
 
 def contract_headers(event: Event, delivery_id: str, attempt: int) -> dict[str, str]:
@@ -61,9 +53,13 @@ def make_ssl_context(ca_bundle: str | None) -> ssl.SSLContext:
 
 
 class Deliverer:
-    """Owns the process's one aiohttp session and makes delivery attempts."""
+    """Owns the process's one aiohttp session and makes delivery calls.
 
-    def __init__(self, settings: Settings, metrics: m.Metrics, breakers: CircuitBreakers) -> None:
+    It knows nothing of caps, circuits or retries: the loop admits a call through the
+    endpoint's gate (consumer.gate) and decides what follows from the result.
+    """
+
+    def __init__(self, settings: Settings, metrics: m.Metrics) -> None:
         self._settings = settings
         self._metrics = metrics
         self._policy = AddressPolicy(settings.allow_private_networks)
@@ -71,22 +67,13 @@ class Deliverer:
         self._excerpt = settings.response_excerpt_bytes
         self._proxy = settings.https_proxy or None
         self._session: aiohttp.ClientSession | None = None
-        self._breakers = breakers
-        self._per_endpoint: dict[str, asyncio.Semaphore] = {}
-        self._waiting: dict[str, int] = {}
-        # Deliveries that may wait for one endpoint's connections before more are moved on.
-        self._queue_cap = 2 * settings.max_in_flight_per_endpoint
         self._vetted: dict[str, BlockedAddress | None] = {}
-        # Per endpoint: the start time of each call in progress (token -> monotonic time).
-        self._started: dict[str, dict[int, float]] = {}
-        self._tokens = itertools.count()
-        self._slow_after_s = min(1.0, settings.delivery_timeout_s / 2)
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
             limit=self._settings.max_in_flight,
-            # Per-endpoint caps are the semaphores above; aiohttp's limit_per_host would couple
-            # different customers' endpoints that share a host name.
+            # Per-endpoint caps are the gates' (consumer.gate); aiohttp's limit_per_host would
+            # couple different customers' endpoints that share a host name.
             limit_per_host=0,
             ssl=make_ssl_context(str(self._settings.ca_bundle) if self._settings.ca_bundle else None),
             # With an egress proxy aiohttp resolves only the proxy's host, which the operator
@@ -107,68 +94,16 @@ class Deliverer:
             await self._session.close()
             self._session = None
 
-    @property
-    def max_active_per_endpoint(self) -> int:
-        return max((len(calls) for calls in self._started.values()), default=0)
-
-    async def attempt(
+    async def call(
         self, endpoint: Endpoint, event: Event, delivery_id: str, attempt: int
     ) -> AttemptResult:
-        """POST the event to the endpoint once; never raises for network or HTTP failures.
-
-        Isolation: an endpoint whose circuit is open gets no call, and neither does one that is
-        slow or failing while a full queue of deliveries already waits for its connections: the
-        delivery moves on to its next tier at once instead of holding one of the global
-        in-flight places. A healthy endpoint's backlog (a big customer's burst) just waits.
-        """
-        key = endpoint.id
-        if self._breakers.is_open(key):
-            return _CIRCUIT_OPEN
-        waiting = self._waiting.get(key, 0)
-        if waiting >= self._queue_cap and (self._breakers.failing(key) or self._slow(key)):
-            return AttemptResult(
-                m.OUTCOME_SATURATED,
-                error=f"endpoint saturated: {waiting} deliveries already waiting; no HTTP call made",
+        """POST the event to the endpoint once; never raises for network or HTTP failures."""
+        headers = contract_headers(event, delivery_id, attempt)
+        if endpoint.signing_secrets:
+            headers.update(
+                signature_headers(endpoint.signing_secrets, delivery_id, int(time.time()), event.body)
             )
-        semaphore = self._per_endpoint.get(key)
-        if semaphore is None:
-            semaphore = self._per_endpoint[key] = asyncio.Semaphore(self._settings.max_in_flight_per_endpoint)
-        self._waiting[key] = waiting + 1
-        try:
-            await semaphore.acquire()
-        finally:
-            self._waiting[key] -= 1
-        token: int | None = None
-        try:
-            # Checked again after the wait: the circuit may have opened meanwhile, and this
-            # takes the half-open probe's place when one is due.
-            if not self._breakers.allow(key):
-                return _CIRCUIT_OPEN
-            token = next(self._tokens)
-            self._started.setdefault(key, {})[token] = time.monotonic()
-            self._metrics.in_flight_max_per_endpoint.set(self.max_active_per_endpoint)
-            headers = contract_headers(event, delivery_id, attempt)
-            if endpoint.signing_secrets:
-                headers.update(
-                    signature_headers(endpoint.signing_secrets, delivery_id, int(time.time()), event.body)
-                )
-            result = await self._post(endpoint, event.body, headers)
-            self._breakers.record(key, result.delivered)
-            return result
-        finally:
-            semaphore.release()
-            if token is not None:
-                calls = self._started[key]
-                del calls[token]
-                if not calls:
-                    del self._started[key]
-
-    def _slow(self, key: str) -> bool:
-        """The endpoint's oldest request in progress has run longer than a healthy one would."""
-        started = self._started.get(key)
-        if not started:
-            return False
-        return time.monotonic() - min(started.values()) > self._slow_after_s
+        return await self._post(endpoint, event.body, headers)
 
     def _vet_literal(self, host: str) -> None:
         """The SSRF guard for IP-literal hosts (aiohttp never resolves those), cached per host."""

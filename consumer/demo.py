@@ -112,7 +112,6 @@ async def _demo(workdir: Path, bootstrap: str, events: int, console: Console) ->
         allow_private_networks=["127.0.0.0/8", "::1/128"],
         ca_bundle=receiver.ca_file,
         admin_listen=f"127.0.0.1:{free_port()}",
-        breaker_failures=1000,
     )
     console.print("[bold]2/5[/] creating topics; receiver with a test CA on " + f"127.0.0.1:{receiver.port}")
     await asyncio.to_thread(wait_for_broker, bootstrap, 30)

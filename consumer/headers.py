@@ -1,20 +1,25 @@
-"""The delivery's own Kafka headers (retry, DLQ, resend, replay messages): read strictly.
+"""The delivery's own Kafka headers (retry, held, DLQ, resend, replay messages): read and written here.
 
 Headers arrive from outside the service too (an upstream bug, an operator's hand-made
 message), and their values end up in HTTP headers and history rows. So every value is
 checked here, once, and a bad one dead-letters the message as `bad_header` instead of
 wedging a later stage (a delivery id aiohttp refuses to send, an offset ClickHouse cannot
-store).
+store, a due time years ahead that would pause a tier partition until then).
+
+Every message the service writes gets its header list built from scratch here, one value
+per name, from the `DeliveryMeta` it read and what happened since.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from consumer import constants as c
 from consumer.errors import InvalidEvent
 from consumer.intake import REASON_BAD_HEADER
+
+Headers = list[tuple[str, bytes]]
 
 _ID_RE = re.compile(rb"[A-Za-z0-9_.:-]{1,128}")
 _TOPIC_RE = re.compile(rb"[A-Za-z0-9._-]{1,249}")
@@ -22,6 +27,7 @@ _INT_RE = re.compile(rb"[0-9]{1,19}")
 _MAX_ATTEMPT = 10_000
 _MAX_PARTITION = 2**31 - 1
 _MAX_INT64 = 2**63 - 1
+_DETAIL_MAX = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +41,15 @@ class DeliveryMeta:
     replay_id: str = ""
     origin: tuple[str, int, int] | None = None
     first_failed_ms: int | None = None
+    run_started_ms: int | None = None
+    held_since_ms: int | None = None
+    hold_reason: str = ""
+
+    def started(self, now_ms: int) -> DeliveryMeta:
+        """The meta with the run's start filled in (now, for the run's first message)."""
+        if self.run_started_ms is not None:
+            return self
+        return replace(self, run_started_ms=self.first_failed_ms or now_ms)
 
 
 def read_meta(headers: dict[str, bytes]) -> DeliveryMeta:
@@ -60,6 +75,9 @@ def read_meta(headers: dict[str, bytes]) -> DeliveryMeta:
         replay_id=_text(headers, c.K_REPLAY_ID, _ID_RE),
         origin=origin,
         first_failed_ms=_int(headers, c.K_FIRST_FAILED_MS, 0, _MAX_INT64),
+        run_started_ms=_int(headers, c.K_RUN_STARTED_MS, 0, _MAX_INT64),
+        held_since_ms=_int(headers, c.K_HELD_SINCE_MS, 0, _MAX_INT64),
+        hold_reason=_text(headers, c.K_HOLD_REASON, _ID_RE),
     )
 
 
@@ -69,6 +87,139 @@ def due_ms(headers: dict[str, bytes]) -> int | None:
     if value is None or not _INT_RE.fullmatch(value):
         return None
     return int(value)
+
+
+def check_due(due: int | None, now_ms: int, max_ahead_ms: int) -> None:
+    """A due time further ahead than any tier can put it is a bad header, not a long pause."""
+    if due is not None and due > now_ms + max_ahead_ms:
+        raise InvalidEvent(
+            REASON_BAD_HEADER,
+            f"header {c.K_DUE_MS} lies {(due - now_ms) // 1000}s ahead, beyond the longest retry "
+            f"tier plus jitter ({max_ahead_ms // 1000}s)",
+        )
+
+
+# Writing ---------------------------------------------------------------------------------
+
+
+def _carried(
+    meta: DeliveryMeta,
+    delivery_id: str,
+    origin: tuple[str, int, int],
+    attempt: int,
+    run_attempt: int,
+) -> Headers:
+    """What every message of a delivery carries on to the next one."""
+    out: Headers = [
+        (c.K_DELIVERY_ID, delivery_id.encode()),
+        (c.K_ATTEMPT, str(attempt).encode()),
+        (c.K_RUN_ATTEMPT, str(run_attempt).encode()),
+        (c.K_ORIGIN_TOPIC, origin[0].encode()),
+        (c.K_ORIGIN_PARTITION, str(origin[1]).encode()),
+        (c.K_ORIGIN_OFFSET, str(origin[2]).encode()),
+    ]
+    if meta.run_started_ms is not None:
+        out.append((c.K_RUN_STARTED_MS, str(meta.run_started_ms).encode()))
+    if meta.first_failed_ms is not None:
+        out.append((c.K_FIRST_FAILED_MS, str(meta.first_failed_ms).encode()))
+    if meta.replay_id:
+        out.append((c.K_REPLAY_ID, meta.replay_id.encode()))
+    return out
+
+
+def retry_headers(
+    meta: DeliveryMeta,
+    delivery_id: str,
+    origin: tuple[str, int, int],
+    *,
+    failed_at_ms: int,
+    error_kind: str,
+    status_code: int,
+    due: int,
+) -> Headers:
+    """A retry-tier message after attempt `meta.attempt` failed: the next attempt, due then."""
+    failed = replace(meta, first_failed_ms=meta.first_failed_ms or failed_at_ms)
+    out = _carried(failed, delivery_id, origin, meta.attempt + 1, meta.run_attempt + 1)
+    out += [
+        (c.K_ERROR_KIND, error_kind.encode()),
+        (c.K_STATUS_CODE, str(status_code).encode()),
+        (c.K_DUE_MS, str(due).encode()),
+    ]
+    return out
+
+
+def held_headers(
+    meta: DeliveryMeta,
+    delivery_id: str,
+    origin: tuple[str, int, int],
+    *,
+    trigger: str,
+    reason: str,
+    held_since_ms: int,
+) -> Headers:
+    """A held-topic message: the same attempt, waiting for the endpoint (no call was made)."""
+    out = _carried(meta, delivery_id, origin, meta.attempt, meta.run_attempt)
+    out += [
+        (c.K_TRIGGER, trigger.encode()),
+        (c.K_HELD_SINCE_MS, str(held_since_ms).encode()),
+        (c.K_HOLD_REASON, reason.encode()),
+    ]
+    return out
+
+
+def dead_letter_headers(
+    meta: DeliveryMeta,
+    delivery_id: str,
+    origin: tuple[str, int, int],
+    *,
+    reason: str,
+    detail: str,
+    error_kind: str,
+    status_code: int,
+    called: bool = True,
+) -> Headers:
+    """A delivery that ended `failed`: its attempts are spent (exhausted, after the call of
+    `meta.attempt`) or its life is (expired while held: `called` False, the attempt unspent)."""
+    spent = 1 if called else 0
+    out = _carried(meta, delivery_id, origin, meta.attempt + spent, meta.run_attempt + spent)
+    out += [
+        (c.K_ERROR_KIND, error_kind.encode()),
+        (c.K_STATUS_CODE, str(status_code).encode()),
+        (c.K_DLQ_REASON, reason.encode()),
+        (c.K_DLQ_DETAIL, detail.encode("utf-8", "replace")[:_DETAIL_MAX]),
+    ]
+    return out
+
+
+def invalid_input_headers(
+    kept: Headers, origin: tuple[str, int, int], *, reason: str, detail: str
+) -> Headers:
+    """Bad input: the original non-perkamo headers plus the reason and where it came from."""
+    out = [(k, v) for k, v in kept if not k.startswith("perkamo-")]
+    out += [
+        (c.K_DLQ_REASON, reason.encode()),
+        (c.K_DLQ_DETAIL, detail.encode("utf-8", "replace")[:_DETAIL_MAX]),
+        (c.K_ORIGIN_TOPIC, origin[0].encode()),
+        (c.K_ORIGIN_PARTITION, str(origin[1]).encode()),
+        (c.K_ORIGIN_OFFSET, str(origin[2]).encode()),
+    ]
+    return out
+
+
+def republish_headers(
+    delivery_id: str, origin: tuple[str, int, int], *, attempt: int, trigger: str, replay_id: str
+) -> Headers:
+    """A resend or replay: the next attempt number, and a fresh run through the tiers."""
+    return [
+        (c.K_DELIVERY_ID, delivery_id.encode()),
+        (c.K_ATTEMPT, str(attempt).encode()),
+        (c.K_RUN_ATTEMPT, b"1"),  # a resend/replay walks the retry tiers afresh
+        (c.K_TRIGGER, trigger.encode()),
+        (c.K_REPLAY_ID, replay_id.encode()),
+        (c.K_ORIGIN_TOPIC, origin[0].encode()),
+        (c.K_ORIGIN_PARTITION, str(origin[1]).encode()),
+        (c.K_ORIGIN_OFFSET, str(origin[2]).encode()),
+    ]
 
 
 def _text(headers: dict[str, bytes], name: str, pattern: re.Pattern[bytes]) -> str:

@@ -7,6 +7,7 @@ interface doing nothing, so the cost of metrics on the hot path can be measured.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from prometheus_client import (
@@ -27,23 +28,16 @@ OUTCOME_TIMEOUT = "timeout"
 OUTCOME_CONNECT = "connect_error"
 OUTCOME_TLS = "tls_error"
 OUTCOME_BLOCKED = "blocked_address"
-OUTCOME_CIRCUIT_OPEN = "circuit_open"
 OUTCOME_PROTOCOL = "protocol_error"
-# Too many deliveries already queued for this endpoint: moved to the next tier without a call.
-OUTCOME_SATURATED = "endpoint_saturated"
 OUTCOMES = (
-    OUTCOME_SATURATED,
     OUTCOME_DELIVERED,
     OUTCOME_HTTP_STATUS,
     OUTCOME_TIMEOUT,
     OUTCOME_CONNECT,
     OUTCOME_TLS,
     OUTCOME_BLOCKED,
-    OUTCOME_CIRCUIT_OPEN,
     OUTCOME_PROTOCOL,
 )
-
-CIRCUIT_CLOSED, CIRCUIT_OPEN, CIRCUIT_HALF_OPEN = 0, 1, 2
 
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -80,8 +74,46 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     ),
     "circuit_state": (
         "gauge",
-        "Per-Space endpoint circuit breaker: 0 closed, 1 open, 2 half-open.",
+        "Per-Space endpoint circuit breaker: 0 closed, 1 open, 2 half-open (ramping).",
         ("space",),
+    ),
+    "endpoint_health": (
+        "gauge",
+        "Per-Space endpoint health: 0 healthy, 1 degraded, 2 failing, 3 circuit open.",
+        ("space",),
+    ),
+    "endpoint_failure_ratio": (
+        "gauge",
+        "Share of this process's calls to the Space's endpoint that did not deliver, over the "
+        "health window.",
+        ("space",),
+    ),
+    "endpoint_last_success_timestamp_seconds": (
+        "gauge",
+        "When a call to the Space's endpoint last delivered (unix time; 0 = not since start).",
+        ("space",),
+    ),
+    "endpoint_last_failure_timestamp_seconds": (
+        "gauge",
+        "When a call to the Space's endpoint last failed (unix time; 0 = not since start).",
+        ("space",),
+    ),
+    "held_deliveries": (
+        "gauge",
+        "Deliveries this process holds in memory for the Space's endpoint (circuit open or "
+        "saturated); none of them spent an attempt.",
+        ("space",),
+    ),
+    "holds_total": (
+        "counter",
+        "Deliveries parked on the held topic without a call, by reason (circuit_open, "
+        "endpoint_saturated).",
+        ("reason",),
+    ),
+    "operational_events_total": (
+        "counter",
+        "Records published to perkamo.webhooks.operational, by type.",
+        ("type",),
     ),
     "consumer_lag": (
         "gauge",
@@ -179,6 +211,13 @@ class Metrics:
         self.invalid_events: Any = made["invalid_events_total"]
         self.no_endpoint: Any = made["no_endpoint_total"]
         self.circuit_state: Any = made["circuit_state"]
+        self.endpoint_health: Any = made["endpoint_health"]
+        self.endpoint_failure_ratio: Any = made["endpoint_failure_ratio"]
+        self.endpoint_last_success: Any = made["endpoint_last_success_timestamp_seconds"]
+        self.endpoint_last_failure: Any = made["endpoint_last_failure_timestamp_seconds"]
+        self.held_deliveries: Any = made["held_deliveries"]
+        self.holds: Any = made["holds_total"]
+        self.operational_events: Any = made["operational_events_total"]
         self.consumer_lag: Any = made["consumer_lag"]
         self.rebalances: Any = made["rebalances_total"]
         self.assigned_partitions: Any = made["assigned_partitions"]
@@ -191,6 +230,24 @@ class Metrics:
         self.endpoint_records_invalid: Any = made["endpoint_records_invalid_total"]
         self.republished: Any = made["republished_total"]
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def endpoint_gauges(self) -> tuple[Any, ...]:
+        """The per-Space gauges refreshed from the endpoint gates, in one place for removal."""
+        return (
+            self.circuit_state,
+            self.endpoint_health,
+            self.endpoint_failure_ratio,
+            self.endpoint_last_success,
+            self.endpoint_last_failure,
+            self.held_deliveries,
+        )
+
+    def forget_space(self, space: str) -> None:
+        """Drop a Space's endpoint gauges (its endpoint went away)."""
+        for gauge in self.endpoint_gauges():
+            with contextlib.suppress(KeyError):  # never set for this Space
+                gauge.remove(space)
+        self._children = {k: v for k, v in self._children.items() if space not in k[1]}
 
     def child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, cached: label lookups cost a lock and a dict per call."""

@@ -74,6 +74,11 @@ class AttemptResult:
     def delivered(self) -> bool:
         return self.outcome == "delivered"
 
+    @property
+    def called(self) -> bool:
+        """A connection was attempted (the SSRF guard refuses before any socket opens)."""
+        return self.outcome != "blocked_address"
+
 
 @dataclass(slots=True)
 class AttemptRow:
@@ -104,4 +109,6 @@ class AttemptRow:
     source_offset: int
     error_kind: str = ""
     replay_id: str = ""
+    # Hold records only (attempt 0, status held or failed): the attempt the delivery waits to make.
+    pending_attempt: int = 0
     extra: dict[str, str] = field(default_factory=dict)

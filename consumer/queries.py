@@ -4,10 +4,13 @@ Every query here deduplicates: a crash or a replay of the same Kafka offset can 
 attempt row twice, and ReplacingMergeTree keeps one per (space_slug, delivery_id, attempt)
 only when parts merge, so each SELECT reads the table with FINAL (DESIGN §8).
 
-A *delivery* is all attempt rows with one delivery id. Its status is the status of its latest
-attempt (the highest attempt number), and it belongs to the time window in which its FIRST
-attempt was made: the window of a delivery never moves when it is retried, resent or replayed,
-so paging and replay selections stay stable while new attempts arrive.
+A *delivery* is all rows with one delivery id: its attempts (attempt >= 1, one per call made)
+and at most one hold record (attempt 0: `held` while an open circuit holds it, `failed` if its
+schedule's span ran out while held; `pending_attempt` is the attempt it waits to make). Its
+status is the status of its newest row (by attempted_at, then attempt), and it belongs to the
+time window of its FIRST row: the window of a delivery never moves when it is retried, resent
+or replayed, so paging and replay selections stay stable while new attempts arrive. A row's
+place in the run is `if(attempt = 0, pending_attempt, attempt)`; 1 marks the first row.
 
 `README_QUERIES` are the analysts' queries of docs/analysts.md, word for word; tests run them.
 """
@@ -25,10 +28,10 @@ from typing import Any, Final, Protocol
 
 import orjson
 
-from consumer.constants import STATUS_DELIVERED, STATUS_FAILED, STATUS_RETRYING
+from consumer.constants import STATUS_DELIVERED, STATUS_FAILED, STATUS_HELD, STATUS_RETRYING
 from consumer.errors import PerkamoError
 
-STATUSES: Final = (STATUS_DELIVERED, STATUS_RETRYING, STATUS_FAILED)
+STATUSES: Final = (STATUS_DELIVERED, STATUS_RETRYING, STATUS_HELD, STATUS_FAILED)
 # A delivery whose latest attempt is `retrying` and whose next attempt was due longer ago than
 # this is stuck (its retry message was lost or the consumer is far behind): it may be resent.
 STUCK_AFTER: Final = timedelta(minutes=15)
@@ -58,16 +61,16 @@ class Reader(Protocol):
 # The API's SQL -------------------------------------------------------------------------
 
 # One row per delivery of the window, newest first, after a keyset cursor. `attempted_at >=
-# since` prunes partitions; `min(attempt) = 1` drops deliveries whose first attempt is older
-# than `since` (only their later attempts passed the WHERE).
+# since` prunes partitions; the HAVING on the first row drops deliveries whose first row is
+# older than `since` (only their later rows passed the WHERE).
 DELIVERIES: Final = """
 SELECT
     delivery_id,
     any(space_slug) AS space,
     argMin(event_id, attempt) AS event_id,
     argMin(event_type, attempt) AS event_type,
-    argMax(status, attempt) AS status,
-    count() AS attempts,
+    argMax(status, (attempted_at, attempt)) AS status,
+    countIf(attempt > 0) AS attempts,
     max(attempt) AS last_attempt,
     argMax(trigger, attempt) AS last_trigger,
     argMax(status_code, attempt) AS last_status_code,
@@ -81,7 +84,7 @@ WHERE ({space:String} = '' OR space_slug = {space:String})
   AND ({event_type:String} = '' OR webhook_attempts.event_type = {event_type:String})
   AND attempted_at >= {since:DateTime64(3, 'UTC')}
 GROUP BY delivery_id
-HAVING min(attempt) = 1
+HAVING min(if(attempt = 0, pending_attempt, attempt)) = 1
   AND first_attempted_at < {until:DateTime64(3, 'UTC')}
   AND ({status:String} = '' OR status = {status:String})
   AND (first_attempted_at, delivery_id) < ({after_at:DateTime64(3, 'UTC')}, {after_id:String})
@@ -95,7 +98,7 @@ SELECT
     attempt, trigger, status, status_code, status_text, duration_ms, error_kind, error,
     attempted_at, next_attempt_at, event_id, event_type, space_slug, environment,
     endpoint_id, endpoint_host, user_id, transaction_id, response_excerpt, replay_id,
-    source_topic, source_partition, source_offset
+    source_topic, source_partition, source_offset, pending_attempt
 FROM perkamo.webhook_attempts FINAL
 WHERE delivery_id = {delivery_id:String}
 ORDER BY attempt
@@ -106,7 +109,7 @@ SELECT
     attempt, trigger, status, status_code, status_text, duration_ms, error_kind, error,
     attempted_at, next_attempt_at, event_id, event_type, space_slug, environment,
     endpoint_id, endpoint_host, user_id, transaction_id, response_excerpt, replay_id,
-    source_topic, source_partition, source_offset,
+    source_topic, source_partition, source_offset, pending_attempt,
     request_body
 FROM perkamo.webhook_attempts FINAL
 WHERE delivery_id = {delivery_id:String}
@@ -118,8 +121,8 @@ _REPUBLISH_SELECT = """
 SELECT
     delivery_id,
     any(space_slug) AS space,
-    max(attempt) AS last_attempt,
-    argMax(status, attempt) AS last_status,
+    greatest(max(attempt), max(pending_attempt)) AS last_attempt,
+    argMax(status, (attempted_at, attempt)) AS last_status,
     argMax(tuple(next_attempt_at), attempt).1 AS next_attempt_at,
     argMax(replay_id, attempt) AS last_replay_id,
     argMin(source_topic, attempt) AS source_topic,
@@ -134,7 +137,7 @@ REPLAY_SELECTION: Final = _REPUBLISH_SELECT + """
 WHERE space_slug = {space:String}
   AND attempted_at >= {since:DateTime64(3, 'UTC')}
 GROUP BY delivery_id
-HAVING min(attempt) = 1
+HAVING min(if(attempt = 0, pending_attempt, attempt)) = 1
   AND first_attempted_at < {until:DateTime64(3, 'UTC')}
   AND ({status:String} = '' OR last_status = {status:String})
 ORDER BY first_attempted_at, delivery_id
@@ -173,7 +176,8 @@ SELECT
     countIf(status != 'delivered') AS failed_attempts,
     round(failed_attempts / attempts, 4) AS failure_rate
 FROM perkamo.webhook_attempts FINAL
-WHERE attempted_at >= {since:DateTime64(3, 'UTC')}
+WHERE attempt > 0
+  AND attempted_at >= {since:DateTime64(3, 'UTC')}
   AND attempted_at < {until:DateTime64(3, 'UTC')}
   AND ({space:String} = '' OR space_slug = {space:String})
 GROUP BY space_slug, hour
@@ -190,6 +194,7 @@ FROM perkamo.webhook_attempts FINAL
 WHERE attempted_at >= {since:DateTime64(3, 'UTC')}
   AND attempted_at < {until:DateTime64(3, 'UTC')}
   AND ({space:String} = '' OR space_slug = {space:String})
+  AND attempt > 0
   AND error_kind NOT IN ('circuit_open', 'endpoint_saturated')
 GROUP BY space_slug
 ORDER BY p95_ms DESC
@@ -200,7 +205,7 @@ SELECT
     delivery_id,
     any(space_slug) AS space,
     max(attempt) AS last_attempt,
-    argMax(status, attempt) AS last_status,
+    argMax(status, (attempted_at, attempt)) AS last_status,
     argMax(tuple(next_attempt_at), attempt).1 AS next_attempt_at,
     argMax(error_kind, attempt) AS last_error_kind
 FROM perkamo.webhook_attempts FINAL
@@ -219,6 +224,7 @@ SELECT
     uniqExact(space_slug) AS spaces
 FROM perkamo.webhook_attempts FINAL
 WHERE status != 'delivered'
+  AND attempt > 0
   AND attempted_at >= {since:DateTime64(3, 'UTC')}
   AND attempted_at < {until:DateTime64(3, 'UTC')}
   AND ({space:String} = '' OR space_slug = {space:String})
@@ -419,15 +425,19 @@ def delivery_detail(
     store: Reader, delivery_id: str, with_body: bool = False
 ) -> dict[str, Any] | None:
     """A delivery's summary and its attempts, or None if history has no row of it."""
-    attempts = delivery_attempts(store, delivery_id, with_body)
-    if not attempts:
+    rows = delivery_attempts(store, delivery_id, with_body)
+    if not rows:
         return None
-    first, last = attempts[0], attempts[-1]
+    attempts = [row for row in rows if row["attempt"] > 0]
+    hold = next((row for row in rows if row["attempt"] == 0), None)
+    newest = max(rows, key=lambda row: (row["attempted_at"], row["attempt"]))
     return {
         "delivery_id": delivery_id,
-        "space": first["space_slug"],
-        "event_id": first["event_id"],
-        "event_type": first["event_type"],
-        "status": last["status"],
+        "space": rows[0]["space_slug"],
+        "event_id": rows[0]["event_id"],
+        "event_type": rows[0]["event_type"],
+        "status": newest["status"],
         "attempts": attempts,
+        # The hold record, while it is the newest row: held now, or expired while held.
+        "hold": hold if hold is newest else None,
     }

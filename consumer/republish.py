@@ -31,7 +31,8 @@ from typing import Any, Final
 
 from consumer import constants as c
 from consumer.errors import KafkaError, PerkamoError
-from consumer.kafka_io import AsyncProducer, Headers
+from consumer.headers import republish_headers
+from consumer.kafka_io import AsyncProducer
 from consumer.metrics import Metrics
 from consumer.models import stable_id
 from consumer.queries import (
@@ -138,7 +139,10 @@ class DeliveryState:
                    str(row[6]), int(row[7]), int(row[8]))
 
     def in_retry(self, now: datetime) -> bool:
-        """Still waiting in a retry tier (and not stuck): the loop will attempt it anyway."""
+        """Still waiting in a retry tier (and not stuck), or held for its endpoint's circuit:
+        the loop will attempt it anyway."""
+        if self.last_status == c.STATUS_HELD:
+            return True
         if self.last_status != c.STATUS_RETRYING:
             return False
         return self.next_attempt_at is None or self.next_attempt_at > now - STUCK_AFTER
@@ -219,6 +223,11 @@ class Republisher:
             state = DeliveryState.of(rows[0])
             self._check_endpoint(state.space)
             now = datetime.now(UTC)
+            if state.last_status == c.STATUS_HELD and not force:
+                raise Conflict(
+                    f"delivery {delivery_id} is held: its endpoint's circuit is open, and it goes "
+                    "out by itself as soon as the endpoint recovers. Use force to resend anyway."
+                )
             if state.in_retry(now) and not force:
                 raise Conflict(
                     f"delivery {delivery_id} is still in the retry tiers (next attempt at "
@@ -415,16 +424,10 @@ class Republisher:
     ) -> None:
         """Publish one delivery; `how` is (attempt number, trigger, replay id)."""
         attempt, trigger, replay_id = how
-        headers: Headers = [
-            (c.K_DELIVERY_ID, state.delivery_id.encode()),
-            (c.K_ATTEMPT, str(attempt).encode()),
-            (c.K_RUN_ATTEMPT, b"1"),  # a resend/replay walks the retry tiers afresh
-            (c.K_TRIGGER, trigger.encode()),
-            (c.K_REPLAY_ID, replay_id.encode()),
-            (c.K_ORIGIN_TOPIC, state.source_topic.encode()),
-            (c.K_ORIGIN_PARTITION, str(state.source_partition).encode()),
-            (c.K_ORIGIN_OFFSET, str(state.source_offset).encode()),
-        ]
+        origin = (state.source_topic, state.source_partition, state.source_offset)
+        headers = republish_headers(
+            state.delivery_id, origin, attempt=attempt, trigger=trigger, replay_id=replay_id
+        )
         try:
             await producer.publish(self._topic, body, state.space, headers)
         except KafkaError:

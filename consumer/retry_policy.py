@@ -44,6 +44,19 @@ def tier_topic(tier: str) -> str:
     return RETRY_TOPIC_PREFIX + tier
 
 
+def schedule_span_s(tiers: Sequence[tuple[str, float]]) -> float:
+    """The longest a run of attempts can take: every tier's delay at its full jitter.
+
+    A delivery held by an open circuit ends `failed` once its run is older than this.
+    """
+    return sum(delay for _, delay in tiers) * (1 + JITTER_FRACTION)
+
+
+def max_due_ahead_s(tiers: Sequence[tuple[str, float]]) -> float:
+    """The furthest ahead a due time written by this service can lie (plus a second of slack)."""
+    return max(delay for _, delay in tiers) * (1 + JITTER_FRACTION) + 1.0
+
+
 @dataclass(frozen=True, slots=True)
 class RetryDecision:
     """Where a failed delivery goes next: a tier (with its due time) or the dead-letter topic."""

@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -29,18 +30,39 @@ from confluent_kafka import Consumer, Message, TopicPartition
 
 from consumer import constants as c
 from consumer import metrics as m
-from consumer.breaker import CircuitBreakers
+from consumer import operational
+from consumer.breaker import BreakerPolicy, CircuitState, verdict_for
 from consumer.config import Settings
 from consumer.delivery import Deliverer
 from consumer.endpoints import EndpointRegistry
 from consumer.errors import InvalidEvent, PerkamoError
-from consumer.headers import DeliveryMeta, due_ms, read_meta
+from consumer.gate import (
+    PARK_CIRCUIT_OPEN,
+    EndpointGate,
+    EndpointGone,
+    Expired,
+    GateLimits,
+    Gates,
+    Parked,
+    Ticket,
+)
+from consumer.headers import (
+    DeliveryMeta,
+    check_due,
+    dead_letter_headers,
+    due_ms,
+    held_headers,
+    invalid_input_headers,
+    read_meta,
+    retry_headers,
+)
+from consumer.health import HealthPolicy
 from consumer.history import HistoryStore, HistoryWriter
 from consumer.intake import parse_event
-from consumer.kafka_io import AsyncProducer, Headers, consumer_config, header_list, header_map, position
+from consumer.kafka_io import AsyncProducer, consumer_config, header_list, header_map, position
 from consumer.models import AttemptResult, AttemptRow, Endpoint, Event, delivery_id_for
 from consumer.offsets import OffsetTracker
-from consumer.retry_policy import decide, tier_topic
+from consumer.retry_policy import decide, max_due_ahead_s, schedule_span_s, tier_topic
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +73,28 @@ PAUSE_WINDOW = "window"  # too many uncommitted messages in this partition
 PAUSE_HISTORY = "history"  # the history writer is behind
 PAUSE_REASONS = (PAUSE_DUE, PAUSE_WINDOW, PAUSE_HISTORY)
 
-REASON_EXHAUSTED = "exhausted"
+REASON_EXHAUSTED = "exhausted"  # every tier tried
+REASON_EXPIRED = "expired"  # the schedule's span passed while an open circuit held it
 REASON_INTERNAL = "internal_error"
 
+STATUS_TEXT_MAX = 256
 _BATCH = 500
-_NO_CALL = frozenset({m.OUTCOME_CIRCUIT_OPEN, m.OUTCOME_SATURATED})
 _REVOKE_BUDGET_S = 10.0
+_REFRESH_S = 1.0
+_NO_CALL_RESULT = AttemptResult("held")
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """Everything one delivery attempt needs, prepared from one Kafka message."""
+
+    event: Event
+    endpoint: Endpoint
+    delivery_id: str
+    meta: DeliveryMeta  # its run start filled in
+    trigger: str
+    origin: tuple[str, int, int]
+    held: bool  # read back from the held topic: it waits for the circuit in memory
 
 
 @dataclass(eq=False)
@@ -101,10 +139,33 @@ class DeliveryService:
         self.writer = HistoryWriter(
             store, metrics, settings.history_batch_rows, settings.history_flush_interval_s
         )
-        self.breakers = CircuitBreakers(
-            settings.breaker_failures, settings.breaker_cooldown_s, on_change=self._circuit_changed
+        self.gates = Gates(
+            BreakerPolicy(
+                window_s=settings.breaker_window_s,
+                min_calls=settings.breaker_min_calls,
+                failure_rate=settings.breaker_failure_rate,
+                cooldown_s=settings.breaker_cooldown_s,
+                cooldown_max_s=settings.breaker_cooldown_max_s,
+                ramp_to=settings.max_in_flight_per_endpoint,
+                ramp_s=settings.breaker_ramp_s,
+            ),
+            HealthPolicy(
+                window_s=settings.health_window_s,
+                degraded_rate=settings.health_degraded_rate,
+                failing_rate=settings.breaker_failure_rate,
+            ),
+            GateLimits(
+                cap=settings.max_in_flight_per_endpoint,
+                queue_cap=2 * settings.max_in_flight_per_endpoint,
+                slow_after_s=min(1.0, settings.delivery_timeout_s / 2),
+            ),
+            on_change=self._circuit_changed,
         )
-        self.deliverer = Deliverer(settings, metrics, self.breakers)
+        self.deliverer = Deliverer(settings, metrics)
+        self._span_ms = int(schedule_span_s(self.tiers) * 1000)
+        self._max_due_ahead_ms = int(max_due_ahead_s(self.tiers) * 1000)
+        self._background: set[asyncio.Task[None]] = set()
+        self._last_refresh = 0.0
         self.producer: AsyncProducer | None = None
         self._consumer: Consumer | None = None
         self._kafka = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kafka-consumer")
@@ -144,7 +205,7 @@ class DeliveryService:
         )
         config["stats_cb"] = self._on_stats
         self._consumer = Consumer(config)
-        topics = [*self.settings.events_topics, *self.retry_topics]
+        topics = [*self.settings.events_topics, *self.retry_topics, c.HELD_TOPIC]
         self._consumer.subscribe(
             topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
@@ -168,11 +229,14 @@ class DeliveryService:
                 await asyncio.wait_for(self._room.wait(), timeout=0.5)
         else:
             timeout = self._poll_timeout()
-            msgs: list[Message] = await self._call(self._fetch, min(_BATCH, room), timeout)
+            msgs: list[Message] = await self._kafka_call(self._fetch, min(_BATCH, room), timeout)
             if msgs:
                 self._take(msgs)
         if time.monotonic() - self._last_commit >= self.settings.commit_interval_s:
             await self.commit()
+        if time.monotonic() - self._last_refresh >= _REFRESH_S:
+            self._last_refresh = time.monotonic()
+            self._refresh_endpoints()
 
     def _fetch(self, most: int, timeout: float) -> list[Message]:
         """Whatever is ready now; if nothing, wait up to `timeout` for one message, then take
@@ -214,10 +278,12 @@ class DeliveryService:
         if unwritten:  # written rows resolve their futures through the loop: let that run
             await asyncio.wait(unwritten, timeout=2.0)
         await self.commit()
+        if self._background:
+            await asyncio.wait(self._background, timeout=5.0)
         if self.producer is not None:
             await asyncio.to_thread(self.producer.close, 10.0)
         if self._consumer is not None:
-            await self._call(self._consumer.close)
+            await self._kafka_call(self._consumer.close)
         await self.deliverer.close()
         self._kafka.shutdown(wait=True)
         log.info("stopped")
@@ -239,7 +305,8 @@ class DeliveryService:
                 continue
             if tp[0] in self.retry_topics:
                 due = due_ms(header_map(msg))
-                if due is not None and due > now:
+                # A due time beyond any tier's reach is not waited for: _prepare dead-letters it.
+                if due is not None and now < due <= now + self._max_due_ahead_ms:
                     # Not due: pause, then seek back to exactly this message, so it and the
                     # messages after it (dropped from this batch) are fetched again on resume.
                     st.due_ms = due
@@ -293,7 +360,7 @@ class DeliveryService:
         for reason, count in counts.items():
             self.metrics.paused_partitions.labels(reason).set(count)
 
-    # One message ---------------------------------------------------------------------
+    # One message: prepare, admit, call, complete ----------------------------------------
 
     async def _process(self, msg: Message, st: PartitionState, offset: int) -> None:
         """One message, start to end. Its in-flight place is freed once the attempt is made and
@@ -329,134 +396,139 @@ class DeliveryService:
             written.add_done_callback(functools.partial(_row_written, st, offset))
 
     async def _handle(self, msg: Message) -> asyncio.Future[None] | None:
-        """Attempt the delivery; returns the history write to wait for (None if no row)."""
+        """Prepare, admit, call, complete; returns the history write to wait for (None if no row)."""
+        job = await self._prepare(msg)
+        while job is not None:
+            gate = self.gates.get(job.endpoint.id, job.endpoint.space, job.endpoint.url)
+            try:
+                ticket = await self._admit(job, gate)
+            except Parked as parked:
+                return await self._park(job, parked.reason)
+            except Expired:
+                return await self._expire(job)
+            except EndpointGone:  # removed or changed while it waited: look it up again
+                job = self._reroute(job)
+                continue
+            result = await self._call(job, gate, ticket)
+            return await self._complete(job, result)
+        return None
+
+    async def _prepare(self, msg: Message) -> Job | None:
+        """Parse, validate and look up the endpoint; bad input is dead-lettered here."""
         headers = header_map(msg)
+        now = _now_ms()
+        topic = msg.topic()
         try:
             event = parse_event(msg.value(), self.settings.max_payload_bytes)
-            meta = read_meta(headers)
+            meta = read_meta(headers).started(now)
+            if topic in self.retry_topics:
+                check_due(due_ms(headers), now, self._max_due_ahead_ms)
         except InvalidEvent as exc:
             self.metrics.invalid_events.labels(exc.reason).inc()
             log.warning(
                 "invalid event on %s[%d]@%d: %s (dead-lettered)",
-                msg.topic(),
+                topic,
                 msg.partition(),
                 msg.offset(),
                 exc,
             )
             await self._dead_letter_invalid(msg, exc.reason, exc.detail)
             return None
+        endpoint = self._endpoint_for(event)
+        if endpoint is None:
+            return None
+        trigger = meta.trigger or (c.TRIGGER_RETRY if topic in self.retry_topics else c.TRIGGER_INITIAL)
+        return Job(
+            event=event,
+            endpoint=endpoint,
+            delivery_id=meta.delivery_id or delivery_id_for(event.id, endpoint.id),
+            meta=meta,
+            trigger=trigger,
+            origin=meta.origin or position(msg),
+            held=topic == c.HELD_TOPIC,
+        )
+
+    def _endpoint_for(self, event: Event) -> Endpoint | None:
         endpoint = self.registry.get(event.space_slug)
         if endpoint is None:
             self.metrics.no_endpoint.labels(event.space_slug).inc()
             log.info("event %s: space %s has no active endpoint; not delivered", event.id, event.space_slug)
-            return None
-        delivery_id = meta.delivery_id or delivery_id_for(event.id, endpoint.id)
-        attempt_no = meta.attempt
-        trigger = meta.trigger or (
-            c.TRIGGER_RETRY if msg.topic() in self.retry_topics else c.TRIGGER_INITIAL
-        )
-        result = await self.deliverer.attempt(endpoint, event, delivery_id, attempt_no)
-        metrics = self.metrics
-        if result.outcome not in _NO_CALL:
-            metrics.child(metrics.attempt_duration, event.space_slug).observe(result.duration_ms / 1000)
-        metrics.child(metrics.attempts, event.space_slug, event.type, result.outcome).inc()
-        origin = meta.origin or position(msg)
-        if result.outcome == m.OUTCOME_SATURATED:
-            await self._defer(
-                event=event, delivery_id=delivery_id, meta=meta, trigger=trigger, origin=origin, result=result
-            )
-            return None
-        return await self._complete(
-            event=event,
-            endpoint=endpoint,
-            delivery_id=delivery_id,
-            meta=meta,
-            trigger=trigger,
-            origin=origin,
-            result=result,
-        )
+        return endpoint
 
-    async def _complete(
-        self,
-        *,
-        event: Event,
-        endpoint: Endpoint,
-        delivery_id: str,
-        meta: DeliveryMeta,
-        trigger: str,
-        origin: tuple[str, int, int],
-        result: AttemptResult,
-    ) -> asyncio.Future[None]:
+    def _reroute(self, job: Job) -> Job | None:
+        endpoint = self._endpoint_for(job.event)
+        return None if endpoint is None else dataclasses.replace(job, endpoint=endpoint)
+
+    async def _admit(self, job: Job, gate: EndpointGate) -> Ticket:
+        """A place for the call. A held delivery waits without taking an in-flight place, until
+        the circuit admits it or the end of its schedule's span."""
+        if not job.held:
+            return await gate.enter()
+        assert job.meta.run_started_ms is not None
+        left_s = (job.meta.run_started_ms + self._span_ms - _now_ms()) / 1000
+        if left_s <= 0:
+            raise Expired(job.delivery_id)
+        self._in_flight -= 1
+        self._room.set()
+        try:
+            return await gate.enter(held=True, deadline=asyncio.get_running_loop().time() + left_s)
+        finally:
+            self._in_flight += 1
+
+    async def _call(self, job: Job, gate: EndpointGate, ticket: Ticket) -> AttemptResult:
+        event = job.event
+        try:
+            result = await self.deliverer.call(job.endpoint, event, job.delivery_id, job.meta.attempt)
+        except BaseException:
+            gate.leave(ticket, None)
+            raise
+        verdict = verdict_for(result.delivered, result.status_code) if result.called else None
+        gate.leave(ticket, verdict, result.outcome)
+        metrics = self.metrics
+        metrics.child(metrics.attempt_duration, event.space_slug).observe(result.duration_ms / 1000)
+        metrics.child(metrics.attempts, event.space_slug, event.type, result.outcome).inc()
+        return result
+
+    async def _complete(self, job: Job, result: AttemptResult) -> asyncio.Future[None]:
         """Record the attempt and move a failed delivery on; returns once the publish (if any)
         is acknowledged, with the history write still to wait for."""
         now = _now_ms()
         next_at: int | None = None
-        publish = None
+        publishes: list[Awaitable[Any]] = []
+        meta, event = job.meta, job.event
         if result.delivered:
             status = c.STATUS_DELIVERED
         else:
             decision = decide(meta.run_attempt, self.tiers, now, result.retry_after_s)
-            out_headers = _retry_headers(
-                delivery_id=delivery_id,
-                next_attempt=meta.attempt + 1,
-                next_run_attempt=meta.run_attempt + 1,
-                meta=meta,
-                origin=origin,
-                now=now,
-                result=result,
-            )
             if decision.tier is None:
                 status = c.STATUS_FAILED
-                out_headers += [
-                    (c.K_DLQ_REASON, REASON_EXHAUSTED.encode()),
-                    (c.K_DLQ_DETAIL, result.error.encode()[:500]),
-                ]
-                publish = self._publisher().publish(c.DLQ_TOPIC, event.body, delivery_id, out_headers)
+                headers = dead_letter_headers(
+                    meta, job.delivery_id, job.origin, reason=REASON_EXHAUSTED, detail=result.error,
+                    error_kind=result.outcome, status_code=result.status_code,
+                )
+                publishes.append(self._publisher().publish(c.DLQ_TOPIC, event.body, job.delivery_id, headers))
+                publishes.append(self._exhausted(job, REASON_EXHAUSTED, meta.run_attempt, result))
                 self.metrics.dead_lettered.labels(REASON_EXHAUSTED).inc()
             else:
                 status = c.STATUS_RETRYING
                 next_at = decision.due_ms
-                out_headers.append((c.K_DUE_MS, str(decision.due_ms).encode()))
-                publish = self._publisher().publish(
-                    tier_topic(decision.tier), event.body, delivery_id, out_headers
+                headers = retry_headers(
+                    meta, job.delivery_id, job.origin, failed_at_ms=now, error_kind=result.outcome,
+                    status_code=result.status_code, due=decision.due_ms,
+                )
+                publishes.append(
+                    self._publisher().publish(tier_topic(decision.tier), event.body, job.delivery_id, headers)
                 )
                 self.metrics.retries_scheduled.labels(decision.tier).inc()
-        row = AttemptRow(
-            delivery_id=delivery_id,
-            attempt=meta.attempt,
-            event_id=event.id,
-            event_type=event.type,
-            space_slug=event.space_slug,
-            environment=event.environment,
-            endpoint_id=endpoint.id,
-            endpoint_host=endpoint.host,
-            user_id=event.user_id,
-            transaction_id=event.transaction_id,
-            trigger=trigger,
-            status=status,
-            status_code=result.status_code,
-            status_text=result.status_text,
-            duration_ms=result.duration_ms,
-            error=result.error,
-            attempted_at=_ts(now),
-            next_attempt_at=_ts(next_at) if next_at else None,
-            request_body=event.body,
-            response_excerpt=result.response_excerpt,
-            source_topic=origin[0],
-            source_partition=origin[1],
-            source_offset=origin[2],
-            error_kind="" if result.delivered else result.outcome,
-            replay_id=meta.replay_id,
-        )
-        written = self.writer.submit(row)
-        if publish is not None:
+        written = self.writer.submit(self._row(job, result, status, now, next_at))
+        for publish in publishes:
             await publish
         # Successes at DEBUG: at thousands per second a line each would dominate the hot path.
         log.log(
             logging.DEBUG if result.delivered else logging.INFO,
             "attempt delivery=%s space=%s event_type=%s attempt=%d status=%s outcome=%s code=%d "
             "duration_ms=%d",
-            delivery_id,
+            job.delivery_id,
             event.space_slug,
             event.type,
             meta.attempt,
@@ -467,52 +539,176 @@ class DeliveryService:
         )
         return written
 
-    async def _defer(
-        self,
-        *,
-        event: Event,
-        delivery_id: str,
-        meta: DeliveryMeta,
-        trigger: str,
-        origin: tuple[str, int, int],
-        result: AttemptResult,
-    ) -> None:
-        """No call was made (the endpoint is saturated): wait in the first tier with the same
-        attempt number and run position, so shedding load never uses up a delivery's tiers.
-        No history row: nothing was attempted."""
-        tier = self.tiers[0][0]
+    async def _park(self, job: Job, reason: str) -> asyncio.Future[None]:
+        """No call now (circuit open, or saturated): park it on the held topic with its attempt
+        number unchanged, and say so in history with its hold record (attempt 0)."""
         now = _now_ms()
-        due = decide(1, self.tiers, now).due_ms
-        out_headers = _retry_headers(
-            delivery_id=delivery_id,
-            next_attempt=meta.attempt,
-            next_run_attempt=meta.run_attempt,
-            meta=meta,
-            origin=origin,
-            now=now,
-            result=result,
+        headers = held_headers(
+            job.meta, job.delivery_id, job.origin, trigger=job.trigger, reason=reason, held_since_ms=now
         )
-        out_headers += [(c.K_DUE_MS, str(due).encode()), (c.K_TRIGGER, trigger.encode())]
-        await self._publisher().publish(tier_topic(tier), event.body, delivery_id, out_headers)
-        self.metrics.retries_scheduled.labels(tier).inc()
+        publish = self._publisher().publish(c.HELD_TOPIC, job.event.body, job.endpoint.id, headers)
+        why = "its circuit is open" if reason == PARK_CIRCUIT_OPEN else "it is saturated"
+        row = self._hold_row(
+            job, c.STATUS_HELD, now, reason,
+            f"held: no call made, the endpoint is not taking deliveries ({why}); attempt "
+            f"{job.meta.attempt} goes out when it recovers",
+        )
+        written = self.writer.submit(row)
+        await publish
+        self.metrics.holds.labels(reason).inc()
         log.info(
-            "deferred delivery=%s space=%s attempt=%d: endpoint saturated, retry in %s",
-            delivery_id, event.space_slug, meta.attempt, tier,
+            "held delivery=%s space=%s attempt=%d: %s",
+            job.delivery_id, job.event.space_slug, job.meta.attempt, why,
         )
+        return written
+
+    async def _expire(self, job: Job) -> asyncio.Future[None]:
+        """Its run outlived the schedule's span while held: it ends `failed`, attempt unspent."""
+        now = _now_ms()
+        span_h = self._span_ms / 3_600_000
+        detail = (
+            f"expired: held by an open circuit past the schedule's span ({span_h:.1f}h); attempt "
+            f"{job.meta.attempt} was never made"
+        )
+        headers = dead_letter_headers(
+            job.meta, job.delivery_id, job.origin, reason=REASON_EXPIRED, detail=detail,
+            error_kind=REASON_EXPIRED, status_code=0, called=False,
+        )
+        publish = self._publisher().publish(c.DLQ_TOPIC, job.event.body, job.delivery_id, headers)
+        row = self._hold_row(job, c.STATUS_FAILED, job.meta.held_since_ms or now, REASON_EXPIRED, detail)
+        written = self.writer.submit(row)
+        await publish
+        await self._exhausted(job, REASON_EXPIRED, job.meta.run_attempt - 1, None)
+        self.metrics.dead_lettered.labels(REASON_EXPIRED).inc()
+        log.info("expired delivery=%s space=%s attempt=%d unspent", job.delivery_id, job.event.space_slug,
+                 job.meta.attempt)
+        return written
+
+    async def _exhausted(self, job: Job, reason: str, calls: int, result: AttemptResult | None) -> None:
+        record = operational.delivery_exhausted(
+            job.endpoint.space, job.endpoint.id, job.endpoint.host, time.time(),
+            delivery_id=job.delivery_id, event_id=job.event.id, event_type=job.event.type,
+            attempts=max(0, calls), reason=reason,
+            last_error_kind=result.outcome if result else reason,
+            last_status_code=result.status_code if result else 0,
+        )
+        await self._publisher().publish(c.OPERATIONAL_TOPIC, record, job.endpoint.space)
+        self.metrics.operational_events.labels(operational.DELIVERY_EXHAUSTED).inc()
+
+    def _row(
+        self, job: Job, result: AttemptResult, status: str, now: int, next_at: int | None
+    ) -> AttemptRow:
+        event, endpoint = job.event, job.endpoint
+        return AttemptRow(
+            delivery_id=job.delivery_id,
+            attempt=job.meta.attempt,
+            event_id=event.id,
+            event_type=event.type,
+            space_slug=event.space_slug,
+            environment=event.environment,
+            endpoint_id=endpoint.id,
+            endpoint_host=endpoint.host,
+            user_id=event.user_id,
+            transaction_id=event.transaction_id,
+            trigger=job.trigger,
+            status=status,
+            status_code=result.status_code,
+            status_text=result.status_text[:STATUS_TEXT_MAX],
+            duration_ms=result.duration_ms,
+            error=result.error,
+            attempted_at=_ts(now),
+            next_attempt_at=_ts(next_at) if next_at else None,
+            request_body=event.body,
+            response_excerpt=result.response_excerpt,
+            source_topic=job.origin[0],
+            source_partition=job.origin[1],
+            source_offset=job.origin[2],
+            error_kind="" if result.delivered else result.outcome,
+            replay_id=job.meta.replay_id,
+        )
+
+    def _hold_row(self, job: Job, status: str, at_ms: int, error_kind: str, error: str) -> AttemptRow:
+        """The delivery's hold record: attempt 0, not a call (docs/analysts.md)."""
+        row = self._row(job, _NO_CALL_RESULT, status, at_ms, None)
+        row.attempt = 0
+        row.pending_attempt = job.meta.attempt
+        row.error_kind = error_kind
+        row.error = error
+        return row
 
     async def _dead_letter_invalid(self, msg: Message, reason: str, detail: str) -> None:
         """Bad input: the original bytes and headers go to the DLQ with the reason."""
-        topic, partition, offset = position(msg)
-        kept = [(k, v) for k, v in header_list(msg) if not k.startswith("perkamo-")]
-        kept += [
-            (c.K_DLQ_REASON, reason.encode()),
-            (c.K_DLQ_DETAIL, detail.encode("utf-8", "replace")[:500]),
-            (c.K_ORIGIN_TOPIC, topic.encode()),
-            (c.K_ORIGIN_PARTITION, str(partition).encode()),
-            (c.K_ORIGIN_OFFSET, str(offset).encode()),
-        ]
-        await self._publisher().publish(c.DLQ_TOPIC, msg.value(), msg.key(), kept)
+        headers = invalid_input_headers(header_list(msg), position(msg), reason=reason, detail=detail)
+        await self._publisher().publish(c.DLQ_TOPIC, msg.value(), msg.key(), headers)
         self.metrics.dead_lettered.labels(reason).inc()
+
+    # Endpoint gates ------------------------------------------------------------------------
+
+    def _circuit_changed(self, gate: EndpointGate, before: CircuitState, after: CircuitState) -> None:
+        endpoint = self.registry.get(gate.space)
+        host = endpoint.host if endpoint is not None else ""
+        self.metrics.circuit_state.labels(gate.space).set(int(after))
+        now = asyncio.get_running_loop().time()
+        if before is CircuitState.CLOSED and after is CircuitState.OPEN:
+            breaker = gate.breaker
+            calls = breaker.trip_calls
+            rate = breaker.trip_failures / calls if calls else 0.0
+            log.warning("circuit for space %s opened: %d calls, %.0f%% found it unavailable; next "
+                        "probe in %.0fs", gate.space, calls, rate * 100, breaker.cooldown_s)
+            record = operational.circuit_opened(
+                gate.space, gate.key, host, time.time(),
+                failure_rate=rate, calls=calls, cooldown_s=breaker.cooldown_s,
+            )
+            self._emit(operational.CIRCUIT_OPENED, gate.space, record)
+        elif after is CircuitState.CLOSED:
+            open_for = now - gate.breaker.opened_at
+            log.warning("circuit for space %s closed after %.1fs", gate.space, open_for)
+            record = operational.circuit_closed(gate.space, gate.key, host, time.time(), open_for_s=open_for)
+            self._emit(operational.CIRCUIT_CLOSED, gate.space, record)
+        else:
+            log.info("circuit for space %s is now %s", gate.space, after.label)
+
+    def _emit(self, kind: str, space: str, record: bytes) -> None:
+        """Publish an operational event not tied to an offset; a failure is logged, not fatal."""
+        if self.producer is None:
+            return
+
+        async def publish() -> None:
+            try:
+                await self._publisher().publish(c.OPERATIONAL_TOPIC, record, space)
+                self.metrics.operational_events.labels(kind).inc()
+            except Exception as exc:
+                log.warning("operational event %s for space %s not published: %s", kind, space, exc)
+
+        task = asyncio.create_task(publish())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _refresh_endpoints(self) -> None:
+        """Once a second: health gauges from the gates; gates of endpoints gone are closed."""
+        metrics = self.metrics
+        most = 0
+        for gate in self.gates:
+            endpoint = self.registry.get(gate.space)
+            if endpoint is None or endpoint.id != gate.key:
+                self.gates.forget(gate.key)
+                metrics.forget_space(gate.space)
+                continue
+            gate.tick()
+            snap = gate.health
+            now = asyncio.get_running_loop().time()
+            metrics.circuit_state.labels(gate.space).set(int(gate.circuit))
+            metrics.endpoint_health.labels(gate.space).set(int(snap.state(now, gate.circuit)))
+            metrics.endpoint_failure_ratio.labels(gate.space).set(snap.failure_rate(now))
+            metrics.endpoint_last_success.labels(gate.space).set(snap.last_success_at or 0)
+            metrics.endpoint_last_failure.labels(gate.space).set(snap.last_failure_at or 0)
+            metrics.held_deliveries.labels(gate.space).set(gate.held)
+            most = max(most, gate.in_flight)
+        metrics.in_flight_max_per_endpoint.set(most)
+
+    def endpoint_health(self) -> dict[str, dict[str, Any]]:
+        """Per Space: the health of its endpoint as this process sees it (for the admin API)."""
+        return {gate.space: gate.snapshot() for gate in self.gates}
 
     # Offsets and rebalances ------------------------------------------------------------
 
@@ -521,7 +717,7 @@ class DeliveryService:
         self._last_commit = time.monotonic()
         offsets = self._committable(self._parts.values())
         if offsets:
-            await self._call(self._commit_sync, offsets)
+            await self._kafka_call(self._commit_sync, offsets)
 
     def _committable(self, states: Iterable[PartitionState]) -> list[TopicPartition]:
         offsets = []
@@ -625,7 +821,7 @@ class DeliveryService:
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
-    async def _call(self, fn: Any, *args: Any) -> Any:
+    async def _kafka_call(self, fn: Any, *args: Any) -> Any:
         assert self._loop is not None
         return await self._loop.run_in_executor(self._kafka, fn, *args)
 
@@ -638,39 +834,6 @@ class DeliveryService:
         if self.producer is None:
             raise PerkamoError("producer not started")
         return self.producer
-
-    def _circuit_changed(self, endpoint_id: str, state: int) -> None:
-        space = next((ep.space for ep in self.registry.all() if ep.id == endpoint_id), "unknown")
-        self.metrics.circuit_state.labels(space).set(state)
-        log.warning("circuit for space %s is now %s", space, ("closed", "open", "half-open")[state])
-
-
-def _retry_headers(
-    *,
-    delivery_id: str,
-    next_attempt: int,
-    next_run_attempt: int,
-    meta: DeliveryMeta,
-    origin: tuple[str, int, int],
-    now: int,
-    result: AttemptResult,
-) -> Headers:
-    """The header list of a retry/DLQ message, rebuilt from scratch (one value per name)."""
-    first_failed = meta.first_failed_ms if meta.first_failed_ms is not None else now
-    out: Headers = [
-        (c.K_DELIVERY_ID, delivery_id.encode()),
-        (c.K_ATTEMPT, str(next_attempt).encode()),
-        (c.K_RUN_ATTEMPT, str(next_run_attempt).encode()),
-        (c.K_FIRST_FAILED_MS, str(first_failed).encode()),
-        (c.K_ORIGIN_TOPIC, origin[0].encode()),
-        (c.K_ORIGIN_PARTITION, str(origin[1]).encode()),
-        (c.K_ORIGIN_OFFSET, str(origin[2]).encode()),
-        (c.K_ERROR_KIND, result.outcome.encode()),
-        (c.K_STATUS_CODE, str(result.status_code).encode()),
-    ]
-    if meta.replay_id:
-        out.append((c.K_REPLAY_ID, meta.replay_id.encode()))
-    return out
 
 
 def _row_written(st: PartitionState, offset: int, future: asyncio.Future[None]) -> None:

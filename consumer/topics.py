@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from consumer import constants as c
 from consumer.config import Settings
-from consumer.retry_policy import tier_topic
+from consumer.retry_policy import schedule_span_s, tier_topic
 
 DAY_MS = 86_400_000
 # A retry message must outlive its wait: keep it for the longest tier plus this slack.
@@ -37,8 +37,13 @@ def plan(
     keep = {"retention.ms": str(retention_ms), "cleanup.policy": "delete"}
     specs = [TopicSpec(topic, partitions, keep) for topic in settings.events_topics]
     specs += [TopicSpec(tier_topic(name), partitions, keep) for name, _ in settings.tier_seconds]
+    # A held delivery may wait out the schedule's whole span on the held topic.
+    span_ms = int(schedule_span_s(settings.tier_seconds) * 1000)
+    held_ms = max(retention_ms, int(span_ms * RETENTION_SLACK))
+    specs.append(TopicSpec(c.HELD_TOPIC, partitions, {**keep, "retention.ms": str(held_ms)}))
     specs.append(
         TopicSpec(c.DLQ_TOPIC, partitions, {**keep, "retention.ms": str(max(retention_ms, 30 * DAY_MS))})
     )
+    specs.append(TopicSpec(c.OPERATIONAL_TOPIC, partitions, keep))
     specs.append(TopicSpec(c.ENDPOINTS_TOPIC, 1, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}))
     return specs, warnings

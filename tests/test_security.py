@@ -24,7 +24,6 @@ from prometheus_client import generate_latest
 from consumer import admin
 from consumer import constants as c
 from consumer.app import App
-from consumer.breaker import CircuitBreakers
 from consumer.config import load_settings
 from consumer.constants import ENDPOINTS_TOPIC
 from consumer.delivery import Deliverer
@@ -251,17 +250,17 @@ async def test_through_a_proxy_ip_literal_endpoints_are_still_refused():
     port = server.sockets[0].getsockname()[1]
     settings = load_settings(kafka_bootstrap_servers="127.0.0.1:1", allow_private_networks=[],
                              https_proxy=f"http://127.0.0.1:{port}")
-    deliverer = Deliverer(settings, Metrics(enabled=False), CircuitBreakers(5, 30.0))
+    deliverer = Deliverer(settings, Metrics(enabled=False))
     await deliverer.start()
     event = Event(b"{}", "evt_1", "purchase.completed", "shop", "live", "u", "")
     try:
         for literal in ("https://10.0.0.5/hooks/s3cr3t", "https://[fd00::1]/hooks/s3cr3t",
                         "https://169.254.169.254/latest/meta-data/"):
-            result = await deliverer.attempt(Endpoint("ep_x", "shop", literal), event, "dlv_1", 1)
+            result = await deliverer.call(Endpoint("ep_x", "shop", literal), event, "dlv_1", 1)
             assert result.outcome == "blocked_address", (literal, result)
         assert seen == []
         named = Endpoint("ep_y", "shop", "https://hooks.example.com/hooks/s3cr3t-path")
-        result = await deliverer.attempt(named, event, "dlv_2", 1)
+        result = await deliverer.call(named, event, "dlv_2", 1)
         assert result.outcome != "delivered"
         assert seen and seen[0].startswith(b"CONNECT hooks.example.com:443 ")
         assert b"s3cr3t" not in b"".join(seen)

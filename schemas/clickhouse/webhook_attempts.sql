@@ -1,6 +1,10 @@
 -- perkamo.webhook_attempts: one row per delivery attempt (DESIGN §8, §10).
 -- Applied by `perkamo-webhooks migrate` (re-runnable). {ttl_days} is PERKAMO_HISTORY_TTL_DAYS.
 --
+-- Attempt 0 is not a call: it is the delivery's hold record (status `held` while an open
+-- circuit holds it, `failed` if its schedule's span ran out while held), one per delivery,
+-- with `pending_attempt` the number of the attempt it waits to make.
+--
 -- Idempotent writes: a crash or replay of the same Kafka offset can write an attempt row
 -- twice. ReplacingMergeTree keeps one row per sorting key (space_slug, delivery_id, attempt),
 -- the latest by written_at, when parts merge; every query the project offers reads with
@@ -35,6 +39,7 @@ CREATE TABLE IF NOT EXISTS perkamo.webhook_attempts
     source_partition  Int32,
     source_offset     Int64,
     replay_id         String,
+    pending_attempt   UInt16 DEFAULT 0,
     written_at        DateTime64(3, 'UTC') DEFAULT now64(3),
     INDEX idx_delivery_id delivery_id TYPE bloom_filter(0.01) GRANULARITY 4,
     INDEX idx_attempted_at attempted_at TYPE minmax GRANULARITY 1,

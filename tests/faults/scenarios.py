@@ -251,7 +251,7 @@ def receiver_chaos(
         proc = run.consumer(
             run.endpoints_file({chaos: rec.url("/chaos"), garbage: rec.garbage_url()}),
             delivery_timeout_s=1,
-            breaker_failures=25,
+            breaker_min_calls=25,
             breaker_cooldown_s=2,
             max_in_flight=100,
             **QUICK,

@@ -1,0 +1,104 @@
+"""Endpoint health: what operators and the Space's developers see of an endpoint (pure).
+
+Per endpoint, from the calls this process made: a state, the failure rate over the last
+`window_s` seconds, the last success and the last failure (wall-clock times), and how many
+deliveries are held. The states, worst last:
+
+- healthy: no failure in the window (or too few to matter);
+- degraded: some calls fail (at least `degraded_rate` of them);
+- failing: most fail (at least the breaker's failure rate), or the last
+  `FAILING_STREAK` calls all failed, but the circuit is still closed (too few calls to trip);
+- circuit_open: the circuit is open or ramping back up (half-open).
+
+Here any call that did not deliver is a failure, 4xx included: the breaker ignores a
+refusing handler (the endpoint is up), but the Space's developers need to see it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+from consumer.breaker import CircuitState, SlidingWindow, Verdict
+
+FAILING_STREAK = 3
+# Below this many calls in the window a failure rate says little: only the streak counts.
+MIN_CALLS_FOR_RATE = 5
+
+
+class HealthState(IntEnum):
+    """Also the value of the `endpoint_health` gauge."""
+
+    HEALTHY = 0
+    DEGRADED = 1
+    FAILING = 2
+    CIRCUIT_OPEN = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class HealthPolicy:
+    window_s: float = 300.0
+    degraded_rate: float = 0.05
+    failing_rate: float = 0.5
+
+
+@dataclass(slots=True)
+class EndpointHealth:
+    """The running record of one endpoint's calls; `snapshot()` is what is shown."""
+
+    policy: HealthPolicy
+    window: SlidingWindow = field(init=False)
+    streak: int = 0  # consecutive failed calls
+    last_success_at: float | None = None  # epoch seconds
+    last_failure_at: float | None = None
+    last_error_kind: str = ""
+
+    def __post_init__(self) -> None:
+        self.window = SlidingWindow(self.policy.window_s)
+
+    def record(self, now: float, wall: float, verdict: Verdict, error_kind: str = "") -> None:
+        # Health counts every undelivered call as failed: give the window FAILURE for both.
+        delivered = verdict is Verdict.SUCCESS
+        self.window.add(now, Verdict.SUCCESS if delivered else Verdict.FAILURE)
+        if delivered:
+            self.streak = 0
+            self.last_success_at = wall
+        else:
+            self.streak += 1
+            self.last_failure_at = wall
+            self.last_error_kind = error_kind
+
+    def failure_rate(self, now: float) -> float:
+        window = self.window.advance(now)
+        return window.failures / window.calls if window.calls else 0.0
+
+    def state(self, now: float, circuit: CircuitState) -> HealthState:
+        if circuit is not CircuitState.CLOSED:
+            return HealthState.CIRCUIT_OPEN
+        window = self.window.advance(now)
+        rate = window.failures / window.calls if window.calls else 0.0
+        enough = window.calls >= MIN_CALLS_FOR_RATE
+        if self.streak >= FAILING_STREAK or (enough and rate >= self.policy.failing_rate):
+            return HealthState.FAILING
+        if window.failures and (not enough or rate >= self.policy.degraded_rate):
+            return HealthState.DEGRADED
+        return HealthState.HEALTHY
+
+    def snapshot(self, now: float, circuit: CircuitState, held: int) -> dict[str, Any]:
+        window = self.window.advance(now)
+        return {
+            "state": self.state(now, circuit).label,
+            "circuit": circuit.label,
+            "failure_rate": round(window.failures / window.calls, 4) if window.calls else 0.0,
+            "calls": window.calls,
+            "window_s": self.policy.window_s,
+            "last_success_at": self.last_success_at,
+            "last_failure_at": self.last_failure_at,
+            "last_error_kind": self.last_error_kind,
+            "held": held,
+        }
