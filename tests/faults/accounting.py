@@ -12,7 +12,12 @@ reached the dead-letter topic, the history rows and the group's offsets, and ret
    at or past the group's committed offset whose attempt had already reached a receiver —
    exactly what a restart may redeliver (DESIGN §7);
 5. nothing is left uncommitted on the events topic, and every consumer exited 0 on SIGTERM;
-6. every delivery's latest history row is terminal (delivered or failed), none left "retrying".
+6. every delivery's newest history row is terminal (delivered or failed), none left
+   "retrying" or "held";
+7. every delivery's attempt numbers are gapless: its attempt rows (attempt >= 1, each a call
+   made) run from its first number to its last without a hole — an open circuit or a
+   saturated endpoint holds a delivery, it never skips a number. Hold records (attempt 0) are
+   not attempts and are left out of rules 2 and 7.
 """
 
 from __future__ import annotations
@@ -24,9 +29,7 @@ from typing import Any
 
 # History rows that may exist without a receiver seeing a request: no HTTP exchange happened,
 # or the client gave up before the server read it.
-NO_EXCHANGE = frozenset(
-    {"circuit_open", "endpoint_saturated", "connect_error", "tls_error", "blocked_address", "timeout"}
-)
+NO_EXCHANGE = frozenset({"connect_error", "tls_error", "blocked_address", "timeout"})
 TERMINAL = frozenset({"delivered", "failed"})
 SAMPLE = 5
 
@@ -89,6 +92,7 @@ class HistoryRow:
     event_id: str
     status: str
     error_kind: str
+    at_ms: int = 0  # attempted_at
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,7 @@ class Accounting:
     attempts_seen: int = 0
     history_rows: int = 0
     history_not_terminal: int = 0
+    attempt_gaps: int = 0
     delivery_id_conflicts: int = 0
     dlq_without_reason: int = 0
     expectation_mismatches: int = 0
@@ -163,6 +168,11 @@ class Accounting:
             out.append(
                 f"{self.history_not_terminal} deliveries end on a non-terminal history row: "
                 f"{self.samples.get('not_terminal')}"
+            )
+        if self.attempt_gaps:
+            out.append(
+                f"{self.attempt_gaps} deliveries have a gap in their attempt numbers: "
+                f"{self.samples.get('gaps')}"
             )
         if self.delivery_id_conflicts:
             out.append(
@@ -262,9 +272,17 @@ def evaluate(
     keys = {p.key for p in published}
     statuses: dict[tuple[str, str], set[str]] = defaultdict(set)
     kinds: dict[tuple[str, str], set[str]] = defaultdict(set)
+    newest: dict[str, HistoryRow] = {}
+    numbers: dict[str, set[int]] = defaultdict(set)
     for h in history:
+        mine = newest.get(h.delivery_id)
+        if mine is None or (h.at_ms, h.attempt) > (mine.at_ms, mine.attempt):
+            newest[h.delivery_id] = h
+        if h.attempt == 0:  # a hold record: not an attempt
+            continue
         statuses[(h.delivery_id, str(h.attempt))].add(h.status)
         kinds[(h.delivery_id, str(h.attempt))].add(h.error_kind)
+        numbers[h.delivery_id].add(h.attempt)
 
     # 1. delivered or dead-lettered
     effective = [
@@ -290,13 +308,11 @@ def evaluate(
             ids[r.event_id].add(r.delivery)
     conflicts = sorted(k for k, v in ids.items() if len(v) > 1)
 
-    # 6. terminal last rows
-    last: dict[str, tuple[int, set[str]]] = {}
-    for (delivery, attempt), st in statuses.items():
-        n = int(attempt)
-        if delivery not in last or n > last[delivery][0]:
-            last[delivery] = (n, st)
-    not_terminal = sorted(d for d, (_, st) in last.items() if not st & TERMINAL)
+    # 6. terminal newest rows
+    not_terminal = sorted(d for d, row in newest.items() if row.status not in TERMINAL)
+
+    # 7. gapless attempt numbers
+    gaps = sorted(d for d, ns in numbers.items() if len(ns) != max(ns) - min(ns) + 1)
 
     # expectations (fuzz): a message expected in the DLQ must be there with its reason
     reasons: dict[str, set[str]] = defaultdict(set)
@@ -336,6 +352,7 @@ def evaluate(
         attempts_seen=sum(seen_pairs.values()),
         history_rows=len(statuses),
         history_not_terminal=len(not_terminal),
+        attempt_gaps=len(gaps),
         delivery_id_conflicts=len(conflicts),
         dlq_without_reason=sum(1 for d in dead_letters if d.key in keys and not d.reason),
         expectation_mismatches=len(mismatches),
@@ -347,6 +364,7 @@ def evaluate(
             "history_missing": [f"{d}#{a}" for d, a in missing[:SAMPLE]],
             "history_extra": [f"{d}#{a}:{sorted(kinds[(d, a)])}" for d, a in extra[:SAMPLE]],
             "not_terminal": not_terminal[:SAMPLE],
+            "gaps": [f"{d}:{sorted(numbers[d])}" for d in gaps[:SAMPLE]],
             "conflicts": conflicts[:SAMPLE],
             "mismatches": mismatches[:SAMPLE],
         },
@@ -365,7 +383,7 @@ def evaluate(
     unseen = len(statuses) - len(seen_pairs.keys() & statuses.keys())
     if unseen:
         result.notes.append(
-            f"{unseen} history rows without a receiver request (circuit open, timeout, connect)"
+            f"{unseen} attempt rows without a receiver request (timeout, connect, TLS)"
         )
     return result
 

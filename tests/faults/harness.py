@@ -658,10 +658,13 @@ class Run:
             if path.exists():
                 rows = query_history_in_subprocess(
                     str(path),
-                    "SELECT delivery_id, attempt, event_id, status, error_kind "
-                    "FROM perkamo.webhook_attempts FINAL",
+                    "SELECT delivery_id, attempt, event_id, status, error_kind, "
+                    "toUnixTimestamp64Milli(attempted_at) FROM perkamo.webhook_attempts FINAL",
                 )
-                history += [HistoryRow(str(r[0]), int(r[1]), str(r[2]), str(r[3]), str(r[4])) for r in rows]
+                history += [
+                    HistoryRow(str(r[0]), int(r[1]), str(r[2]), str(r[3]), str(r[4]), int(r[5]))
+                    for r in rows
+                ]
         return evaluate(
             self.name,
             self.publisher.published,

@@ -138,3 +138,36 @@ def test_an_empty_partition_never_committed_is_not_uncommitted():
         1.0,
     )
     assert result.uncommitted == {}
+
+
+def _at(event: str, attempt: int, status: str, at_ms: int, kind: str = "") -> HistoryRow:
+    return HistoryRow(f"dlv_{event}", attempt, event, status, kind, at_ms)
+
+
+def test_a_gap_in_attempt_numbers_is_a_problem():
+    """What an open circuit used to do: attempt 1, then 4 (2 and 3 spent without a call)."""
+    result = _evaluate(
+        PUBLISHED[:1],
+        [_receipt("a", 1, 503), _receipt("a", 4)],
+        history=[_row("a", 1, "retrying"), _row("a", 4)],
+        committed={(T, 0): 1}, ends={(T, 0): 1},
+    )
+    assert result.attempt_gaps == 1 and result.samples["gaps"] == ["dlv_a:[1, 4]"]
+    assert not result.ok
+
+
+def test_a_hold_record_is_not_an_attempt_and_the_newest_row_decides():
+    published = PUBLISHED[:2]
+    history = [
+        _at("a", 1, "retrying", 1000, "http_status"),
+        _at("a", 0, "held", 2000, "circuit_open"),  # held, then released...
+        _at("a", 2, "delivered", 3000),  # ...and delivered: terminal, gapless
+        _at("b", 1, "retrying", 1000, "http_status"),
+        _at("b", 0, "held", 2000, "circuit_open"),  # still held at the end: not terminal
+    ]
+    result = _evaluate(
+        published, [_receipt("a", 1, 503), _receipt("a", 2), _receipt("b", 1, 503)],
+        [DeadLetter("b", "expired")], history, committed={(T, 0): 2}, ends={(T, 0): 2},
+    )
+    assert (result.history_missing, result.history_extra, result.attempt_gaps) == (0, 0, 0)
+    assert result.history_not_terminal == 1 and result.samples["not_terminal"] == ["dlv_b"]
