@@ -52,6 +52,7 @@ from consumer.republish import (
 log = logging.getLogger(__name__)
 
 ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
+HealthView = Callable[[], dict[str, dict[str, Any]]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 API = "/api/v1"
@@ -63,8 +64,6 @@ _REPLAY_FIELDS = frozenset({"space", "since", "until", "status", "dry_run", "for
 class _ProducerHolder(Protocol):
     @property
     def producer(self) -> AsyncProducer | None: ...
-
-    def endpoint_health(self) -> dict[str, dict[str, Any]]: ...
 
 
 class _EndpointLookup(Protocol):
@@ -114,9 +113,12 @@ def _json(doc: Any, status: int = 200) -> web.Response:
 
 
 def build_app(
-    metrics: Metrics, readiness: ReadinessCheck, context: AdminContext | None = None
+    metrics: Metrics,
+    readiness: ReadinessCheck,
+    context: AdminContext | None = None,
+    health: HealthView | None = None,
 ) -> web.Application:
-    """/metrics and probes; with `context`, the history API as well."""
+    """/metrics and probes; with `context`, the history API; with `health`, endpoint health."""
     app = web.Application(middlewares=[_errors])
 
     async def metrics_handler(_: web.Request) -> web.Response:
@@ -137,6 +139,11 @@ def build_app(
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if health is not None:
+        async def endpoints_health(_: web.Request) -> web.Response:
+            return _json({"endpoints": health()})
+
+        app.router.add_get(f"{API}/endpoints/health", endpoints_health)
     if context is not None:
         HistoryApi(context, metrics).register(app.router)
     return app
@@ -150,7 +157,6 @@ class HistoryApi:
         self._store = context.store
         self._token = context.settings.admin_token.get_secret_value()
         service, registry = context.service, context.registry
-        self._service = service
         self._republisher = Republisher(
             context.store, context.settings.events_topics[0], lambda: service.producer, metrics,
             has_endpoint=lambda space: registry.get(space) is not None,
@@ -161,11 +167,6 @@ class HistoryApi:
         router.add_get(f"{API}/deliveries/{{delivery_id}}", self.delivery)
         router.add_post(f"{API}/deliveries/{{delivery_id}}/resend", self.resend)
         router.add_post(f"{API}/replay", self.replay)
-        router.add_get(f"{API}/endpoints/health", self.endpoints_health)
-
-    async def endpoints_health(self, request: web.Request) -> web.Response:
-        """Per Space: its endpoint's health as this process sees it (consumer.health)."""
-        return _json({"endpoints": self._service.endpoint_health()})
 
     async def deliveries(self, request: web.Request) -> web.Response:
         query = request.query

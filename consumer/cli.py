@@ -21,21 +21,40 @@ log = logging.getLogger("consumer.cli")
 Command = Callable[[argparse.Namespace, Settings], int]
 
 
+ROLES = ("deliver", "history", "all")
+
+
 def _run(args: argparse.Namespace, settings: Settings) -> int:
+    """`all`, or several deliver workers: a supervisor of child processes; one role: in-process."""
     # Until serve() installs the draining handler, nothing is in flight: a SIGTERM during
     # start-up is a clean stop (exit 0), not a kill by signal.
     signal.signal(signal.SIGTERM, _stop_during_start_up)
-    from consumer.app import build, serve
+    if args.workers < 1:
+        raise PerkamoError("--workers must be at least 1")
+    if args.role == "all" or (args.role == "deliver" and args.workers > 1):
+        from consumer.supervisor import Supervisor, children_for
 
+        return Supervisor(children_for(args.role, args.workers), settings.drain_timeout_s).run()
+    logsetup.configure(settings.log_level, settings.log_format, tag=_tag(args.role, args.worker))
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    app = build(settings)
-    asyncio.run(serve(app))
+    if args.role == "deliver":
+        from consumer.deliver_role import build_deliver, serve_deliver
+
+        asyncio.run(serve_deliver(build_deliver(settings, worker=args.worker)))
+    else:
+        from consumer.history_role import build_history, serve_history
+
+        asyncio.run(serve_history(build_history(settings)))
     return 0
+
+
+def _tag(role: str, worker: int) -> str:
+    return role if role == "history" else f"{role}-{worker}"
 
 
 def _stop_during_start_up(signum: int, frame: object) -> None:
@@ -108,7 +127,7 @@ def _receiver(args: argparse.Namespace, settings: Settings) -> int:
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from consumer.demo import run_demo
 
-    return run_demo(Path(args.dir), events=args.events)
+    return run_demo(Path(args.dir), events=args.events, stay=False if args.exit else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("run", help="run the consumer (SIGTERM drains and exits 0)").set_defaults(fn=_run)
+    run = sub.add_parser(
+        "run",
+        help="run the service (SIGTERM drains and exits 0)",
+        description="deliver: consume events and retries, make the HTTP calls, publish attempt "
+        "records (no history store in the process). history: write attempt records to "
+        "ClickHouse and serve the history API, resend, replay and the console. all (default): "
+        "one history process and --workers deliver processes, supervised.",
+    )
+    run.add_argument("--role", choices=ROLES, default="all")
+    run.add_argument("--workers", type=int, default=1, help="deliver processes (default 1)")
+    run.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)  # set by the supervisor
+    run.set_defaults(fn=_run)
     sub.add_parser("migrate", help="create or upgrade the history schema").set_defaults(fn=_migrate)
 
     topics = sub.add_parser("topics", help="create every Kafka topic the service uses")
@@ -148,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="local broker + consumer + receiver + sample events, then history")
     demo.add_argument("--dir", default=".data/demo", help="working folder (recreated)")
     demo.add_argument("--events", type=int, default=20)
+    demo.add_argument("--exit", action="store_true",
+                      help="stop when the history is printed (the default outside a terminal)")
     demo.set_defaults(fn=_demo)
 
     from consumer import cli_endpoints, cli_history

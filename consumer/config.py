@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     kafka_bootstrap_servers: str = "localhost:9092"
     events_topics: CommaList = Field(default_factory=lambda: [EVENTS_TOPIC])
     group_id: str = "perkamo-webhooks"
+    # The history role's own group on perkamo.webhooks.attempts.
+    history_group_id: str = "perkamo-webhooks-history"
     # "consumer" = KIP-848 protocol (Kafka 4); "classic" = cooperative-sticky assignment.
     group_protocol: Literal["consumer", "classic"] = "consumer"
     data_dir: Path = Path("data")
@@ -51,14 +53,15 @@ class Settings(BaseSettings):
     history_ttl_days: int = Field(90, ge=1)
     history_batch_rows: int = Field(5000, ge=1)
     history_flush_interval_s: float = Field(1.0, gt=0)
-    history_max_buffered_rows: int = Field(50_000, ge=1)
     endpoints_file: Path | None = None
     delivery_timeout_s: float = Field(5.0, gt=0, le=300)
     retry_tiers: CommaList = Field(default_factory=lambda: ["10s", "1m", "10m", "1h", "6h", "24h"])
     allow_private_networks: CommaList = Field(default_factory=list)
     ca_bundle: Path | None = None
     https_proxy: str = ""
-    admin_listen: str = "127.0.0.1:9464"
+    admin_listen: str = "127.0.0.1:9464"  # the history role (and `all`): history API, console
+    # The deliver role's /metrics and probes; worker i of `--workers N` listens on port + i.
+    deliver_admin_listen: str = "127.0.0.1:9465"
     admin_token: SecretStr = SecretStr("")
     max_in_flight: int = Field(1000, ge=1)
     max_in_flight_per_endpoint: int = Field(50, ge=1)
@@ -110,7 +113,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"{cidr!r} is not a CIDR network ({exc})") from None
         return value
 
-    @field_validator("admin_listen")
+    @field_validator("admin_listen", "deliver_admin_listen")
     @classmethod
     def _listen(cls, value: str) -> str:
         _host, sep, port = value.rpartition(":")
@@ -167,6 +170,11 @@ class Settings(BaseSettings):
         host, _, port = self.admin_listen.rpartition(":")
         return host.strip("[]"), int(port)
 
+    def deliver_host_port(self, worker: int = 0) -> tuple[str, int]:
+        """Where deliver worker `worker` serves /metrics and its probes."""
+        host, _, port = self.deliver_admin_listen.rpartition(":")
+        return host.strip("[]"), int(port) + worker if int(port) else 0
+
     def describe(self) -> dict[str, str]:
         """Every setting as its env name and value, with secrets masked."""
         out: dict[str, str] = {}
@@ -201,6 +209,9 @@ def setting_names() -> list[str]:
 REPLACED: dict[str, str] = {
     "PERKAMO_BREAKER_FAILURES": "the circuit now opens on a failure rate: use "
     "PERKAMO_BREAKER_MIN_CALLS and PERKAMO_BREAKER_FAILURE_RATE (see docs/configuration.md)",
+    "PERKAMO_HISTORY_MAX_BUFFERED_ROWS": "attempt records now wait on perkamo.webhooks.attempts "
+    "while the history store is slow, so deliveries never pause for it; remove the setting "
+    "(PERKAMO_HISTORY_BATCH_ROWS bounds the history role's memory)",
 }
 
 

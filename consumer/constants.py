@@ -9,6 +9,9 @@ ENDPOINTS_TOPIC: Final = "perkamo.webhooks.endpoints"
 # Deliveries waiting for an endpoint whose circuit is open (or that is saturated); key =
 # endpoint id, so one consumer holds all of an endpoint's held deliveries.
 HELD_TOPIC: Final = "perkamo.webhooks.held"
+# One record per attempt (and hold record), key = delivery id: the durable log the history
+# table is built from (schemas/attempt.schema.json).
+ATTEMPTS_TOPIC: Final = "perkamo.webhooks.attempts"
 # Compact records for notifiers: a circuit opened or closed, a delivery exhausted.
 OPERATIONAL_TOPIC: Final = "perkamo.webhooks.operational"
 

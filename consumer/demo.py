@@ -3,31 +3,36 @@
 Starts the local Kafka broker (deploy/kafka/kafka.sh), creates the topics, starts a sample
 HTTPS receiver with a test CA, configures two Spaces (commerce-live answers 204, games-test
 answers 500), publishes sample events shaped like the contract's example (plus one for a
-Space with no endpoint and one that is not JSON), runs the consumer until every event has
-an outcome, stops it, and prints the history.
+Space with no endpoint and one that is not JSON), runs the service as it runs in production
+(`perkamo-webhooks run --role all`: a history process and a deliver process, supervised)
+until every event has an outcome, prints the history from its admin API and the console's
+address, and stops everything (at once, or on Ctrl-C when run in a terminal).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
 from confluent_kafka import Producer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from consumer import constants as c
-from consumer.app import build, serve
 from consumer.config import load_settings
 from consumer.errors import PerkamoError
-from consumer.history import TABLE
 from consumer.kafka_io import ensure_topics, producer_config, wait_for_broker
 from consumer.receiver import SampleReceiver
 from consumer.topics import plan
@@ -36,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 KAFKA_SCRIPT = REPO / "deploy" / "kafka" / "kafka.sh"
 HEALTHY, FAILING, UNKNOWN = "commerce-live", "games-test", "no-webhook-space"
 EVENT_TYPES = ("purchase.completed", "reward.granted", "wallet.updated")
+TIERS = "1s,2s"
 
 
 def free_port() -> int:
@@ -67,7 +73,7 @@ def sample_event(n: int, space: str, environment: str = "live") -> dict[str, Any
     }
 
 
-def run_demo(workdir: Path, events: int = 20) -> int:
+def run_demo(workdir: Path, events: int = 20, stay: bool | None = None) -> int:
     if not KAFKA_SCRIPT.is_file():
         raise PerkamoError(f"{KAFKA_SCRIPT} not found: run the demo from a checkout of the project")
     workdir = workdir.resolve()
@@ -85,99 +91,141 @@ def run_demo(workdir: Path, events: int = 20) -> int:
     started = time.monotonic()
     subprocess.run([str(KAFKA_SCRIPT), "start"], env=env, check=True)
     console.print(f"    broker answered after {time.monotonic() - started:.1f}s")
+    if stay is None:
+        stay = sys.stdin.isatty() and sys.stdout.isatty()
     try:
-        return asyncio.run(_demo(workdir, f"127.0.0.1:{port}", events, console))
+        return asyncio.run(_demo(workdir, f"127.0.0.1:{port}", events, console, stay))
     finally:
         subprocess.run([str(KAFKA_SCRIPT), "stop"], env=env, check=False)
 
 
-async def _demo(workdir: Path, bootstrap: str, events: int, console: Console) -> int:
-    receiver = SampleReceiver(workdir / "receiver")
-    await receiver.start("127.0.0.1", 0)
+def _service_env(workdir: Path, bootstrap: str, receiver: SampleReceiver, token: str) -> dict[str, str]:
     base = f"https://localhost:{receiver.port}/webhooks"
     endpoints_file = workdir / "endpoints.json"
-    endpoints_file.write_bytes(
-        orjson.dumps(
-            [
-                {"space": HEALTHY, "url": f"{base}/ok", "active": True},
-                {"space": FAILING, "url": f"{base}/fail", "active": True},
-            ]
-        )
-    )
-    settings = load_settings(
-        kafka_bootstrap_servers=bootstrap,
-        data_dir=workdir,
-        endpoints_file=endpoints_file,
-        retry_tiers=["1s", "2s"],
-        allow_private_networks=["127.0.0.0/8", "::1/128"],
-        ca_bundle=receiver.ca_file,
-        admin_listen=f"127.0.0.1:{free_port()}",
-    )
-    console.print("[bold]2/5[/] creating topics; receiver with a test CA on " + f"127.0.0.1:{receiver.port}")
+    endpoints_file.write_bytes(orjson.dumps([
+        {"space": HEALTHY, "url": f"{base}/ok", "active": True},
+        {"space": FAILING, "url": f"{base}/fail", "active": True},
+    ]))
+    return {
+        **os.environ,
+        "PERKAMO_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "PERKAMO_DATA_DIR": str(workdir),
+        "PERKAMO_ENDPOINTS_FILE": str(endpoints_file),
+        "PERKAMO_RETRY_TIERS": TIERS,
+        "PERKAMO_ALLOW_PRIVATE_NETWORKS": "127.0.0.0/8,::1/128",
+        "PERKAMO_CA_BUNDLE": str(receiver.ca_file),
+        "PERKAMO_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
+        "PERKAMO_DELIVER_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
+        "PERKAMO_ADMIN_TOKEN": token,
+        "PERKAMO_HISTORY_FLUSH_INTERVAL_S": "0.5",
+        "PERKAMO_LOG_LEVEL": "WARNING",
+    }
+
+
+async def _demo(workdir: Path, bootstrap: str, events: int, console: Console, stay: bool) -> int:
+    receiver = SampleReceiver(workdir / "receiver")
+    await receiver.start("127.0.0.1", 0)
+    token = secrets.token_urlsafe(32)
+    env = _service_env(workdir, bootstrap, receiver, token)
+    settings = load_settings(kafka_bootstrap_servers=bootstrap, retry_tiers=TIERS.split(","))
+    console.print(f"[bold]2/5[/] creating topics; receiver with a test CA on 127.0.0.1:{receiver.port}")
     await asyncio.to_thread(wait_for_broker, bootstrap, 30)
     specs, _ = plan(settings, partitions=3, retention_hours=None)
     await asyncio.to_thread(ensure_topics, bootstrap, [(s.name, s.partitions, s.config) for s in specs])
 
     healthy = [sample_event(n, HEALTHY) for n in range(events)]
     failing = [sample_event(events + n, FAILING, "test") for n in range(max(1, events // 4))]
-    orphan = sample_event(10_000, UNKNOWN)
     console.print(
         f"[bold]3/5[/] publishing {len(healthy)} events for {HEALTHY} (answers 204), "
         f"{len(failing)} for {FAILING} (answers 500), 1 for a Space with no endpoint, 1 not JSON"
     )
     producer = Producer(producer_config(bootstrap))
-    for doc in [*healthy, *failing, orphan]:
+    for doc in [*healthy, *failing, sample_event(10_000, UNKNOWN)]:
         producer.produce(c.EVENTS_TOPIC, orjson.dumps(doc), key=doc["data"]["space"]["slug"])
     producer.produce(c.EVENTS_TOPIC, b"{not json", key=b"broken")
     producer.flush(30)
     del producer  # a producer left open would log reconnect attempts after the broker stops
 
-    app = build(settings)
-    console.print("[bold]4/5[/] running the consumer (retry tiers 1s,2s) until every event has an outcome")
+    console.print(f"[bold]4/5[/] running `perkamo-webhooks run --role all` (retry tiers {TIERS}) "
+                  "until every event has an outcome")
     started = time.monotonic()
-    task = asyncio.create_task(serve(app, install_signals=False))
-    expected_failed = len(failing)
-    deadline = started + 120
-    delivered = failed = 0
-    while time.monotonic() < deadline and not task.done():
-        await asyncio.sleep(0.5)
-        _, rows = await asyncio.to_thread(
-            app.store.query,
-            f"SELECT countIf(status = 'delivered'), countIf(status = 'failed') FROM {TABLE} FINAL",  # noqa: S608 - constant
+    service = subprocess.Popen([sys.executable, "-m", "consumer", "run", "--role", "all"], env=env)
+    api = f"http://{env['PERKAMO_ADMIN_LISTEN']}"
+    headers = {"Authorization": f"Bearer {token}"}
+    try:
+        async with aiohttp.ClientSession(headers=headers) as session:
+            done = await _wait_outcomes(session, api, len(healthy), len(failing), service)
+            elapsed = time.monotonic() - started
+            rows = await _attempts(session, api)
+        console.print("[bold]5/5[/] delivery history (perkamo.webhook_attempts, from the history API)")
+        console.print(_table(rows))
+        delivered = sum(1 for r in rows if r["status"] == "delivered")
+        failed = sum(1 for r in rows if r["status"] == "failed")
+        console.print(
+            f"{'[green]done' if done else '[red]incomplete'}[/]: {delivered} delivered and {failed} "
+            f"dead-lettered after retries in {elapsed:.1f}s; receiver saw {len(receiver.received)} "
+            f"requests; 1 event had no endpoint, 1 invalid event went to {c.DLQ_TOPIC}"
         )
-        delivered, failed = rows[0]
-        if delivered >= len(healthy) and failed >= expected_failed:
-            break
-    elapsed = time.monotonic() - started
-    app.service.stop()
-    await task
-    await receiver.stop()
+        console.print(f"admin API: {api}/api/v1/ (admin token {token})")
+        if stay and done:
+            console.print("the service keeps running for the console: press Ctrl-C to stop")
+            await _until_interrupted(service)
+        return 0 if done else 1
+    finally:
+        if service.poll() is None:
+            service.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(service.wait, 60)
+        await receiver.stop()
 
-    console.print("[bold]5/5[/] delivery history (perkamo.webhook_attempts)")
-    columns = "delivery_id, attempt, space_slug, event_type, trigger, status, status_code, duration_ms, error"
-    order = "ORDER BY space_slug, event_id, attempt"
-    sql = f"SELECT {columns}, attempted_at FROM {TABLE} FINAL {order}"  # noqa: S608 - constants only
-    _, rows = app.store.query(sql)
+
+async def _wait_outcomes(
+    session: aiohttp.ClientSession, api: str, healthy: int, failing: int, service: subprocess.Popen[bytes]
+) -> bool:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if service.poll() is not None:
+            raise PerkamoError(f"the service exited with {service.returncode}; see its log above")
+        await asyncio.sleep(0.5)
+        try:
+            counts = {}
+            for status in ("delivered", "failed"):
+                async with session.get(f"{api}/api/v1/deliveries", params={"status": status, "limit": "1000"}) as r:
+                    if r.status != 200:
+                        break
+                    counts[status] = len((await r.json())["deliveries"])
+        except aiohttp.ClientError:
+            continue  # not listening yet
+        if counts.get("delivered", 0) >= healthy and counts.get("failed", 0) >= failing:
+            return True
+    return False
+
+
+async def _attempts(session: aiohttp.ClientSession, api: str) -> list[dict[str, Any]]:
+    async with session.get(f"{api}/api/v1/deliveries", params={"limit": "1000"}) as r:
+        deliveries = (await r.json())["deliveries"]
+    rows = []
+    for delivery in deliveries:
+        async with session.get(f"{api}/api/v1/deliveries/{delivery['delivery_id']}") as r:
+            detail = await r.json()
+        rows += [{"delivery_id": detail["delivery_id"], **a} for a in detail["attempts"]]
+    return sorted(rows, key=lambda r: (r["space_slug"], r["event_id"], r["attempt"]))
+
+
+def _table(rows: list[dict[str, Any]]) -> Table:
     table = Table("delivery", "att", "space", "event", "trigger", "status", "code", "ms", "error", "at (UTC)")
     for row in rows:
-        style = {"delivered": "green", "retrying": "yellow", "failed": "red"}.get(row[5], "")
+        style = {"delivered": "green", "retrying": "yellow", "failed": "red"}.get(row["status"], "")
         table.add_row(
-            row[0],
-            str(row[1]),
-            row[2],
-            row[3],
-            row[4],
-            f"[{style}]{row[5]}[/]",
-            str(row[6]),
-            str(row[7]),
-            (row[8] or "")[:40],
-            row[9].strftime("%H:%M:%S.%f")[:-3],
+            row["delivery_id"], str(row["attempt"]), row["space_slug"], row["event_type"], row["trigger"],
+            Text(row["status"], style=style), str(row["status_code"]), str(row["duration_ms"]),
+            Text((row["error"] or "")[:40]), (row["attempted_at"] or "")[11:23],
         )
-    console.print(table)
-    ok = delivered >= len(healthy) and failed >= expected_failed
-    console.print(
-        f"{'[green]done' if ok else '[red]incomplete'}[/]: {delivered} delivered and {failed} dead-lettered "
-        f"after retries in {elapsed:.1f}s; receiver saw {len(receiver.received)} requests; "
-        f"1 event had no endpoint, 1 invalid event went to {c.DLQ_TOPIC}"
-    )
-    return 0 if ok else 1
+    return table
+
+
+async def _until_interrupted(service: subprocess.Popen[bytes]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    while not stop.is_set() and service.poll() is None:
+        await asyncio.sleep(0.5)

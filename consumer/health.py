@@ -16,11 +16,16 @@ refusing handler (the endpoint is up), but the Space's developers need to see it
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
 from consumer.breaker import CircuitState, SlidingWindow, Verdict
+from consumer.constants import STATUS_DELIVERED, STATUS_HELD
+from consumer.models import AttemptRow
 
 FAILING_STREAK = 3
 # Below this many calls in the window a failure rate says little: only the streak counts.
@@ -102,3 +107,59 @@ class EndpointHealth:
             "last_error_kind": self.last_error_kind,
             "held": held,
         }
+
+
+class HealthBook:
+    """Endpoint health from attempt records: the history role's view across every deliver
+    process (each process's own view is in its gauges and its /api/v1/endpoints/health).
+
+    Fed by the history role's writer thread; read by the admin API: a lock guards it. Time
+    is the records' `attempted_at`. The circuit counts as open while deliveries of the Space
+    are held for it (a hold record newer than any attempt of that delivery).
+    """
+
+    def __init__(self, policy: HealthPolicy) -> None:
+        self._policy = policy
+        self._lock = threading.Lock()
+        self._health: dict[str, EndpointHealth] = {}
+        self._held: dict[str, dict[str, str]] = {}  # space -> delivery id -> hold reason
+        self._latest = 0.0
+
+    def observe(self, rows: Iterable[AttemptRow]) -> None:
+        with self._lock:
+            for row in rows:
+                self._observe(row)
+
+    def _observe(self, row: AttemptRow) -> None:
+        at = row.attempted_at.timestamp()
+        self._latest = max(self._latest, at)
+        held = self._held.setdefault(row.space_slug, {})
+        if row.attempt == 0:
+            if row.status == STATUS_HELD:
+                held[row.delivery_id] = row.error_kind
+            else:
+                held.pop(row.delivery_id, None)
+            return
+        held.pop(row.delivery_id, None)
+        health = self._health.get(row.space_slug)
+        if health is None:
+            health = self._health[row.space_slug] = EndpointHealth(self._policy)
+        verdict = Verdict.SUCCESS if row.status == STATUS_DELIVERED else Verdict.FAILURE
+        health.record(at, at, verdict, row.error_kind)
+
+    def forget(self, space: str) -> None:
+        with self._lock:
+            self._health.pop(space, None)
+            self._held.pop(space, None)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            now = max(self._latest, time.time())
+            out = {}
+            for space in self._health.keys() | self._held.keys():
+                held = self._held.get(space, {})
+                open_ = any(reason == "circuit_open" for reason in held.values())
+                circuit = CircuitState.OPEN if open_ else CircuitState.CLOSED
+                health = self._health.get(space) or EndpointHealth(self._policy)
+                out[space] = health.snapshot(now, circuit, len(held))
+            return out

@@ -1,23 +1,16 @@
-"""Delivery history in ClickHouse: schema migration, the batching writer, and reads (DESIGN §8).
+"""The history store in ClickHouse: schema migration, batch inserts and reads.
 
 The same code serves the embedded engine (`chdb://path`, the real ClickHouse engine
-in-process, one process at a time) and a ClickHouse server (`http(s)://…`).
-
-Writes are batched (size and time bounded) in a thread of their own. `submit()` hands back a
-future that resolves once the row's batch is in the store: the consumer commits an offset only
-after that. When the store is slow or down the writer keeps every row and retries; its
-`backlog` grows, and the consumer pauses intake past PERKAMO_HISTORY_MAX_BUFFERED_ROWS.
+in-process, one process at a time) and a ClickHouse server (`http(s)://…`). Only the history
+role opens it (consumer.ingest writes; consumer.queries and the admin API read).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import operator
 import re
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -27,14 +20,13 @@ import clickhouse_connect
 
 from consumer.constants import HISTORY_DATABASE, HISTORY_TABLE
 from consumer.errors import HistoryUnavailable
-from consumer.metrics import Metrics
 from consumer.models import AttemptRow
 from consumer.schemas import schema_path
 
 log = logging.getLogger(__name__)
 
 TABLE = f"{HISTORY_DATABASE}.{HISTORY_TABLE}"
-COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(AttemptRow) if f.name != "extra")
+COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(AttemptRow))
 # attrgetter, not dataclasses.astuple: astuple deep-copies every field and halved insert speed.
 _row_values = operator.attrgetter(*COLUMNS)
 _COLUMN_RE = re.compile(r"^\s{4}([a-z_]+)\s+(.+?),?$")
@@ -58,10 +50,6 @@ class HistoryStore:
             raise HistoryUnavailable(f"cannot open history store: {type(exc).__name__}") from exc
         # Test hook for fault injection (tests/faults): called before each insert.
         self.before_insert: Callable[[], None] | None = None
-
-    @property
-    def embedded(self) -> bool:
-        return self.dsn.startswith("chdb://")
 
     def migrate(self, ttl_days: int) -> list[str]:
         """Create or upgrade the schema in place; safe to run again. Returns what it did."""
@@ -119,14 +107,6 @@ class HistoryStore:
         with self._lock:
             return self._client.command(sql)
 
-    def writable(self) -> bool:
-        try:
-            with self._lock:
-                self._client.command("SELECT 1")
-        except Exception:
-            return False
-        return True
-
     def close(self) -> None:
         with self._lock:
             self._client.close()
@@ -139,131 +119,3 @@ def _column_definitions(ddl: str) -> list[tuple[str, str]]:
         if match and not line.strip().startswith("INDEX"):
             columns.append((match.group(1), match.group(2).rstrip(",")))
     return columns
-
-
-class HistoryWriter:
-    """Batches attempt rows into the store from a thread; futures say when a row is durable."""
-
-    def __init__(
-        self,
-        store: HistoryStore,
-        metrics: Metrics,
-        batch_rows: int,
-        flush_interval_s: float,
-    ) -> None:
-        self._store = store
-        self._metrics = metrics
-        self._batch_rows = batch_rows
-        self._interval = flush_interval_s
-        self._cond = threading.Condition()
-        self._rows: list[AttemptRow] = []
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None], int]] = []
-        self._accepted = 0  # rows submitted so far
-        self._written = 0  # rows durably written so far
-        self._first_at = 0.0
-        self._stopping = False
-        self.healthy = True
-        self._thread = threading.Thread(target=self._run, name="history-writer", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    @property
-    def backlog(self) -> int:
-        """Rows accepted and not yet written."""
-        return self._accepted - self._written
-
-    def submit(self, row: AttemptRow) -> asyncio.Future[None]:
-        """Queue a row; the future resolves when it is written (never fails: rows are kept)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        with self._cond:
-            if self._stopping:
-                raise HistoryUnavailable("history writer is stopped")
-            if not self._rows:
-                self._first_at = time.monotonic()
-            self._rows.append(row)
-            self._accepted += 1
-            self._waiters.append((loop, future, self._accepted))
-            self._metrics.history_buffer_rows.set(self.backlog)
-            if len(self._rows) >= self._batch_rows:
-                self._cond.notify()
-        return future
-
-    def stop(self, timeout: float) -> bool:
-        """Write what is queued, then stop the thread; False if rows are still unwritten."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        self._thread.join(timeout)
-        return self.backlog == 0
-
-    def _run(self) -> None:
-        backoff = 0.2
-        while True:
-            with self._cond:
-                while not self._stopping and (
-                    not self._rows
-                    or (
-                        len(self._rows) < self._batch_rows
-                        and time.monotonic() - self._first_at < self._interval
-                    )
-                ):
-                    wait = (
-                        self._interval
-                        if not self._rows
-                        else self._interval - (time.monotonic() - self._first_at)
-                    )
-                    self._cond.wait(max(wait, 0.01))
-                if not self._rows:
-                    if self._stopping:
-                        return
-                    continue
-                batch = self._rows[: self._batch_rows]
-            started = time.perf_counter()
-            try:
-                self._store.insert(batch)
-            except Exception as exc:
-                self.healthy = False
-                self._metrics.history_write_errors.inc()
-                log.error(
-                    "history write of %d rows failed (%s); keeping them, retrying in %.1fs",
-                    len(batch),
-                    type(exc).__name__,
-                    backoff,
-                )
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            backoff = 0.2
-            self.healthy = True
-            self._metrics.history_flush_duration.observe(time.perf_counter() - started)
-            self._metrics.history_rows_written.inc(len(batch))
-            with self._cond:
-                del self._rows[: len(batch)]
-                self._first_at = time.monotonic()
-                self._written += len(batch)
-                written = self._written
-                ready = [w for w in self._waiters if w[2] <= written]
-                self._waiters = [w for w in self._waiters if w[2] > written]
-                self._metrics.history_buffer_rows.set(self.backlog)
-            _resolve(ready)
-
-
-def _resolve(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None], int]]) -> None:
-    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
-    for loop, future, _ in waiters:
-        by_loop.setdefault(loop, []).append(future)
-    for loop, futures in by_loop.items():
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-            loop.call_soon_threadsafe(_set_all, futures)
-
-
-def _set_all(futures: list[asyncio.Future[None]]) -> None:
-    for future in futures:
-        if not future.done():
-            future.set_result(None)
-
-
-def row_dicts(columns: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> list[dict[str, Any]]:
-    return [dict(zip(columns, row, strict=True)) for row in rows]

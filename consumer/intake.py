@@ -50,6 +50,7 @@ def parse_event(value: bytes | None, max_bytes: int) -> Event:
         environment=space["environment"],
         user_id=data["user_id"],
         transaction_id=data.get("transaction_id") or "",
+        text=value.decode(),
     )
 
 

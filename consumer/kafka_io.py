@@ -22,14 +22,19 @@ from consumer.errors import KafkaError
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
+Source = Any  # Settings, or a bootstrap string
+
+
+def _bootstrap(source: Source) -> str:
+    return source if isinstance(source, str) else str(source.kafka_bootstrap_servers)
 
 
 def consumer_config(
-    bootstrap: str, group_id: str, protocol: str, stats_interval_s: float = 5.0
+    source: Source, group_id: str, protocol: str, stats_interval_s: float = 5.0
 ) -> dict[str, Any]:
     """Offsets are committed explicitly by the service (DESIGN §7), never automatically."""
     config: dict[str, Any] = {
-        "bootstrap.servers": bootstrap,
+        "bootstrap.servers": _bootstrap(source),
         "group.id": group_id,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
@@ -53,9 +58,9 @@ def consumer_config(
     return config
 
 
-def producer_config(bootstrap: str) -> dict[str, Any]:
+def producer_config(source: Source) -> dict[str, Any]:
     return {
-        "bootstrap.servers": bootstrap,
+        "bootstrap.servers": _bootstrap(source),
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 5,
@@ -72,8 +77,8 @@ class AsyncProducer:
     A background thread serves delivery callbacks; a delivery error fails that one future.
     """
 
-    def __init__(self, bootstrap: str, extra: dict[str, Any] | None = None) -> None:
-        self._producer = Producer({**producer_config(bootstrap), **(extra or {})})
+    def __init__(self, source: Source, extra: dict[str, Any] | None = None) -> None:
+        self._producer = Producer({**producer_config(source), **(extra or {})})
         self._closed = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="kafka-producer", daemon=True)
@@ -187,8 +192,9 @@ def topic_configs(bootstrap: str, names: Sequence[str], timeout: float = 15.0) -
     return out
 
 
-def wait_for_broker(bootstrap: str, timeout: float) -> None:
+def wait_for_broker(source: Source, timeout: float) -> None:
     """Block until the broker answers a metadata request."""
+    bootstrap = _bootstrap(source)
     admin = AdminClient({"bootstrap.servers": bootstrap})
     try:
         admin.list_topics(timeout=timeout)

@@ -12,6 +12,10 @@ import orjson
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message (and the exception, if any)."""
 
+    def __init__(self, tag: str = "") -> None:
+        super().__init__()
+        self._tag = tag
+
     def format(self, record: logging.LogRecord) -> str:
         doc = {
             "ts": datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds"),
@@ -19,6 +23,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self._tag:
+            doc["role"] = self._tag
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         try:
@@ -28,12 +34,14 @@ class JsonFormatter(logging.Formatter):
             return orjson.dumps(clean).decode()
 
 
-def configure(level: str = "INFO", fmt: str = "text") -> None:
+def configure(level: str = "INFO", fmt: str = "text", tag: str = "") -> None:
+    """`tag` names the process's role (deliver-0, history) when several share one log."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(tag))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        where = f" [{tag}]" if tag else ""
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s{where} %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

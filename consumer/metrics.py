@@ -125,8 +125,13 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "paused_partitions": ("gauge", "Assigned partitions paused right now, by reason.", ("reason",)),
     "history_rows_written_total": ("counter", "Attempt rows written to the history store.", ()),
     "history_flush_duration_seconds": ("histogram", "Duration of history batch inserts.", ()),
-    "history_buffer_rows": ("gauge", "Attempt rows waiting to be written to history.", ()),
+    "history_buffer_rows": ("gauge", "Attempt records gathered by the history role, not yet inserted.", ()),
     "history_write_errors_total": ("counter", "Failed history batch inserts (retried).", ()),
+    "history_records_invalid_total": (
+        "counter",
+        "Messages on perkamo.webhooks.attempts that are not attempt records (skipped).",
+        (),
+    ),
     "endpoints_loaded": ("gauge", "Active endpoints known to this consumer.", ()),
     "endpoint_records_invalid_total": (
         "counter",
@@ -226,6 +231,7 @@ class Metrics:
         self.history_flush_duration: Any = made["history_flush_duration_seconds"]
         self.history_buffer_rows: Any = made["history_buffer_rows"]
         self.history_write_errors: Any = made["history_write_errors_total"]
+        self.history_records_invalid: Any = made["history_records_invalid_total"]
         self.endpoints_loaded: Any = made["endpoints_loaded"]
         self.endpoint_records_invalid: Any = made["endpoint_records_invalid_total"]
         self.republished: Any = made["republished_total"]

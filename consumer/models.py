@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from base64 import b32encode
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from urllib.parse import urlsplit
@@ -38,6 +38,7 @@ class Event:
     environment: str
     user_id: str
     transaction_id: str
+    text: str = ""  # `body` decoded (valid UTF-8: it parsed as JSON), for the attempt record
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +103,7 @@ class AttemptRow:
     error: str
     attempted_at: datetime
     next_attempt_at: datetime | None
-    request_body: bytes
+    request_body: str  # the exact POSTed bytes, decoded: an event body is valid UTF-8 JSON
     response_excerpt: str
     source_topic: str
     source_partition: int
@@ -111,4 +112,3 @@ class AttemptRow:
     replay_id: str = ""
     # Hold records only (attempt 0, status held or failed): the attempt the delivery waits to make.
     pending_attempt: int = 0
-    extra: dict[str, str] = field(default_factory=dict)

@@ -45,5 +45,7 @@ def plan(
         TopicSpec(c.DLQ_TOPIC, partitions, {**keep, "retention.ms": str(max(retention_ms, 30 * DAY_MS))})
     )
     specs.append(TopicSpec(c.OPERATIONAL_TOPIC, partitions, keep))
+    # The history role may be stopped for a while: its records wait here (7 days by default).
+    specs.append(TopicSpec(c.ATTEMPTS_TOPIC, partitions, keep))
     specs.append(TopicSpec(c.ENDPOINTS_TOPIC, 1, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}))
     return specs, warnings

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,10 @@ import pytest
 import trustme
 
 from consumer import constants as c
-from consumer.app import App, build, serve
 from consumer.config import Settings, load_settings
+from consumer.deliver_role import DeliverRole, build_deliver, serve_deliver
 from consumer.history import HistoryStore
+from consumer.history_role import HistoryRole, build_history, serve_history
 from consumer.kafka_io import ensure_topics, wait_for_broker
 from consumer.metrics import Metrics
 from consumer.topics import plan
@@ -128,6 +130,62 @@ def topics(kafka: str) -> dict[str, Any]:
     return {"events": events, "retry": shared}
 
 
+@dataclass
+class App:
+    """Both roles of one service, in this process and this event loop: the deliver role (no
+    store) and the history role (the session's embedded store). `service`, `metrics` and
+    `registry` are the deliver role's; `store` and the history API are the history role's."""
+
+    deliver: DeliverRole
+    history: HistoryRole
+    tasks: list[asyncio.Task[None]]
+
+    @property
+    def settings(self) -> Settings:
+        return self.deliver.settings
+
+    @property
+    def service(self) -> Any:
+        return self.deliver.service
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.deliver.metrics
+
+    @property
+    def registry(self) -> Any:
+        return self.deliver.registry
+
+    @property
+    def store(self) -> HistoryStore:
+        return self.history.store
+
+    @property
+    def follower(self) -> Any:
+        return self.deliver.follower
+
+
+async def start_roles(settings: Settings, store: HistoryStore) -> App:
+    """Start the history role and the deliver role; returns once both are assigned."""
+    history = build_history(settings, store=store, metrics=Metrics())
+    deliver = build_deliver(settings, metrics=Metrics())
+    tasks = [
+        asyncio.create_task(serve_history(history, install_signals=False)),
+        asyncio.create_task(serve_deliver(deliver, install_signals=False)),
+    ]
+    app = App(deliver, history, tasks)
+    await asyncio.wait_for(_assigned(app), 30)
+    return app
+
+
+async def stop_roles(app: App) -> None:
+    """Drain the deliver role first (its records are the history role's input), then history."""
+    app.deliver.stop()
+    await asyncio.wait_for(app.tasks[1], 30)
+    app.history.stop()
+    await asyncio.wait_for(app.tasks[0], 30)
+
+
 class Harness:
     """Builds settings and runs in-process services for one test."""
 
@@ -140,8 +198,9 @@ class Harness:
         self.topics = topics
         self.tmp_path = tmp_path
         self.group = unique("group")
-        self.running: list[tuple[App, asyncio.Task[None]]] = []
+        self.running: list[App] = []
         fast_forward_group(kafka, self.group, topics["retry"])
+        fast_forward_group(kafka, self.group + "-history", [c.ATTEMPTS_TOPIC])
 
     @property
     def events_topic(self) -> str:
@@ -157,11 +216,13 @@ class Harness:
             "kafka_bootstrap_servers": self.kafka,
             "events_topics": [self.events_topic],
             "group_id": self.group,
+            "history_group_id": self.group + "-history",
             "data_dir": self.tmp_path,
             "retry_tiers": TEST_TIERS,
             "allow_private_networks": LOOPBACK,
             "ca_bundle": self.ca_file,
             "admin_listen": f"127.0.0.1:{free_port()}",
+            "deliver_admin_listen": f"127.0.0.1:{free_port()}",
             "delivery_timeout_s": 2.0,
             "history_flush_interval_s": 0.2,
             "commit_interval_s": 0.2,
@@ -173,31 +234,27 @@ class Harness:
         return load_settings(**values)
 
     async def start(self, settings: Settings) -> App:
-        app = build(settings, store=self.store, metrics=Metrics())
-        task = asyncio.create_task(serve(app, install_signals=False))
-        self.running.append((app, task))
-        await asyncio.wait_for(_assigned(app, task), 30)
+        app = await start_roles(settings, self.store)
+        self.running.append(app)
         return app
 
     async def stop(self, app: App) -> None:
-        for entry in list(self.running):
-            if entry[0] is app:
-                app.service.stop()
-                await asyncio.wait_for(entry[1], 30)
-                self.running.remove(entry)
+        if app in self.running:
+            self.running.remove(app)
+            await stop_roles(app)
 
     async def stop_all(self) -> None:
-        for app, task in list(self.running):
-            app.service.stop()
+        for app in list(self.running):
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 30)
+                await stop_roles(app)
         self.running.clear()
 
 
-async def _assigned(app: App, task: asyncio.Task[None]) -> None:
-    while not app.service.assigned_once:
-        if task.done():
-            task.result()
+async def _assigned(app: App) -> None:
+    while not (app.service.assigned_once and app.history.ingest.assigned_once):
+        for task in app.tasks:
+            if task.done():
+                task.result()
         await asyncio.sleep(0.05)
 
 

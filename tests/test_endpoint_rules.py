@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from consumer.app import build
+from consumer.deliver_role import build_deliver
 from consumer.errors import InvalidEndpoint
 from consumer.history import TABLE
 from tests.support import make_event, produce, wait_for
@@ -14,7 +14,7 @@ from tests.support import make_event, produce, wait_for
 def test_http_endpoint_stops_start_up_with_the_setting_named(harness, store):
     settings = harness.settings([{"space": "s-http", "url": "http://example.com/hook"}])
     with pytest.raises(InvalidEndpoint, match="PERKAMO_ENDPOINTS_FILE.*record 0"):
-        build(settings, store=store)
+        build_deliver(settings)
 
 
 async def test_loopback_endpoint_is_refused_without_the_allow_list(harness, receiver):

@@ -29,8 +29,9 @@ NOW = datetime.now(UTC).replace(microsecond=0)
 class Api:
     """A client of one running consumer's admin API."""
 
-    def __init__(self, settings: Any, token: str | None = TOKEN) -> None:
-        host, port = settings.admin_host_port
+    def __init__(self, settings: Any, token: str | None = TOKEN, deliver: bool = False) -> None:
+        """The history role's admin API, or with `deliver` the deliver role's (worker 0)."""
+        host, port = settings.deliver_host_port(0) if deliver else settings.admin_host_port
         self.root = f"http://{host}:{port}"
         self.token = token
 

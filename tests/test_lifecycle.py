@@ -185,8 +185,10 @@ async def test_a_dead_endpoint_fails_every_delivery_with_gapless_attempts_and_fe
     health = await wait_for(open_and_held, timeout=20, what="the health API to show it open")
     assert health["circuit"] in ("open", "half_open") and health["failure_rate"] == 1.0
     assert health["last_failure_at"] and health["last_success_at"] is None
+    deliver_api = Api(settings, deliver=True)  # the gauges are the deliver role's
+
     async def gauge_open() -> bool:
-        return f'perkamo_webhook_endpoint_health{{space="{space}"}} 3.0' in await api.metrics()
+        return f'perkamo_webhook_endpoint_health{{space="{space}"}} 3.0' in await deliver_api.metrics()
 
     await wait_for(gauge_open, timeout=5, what="the health gauge to say circuit open (3)")
     await wait_for(all_failed, timeout=60, interval=0.25, what="all 30 failed")

@@ -19,13 +19,13 @@ from typing import Any
 import orjson
 import pytest
 
-from consumer.app import App
 from consumer.config import load_settings
 from consumer.constants import ENDPOINTS_TOPIC
 from consumer.endpoints import REASON_INVALID_JSON, REASON_KEY_MISMATCH, REASON_SCHEMA, EndpointRegistry
 from consumer.kafka_io import ensure_topics
 from consumer.metrics import Metrics
 from consumer.registry_topic import RegistryFollower
+from tests.conftest import App
 from tests.support import end_offsets, free_port, make_event, produce, unique, wait_for
 
 CLI = shutil.which("perkamo-webhooks", path=str(Path(sys.executable).parent))
@@ -64,13 +64,13 @@ def cli_fixture(kafka: str) -> Cli:
 async def follow_fixture() -> AsyncIterator[Follow]:
     """Make sure a running App follows the registry topic, and wait until it read it to its end.
 
-    Until app.py starts a RegistryFollower itself (App.follower), the test starts one on the
-    App's registry, metrics and settings: the same wiring app.py is to use.
+    The deliver role starts its own follower (App.follower); a test may start one more on the
+    App's registry, metrics and settings (kwargs: e.g. a short recheck interval).
     """
     started: list[RegistryFollower] = []
 
     async def start(app: App, **kwargs: Any) -> RegistryFollower:
-        follower: RegistryFollower | None = getattr(app, "follower", None)
+        follower: RegistryFollower | None = None if kwargs else app.follower
         if follower is None:
             follower = RegistryFollower(app.settings, app.registry, app.metrics, **kwargs)
             follower.start()

@@ -223,7 +223,7 @@ async def test_a_second_consumer_joining_mid_retry_loses_nothing(harness, receiv
     await wait_for(delivered, timeout=40, what="every event delivered after the rebalance")
     for app in (first, second):
         await wait_for(
-            lambda app=app: not any(st.reasons for st in app.service._parts.values()),
+            lambda app=app: not any(st.reasons for st in app.service._parts),
             timeout=10,
             what="no partition left paused",
         )

@@ -23,7 +23,6 @@ from prometheus_client import generate_latest
 
 from consumer import admin
 from consumer import constants as c
-from consumer.app import App
 from consumer.config import load_settings
 from consumer.constants import ENDPOINTS_TOPIC
 from consumer.delivery import Deliverer
@@ -33,6 +32,7 @@ from consumer.history import TABLE
 from consumer.metrics import Metrics
 from consumer.models import Endpoint, Event, delivery_id_for
 from consumer.registry_topic import read_all
+from tests.conftest import App
 from tests.support import (
     ScriptedReceiver,
     delayed,

@@ -1,7 +1,7 @@
-"""The real service (`perkamo-webhooks run`) with a fault hook in its history writer.
+"""The real history role (`perkamo-webhooks run --role history`) with a fault hook in its store.
 
-`python -m tests.faults.faulty_run` builds the app exactly as `run` does, then installs
-`app.store.before_insert`, which reads control files in $FAULTS_CONTROL_DIR before each insert:
+`python -m tests.faults.faulty_run` builds the role exactly as `run` does, then installs
+`role.store.before_insert`, which reads control files in $FAULTS_CONTROL_DIR before each insert:
 - `history-down` exists: the insert raises (the store is unreachable);
 - `history-slow` exists: the insert waits 2 s first.
 A test flips these files while the process runs; SIGTERM drains as usual.
@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from consumer.history_role import build_history, serve_history
+
 from consumer import logsetup
-from consumer.app import build, serve
 from consumer.config import load_settings
 
 CONTROL_ENV = "FAULTS_CONTROL_DIR"
@@ -37,18 +38,18 @@ def history_fault_hook(control: Path) -> Callable[[], None]:
 
 def main() -> int:
     settings = load_settings()
-    logsetup.configure(settings.log_level, settings.log_format)
-    app = build(settings)
+    logsetup.configure(settings.log_level, settings.log_format, tag="history")
+    role = build_history(settings)
     control = os.environ.get(CONTROL_ENV)
     if control:
-        app.store.before_insert = history_fault_hook(Path(control))
+        role.store.before_insert = history_fault_hook(Path(control))
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(serve(app))
+    asyncio.run(serve_history(role))
     return 0
 
 

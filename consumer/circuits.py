@@ -1,0 +1,84 @@
+"""What the deliver role makes of its endpoint gates: circuit changes and health, made visible.
+
+A circuit change is logged and published to `perkamo.webhooks.operational` (opened from
+closed, and closed; failed probes in between are not news). About once a second `refresh()`
+applies time-based circuit changes, copies every endpoint's health into the per-Space gauges,
+and closes the gates of endpoints that went away (their held deliveries look the endpoint up
+again), so per-endpoint state never outlives the endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from consumer import operational
+from consumer.breaker import CircuitState
+from consumer.endpoints import EndpointRegistry
+from consumer.gate import EndpointGate, Gates
+from consumer.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# (kind, key, record): publishes one operational event, fire and forget.
+Emit = Callable[[str, str, bytes], None]
+
+
+class CircuitReporter:
+    def __init__(self, registry: EndpointRegistry, metrics: Metrics, emit: Emit) -> None:
+        self._registry = registry
+        self._metrics = metrics
+        self._emit = emit
+
+    def changed(self, gate: EndpointGate, before: CircuitState, after: CircuitState) -> None:
+        """The gates' state listener."""
+        endpoint = self._registry.get(gate.space)
+        host = endpoint.host if endpoint is not None else ""
+        self._metrics.circuit_state.labels(gate.space).set(int(after))
+        breaker = gate.breaker
+        if before is CircuitState.CLOSED and after is CircuitState.OPEN:
+            calls = breaker.trip_calls
+            rate = breaker.trip_failures / calls if calls else 0.0
+            log.warning("circuit for space %s opened: %d calls, %.0f%% found it unavailable; next "
+                        "probe in %.0fs", gate.space, calls, rate * 100, breaker.cooldown_s)
+            record = operational.circuit_opened(
+                gate.space, gate.key, host, time.time(),
+                failure_rate=rate, calls=calls, cooldown_s=breaker.cooldown_s,
+            )
+            self._emit(operational.CIRCUIT_OPENED, gate.space, record)
+        elif after is CircuitState.CLOSED:
+            open_for = asyncio.get_running_loop().time() - breaker.opened_at
+            log.warning("circuit for space %s closed after %.1fs", gate.space, open_for)
+            record = operational.circuit_closed(gate.space, gate.key, host, time.time(), open_for_s=open_for)
+            self._emit(operational.CIRCUIT_CLOSED, gate.space, record)
+        else:
+            log.info("circuit for space %s is now %s", gate.space, after.label)
+
+    def refresh(self, gates: Gates) -> None:
+        metrics = self._metrics
+        most = 0
+        now = asyncio.get_running_loop().time()
+        for gate in gates:
+            endpoint = self._registry.get(gate.space)
+            if endpoint is None or endpoint.id != gate.key or endpoint.url != gate.version:
+                gates.forget(gate.key)
+                metrics.forget_space(gate.space)
+                continue
+            gate.tick()
+            health, space = gate.health, gate.space
+            metrics.circuit_state.labels(space).set(int(gate.circuit))
+            metrics.endpoint_health.labels(space).set(int(health.state(now, gate.circuit)))
+            metrics.endpoint_failure_ratio.labels(space).set(health.failure_rate(now))
+            metrics.endpoint_last_success.labels(space).set(health.last_success_at or 0)
+            metrics.endpoint_last_failure.labels(space).set(health.last_failure_at or 0)
+            metrics.held_deliveries.labels(space).set(gate.held)
+            most = max(most, gate.in_flight)
+        metrics.in_flight_max_per_endpoint.set(most)
+
+
+def health_of(gates: Gates) -> dict[str, dict[str, Any]]:
+    """Per Space: its endpoint's health as this process sees it (the admin API's answer)."""
+    return {gate.space: gate.snapshot() for gate in gates}

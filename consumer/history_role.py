@@ -1,0 +1,113 @@
+"""The history role: attempt records from Kafka into ClickHouse, and everything that reads them.
+
+It consumes `perkamo.webhooks.attempts` in its own group (consumer.ingest) and serves, on
+PERKAMO_ADMIN_LISTEN, the history API, resend and replay (re-published through Kafka with its
+own producer), the endpoints' health across every deliver process (from the records), and
+/metrics, /healthz, /readyz. With the embedded store (chdb://) one history process per data
+directory may run; with a ClickHouse server several may share the topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from consumer.admin import build_app, start_admin
+from consumer.config import Settings
+from consumer.deliver_role import wait_for_registry
+from consumer.endpoints import EndpointRegistry, load_file
+from consumer.health import HealthBook, HealthPolicy
+from consumer.history import HistoryStore
+from consumer.ingest import HistoryIngest
+from consumer.kafka_io import AsyncProducer, wait_for_broker
+from consumer.metrics import Metrics
+from consumer.registry_topic import RegistryFollower
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HistoryRole:
+    settings: Settings
+    metrics: Metrics
+    store: HistoryStore
+    registry: EndpointRegistry
+    ingest: HistoryIngest
+    health: HealthBook
+    follower: RegistryFollower | None = None
+    producer: AsyncProducer | None = None
+    admin: web.AppRunner | None = None
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def readiness(self) -> dict[str, bool]:
+        return {
+            "broker": self.producer is not None,
+            "assignment": self.ingest.assigned_once,
+            "endpoints": self.registry.loaded,
+            "history": self.ingest.healthy,
+        }
+
+    def endpoint_health(self) -> dict[str, dict[str, Any]]:
+        return self.health.snapshot()
+
+    @property
+    def service(self) -> HistoryRole:
+        """What the history API asks of "the service": a producer and endpoint health."""
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+
+def build_history(
+    settings: Settings, store: HistoryStore | None = None, metrics: Metrics | None = None
+) -> HistoryRole:
+    """Everything the history role needs, ready to start; migrates the schema."""
+    metrics = metrics or Metrics(enabled=settings.metrics_enabled)
+    store = store or HistoryStore(settings.history_dsn_resolved)
+    store.migrate(settings.history_ttl_days)
+    file_endpoints = load_file(settings.endpoints_file) if settings.endpoints_file else []
+    registry = EndpointRegistry(file_endpoints)
+    health = HealthBook(HealthPolicy(window_s=settings.health_window_s,
+                                     degraded_rate=settings.health_degraded_rate,
+                                     failing_rate=settings.breaker_failure_rate))
+    ingest = HistoryIngest(settings, store.insert, metrics, on_rows=health.observe)
+    follower = RegistryFollower(settings, registry, metrics)
+    return HistoryRole(settings, metrics, store, registry, ingest, health, follower)
+
+
+async def serve_history(role: HistoryRole, install_signals: bool = True) -> None:
+    """Run until SIGTERM/SIGINT (or role.stop()), then insert what is gathered and return."""
+    loop = asyncio.get_running_loop()
+    if install_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, role.stop)
+    await asyncio.to_thread(wait_for_broker, role.settings, 30.0)
+    role.producer = AsyncProducer(role.settings)
+    host, port = role.settings.admin_host_port
+    app = build_app(role.metrics, role.readiness, context=role, health=role.endpoint_health)
+    role.admin = await start_admin(app, host, port)
+    try:
+        role.ingest.start()
+        if role.follower is not None:
+            role.follower.start()
+            await wait_for_registry(role.follower, lambda: role.stopping)
+        await role._stop.wait()
+    finally:
+        log.info("stopping: inserting what is gathered")
+        await asyncio.to_thread(role.ingest.stop, role.settings.drain_timeout_s + 5)
+        if role.follower is not None:
+            await asyncio.to_thread(role.follower.stop)
+        await role.admin.cleanup()
+        if role.producer is not None:
+            await asyncio.to_thread(role.producer.close, 10.0)
+        log.info("stopped")

@@ -1,0 +1,236 @@
+"""The history role's writer: attempt records from Kafka into ClickHouse, committed after the insert.
+
+It consumes `perkamo.webhooks.attempts` in its own group (PERKAMO_HISTORY_GROUP_ID), gathers
+records into batches (PERKAMO_HISTORY_BATCH_ROWS or PERKAMO_HISTORY_FLUSH_INTERVAL_S, whichever
+comes first), inserts each batch and only then commits its offsets. So Kafka is the durable
+log and the table its projection: if ClickHouse is down the batch is kept and retried with
+back-off while the assigned partitions are paused (the consumer keeps polling, so it stays in
+the group); the records wait on the topic, memory holds one batch at most, and the deliver role
+never notices. A crash re-inserts at most the uncommitted batch; the table's
+ReplacingMergeTree key makes that idempotent.
+
+Records that are not attempt records this version can read are counted and skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from confluent_kafka import Consumer, Message, TopicPartition
+
+from consumer import attempts
+from consumer.config import Settings
+from consumer.constants import ATTEMPTS_TOPIC
+from consumer.kafka_io import consumer_config
+from consumer.metrics import Metrics
+from consumer.models import AttemptRow
+from consumer.partitions import partition_lag
+
+log = logging.getLogger(__name__)
+
+TP = tuple[str, int]
+Inserter = Callable[[list[AttemptRow]], None]
+RowListener = Callable[[list[AttemptRow]], None]
+
+_POLL_S = 0.2
+_BACKOFF_MAX_S = 5.0
+_REVOKE_BUDGET_S = 10.0
+
+
+class HistoryIngest:
+    """A thread that follows the attempts topic into the store."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        insert: Inserter,
+        metrics: Metrics,
+        on_rows: RowListener | None = None,
+    ) -> None:
+        self._settings = settings
+        self._insert = insert
+        self._metrics = metrics
+        self._on_rows = on_rows
+        self._batch_rows = settings.history_batch_rows
+        self._interval = settings.history_flush_interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._consumer: Consumer | None = None
+        self._assigned: set[TP] = set()
+        self._rows: list[AttemptRow] = []
+        self._offsets: dict[TP, int] = {}  # next offset to commit once the batch is in
+        self._first_at = 0.0
+        self.healthy = True
+        self.assigned_once = False
+        self.rows_written = 0
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("HistoryIngest already started")
+        config = consumer_config(
+            self._settings,
+            self._settings.history_group_id,
+            self._settings.group_protocol,
+            self._settings.lag_interval_s,
+        )
+        config["stats_cb"] = self._on_stats
+        self._consumer = Consumer(config)
+        self._consumer.subscribe(
+            [ATTEMPTS_TOPIC], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+        self._thread = threading.Thread(target=self._run, name="history-ingest", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Insert and commit what is gathered, leave the group; False if rows were left."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("history ingest did not stop within %.0fs", timeout)
+                return False
+        return not self._rows
+
+    @property
+    def backlog(self) -> int:
+        """Records gathered and not yet inserted."""
+        return len(self._rows)
+
+    # The thread ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        try:
+            while not self._stop.is_set():
+                room = self._batch_rows - len(self._rows)
+                msgs = consumer.consume(max(1, min(room, 5000)), _POLL_S) if room > 0 else []
+                self._gather(msgs)
+                if self._rows and (
+                    len(self._rows) >= self._batch_rows or time.monotonic() - self._first_at >= self._interval
+                ):
+                    self._flush(consumer)
+            self._flush(consumer, budget_s=self._settings.drain_timeout_s)
+        except Exception:
+            log.exception("history ingest stopped; attempt records wait on %s", ATTEMPTS_TOPIC)
+            self.healthy = False
+        finally:
+            consumer.close()
+
+    def _gather(self, msgs: list[Message]) -> None:
+        for msg in msgs:
+            if msg.error() is not None:
+                log.warning("reading %s: %s", ATTEMPTS_TOPIC, msg.error())
+                continue
+            tp = (msg.topic() or ATTEMPTS_TOPIC, msg.partition() or 0)
+            offset = msg.offset() or 0
+            self._offsets[tp] = offset + 1
+            try:
+                row = attempts.decode(msg.value())
+            except attempts.BadRecord as exc:
+                self._metrics.history_records_invalid.inc()
+                log.warning("%s[%d]@%d is not an attempt record (%s); skipped", tp[0], tp[1], offset, exc)
+                continue
+            if not self._rows:
+                self._first_at = time.monotonic()
+            self._rows.append(row)
+        self._metrics.history_buffer_rows.set(len(self._rows))
+
+    def _flush(self, consumer: Consumer, budget_s: float | None = None) -> None:
+        """Insert the batch (retrying while the store fails), then commit its offsets. With a
+        budget, give up after it: the rows stay on the topic, uncommitted, for whoever reads next."""
+        backoff = 0.2
+        paused = False
+        give_up = None if budget_s is None else time.monotonic() + budget_s
+        while self._rows:
+            started = time.perf_counter()
+            try:
+                self._insert(self._rows)
+            except Exception as exc:
+                self.healthy = False
+                self._metrics.history_write_errors.inc()
+                log.error("history insert of %d rows failed (%s); keeping them, retrying in %.1fs",
+                          len(self._rows), type(exc).__name__, backoff)
+                if give_up is not None and time.monotonic() >= give_up:
+                    log.error("%d rows not inserted: they stay on %s, uncommitted",
+                              len(self._rows), ATTEMPTS_TOPIC)
+                    self._rows = []
+                    self._offsets.clear()
+                    if paused and self._assigned:
+                        consumer.resume([TopicPartition(t, p) for t, p in self._assigned])
+                    return
+                if not paused and self._assigned:
+                    consumer.pause([TopicPartition(t, p) for t, p in self._assigned])
+                    paused = True
+                deadline = time.monotonic() + backoff
+                while time.monotonic() < deadline:  # keep polling: stay in the group
+                    consumer.consume(1, min(_POLL_S, max(0.0, deadline - time.monotonic())))
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                continue
+            self.healthy = True
+            self._metrics.history_flush_duration.observe(time.perf_counter() - started)
+            self._metrics.history_rows_written.inc(len(self._rows))
+            self.rows_written += len(self._rows)
+            if self._on_rows is not None:
+                self._on_rows(self._rows)
+            self._rows = []
+        self._commit(consumer)
+        if paused and self._assigned:
+            consumer.resume([TopicPartition(t, p) for t, p in self._assigned])
+        self._metrics.history_buffer_rows.set(0)
+
+    def _commit(self, consumer: Consumer) -> None:
+        offsets = [TopicPartition(t, p, o) for (t, p), o in self._offsets.items() if (t, p) in self._assigned]
+        self._offsets.clear()
+        if not offsets:
+            return
+        try:
+            consumer.commit(offsets=offsets, asynchronous=False)
+        except Exception as exc:  # no longer in the group: the new owner re-inserts (idempotent)
+            log.warning("history commit failed: %s", exc)
+
+    # Rebalances (on this thread, inside consume) ---------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assigned.update((p.topic, p.partition) for p in partitions)
+        self.assigned_once = True
+        self._metrics.assigned_partitions.set(len(self._assigned))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Insert and commit what was gathered before the partitions go to another member."""
+        self._flush(consumer, budget_s=_REVOKE_BUDGET_S)
+        self._drop(partitions)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Their offsets are no longer ours to commit; the gathered rows are still inserted
+        (the new owner inserts them again: the table's key makes that harmless)."""
+        lost = {(p.topic, p.partition) for p in partitions}
+        self._offsets = {tp: o for tp, o in self._offsets.items() if tp not in lost}
+        self._drop(partitions)
+
+    def _drop(self, partitions: list[TopicPartition]) -> None:
+        for p in partitions:
+            self._assigned.discard((p.topic, p.partition))
+            with contextlib.suppress(KeyError):  # no statistics arrived for it yet
+                self._metrics.consumer_lag.remove(p.topic, str(p.partition))
+        self._metrics.assigned_partitions.set(len(self._assigned))
+
+    def _on_stats(self, stats_json: str) -> None:
+        """History lag: the history group's lag on the attempts topic, per partition."""
+        try:
+            stats: dict[str, Any] = orjson.loads(stats_json)
+        except orjson.JSONDecodeError:
+            return
+        for topic, tstats in stats.get("topics", {}).items():
+            for pid, pstats in tstats.get("partitions", {}).items():
+                if pid == "-1" or (topic, int(pid)) not in self._assigned:
+                    continue
+                lag = partition_lag(pstats)
+                if lag is not None:
+                    self._metrics.consumer_lag.labels(topic, pid).set(lag)

@@ -1,0 +1,376 @@
+"""One message's way through the deliver role: prepare, call, complete (docs/architecture.md).
+
+1. prepare: parse and validate the event and its perkamo-* headers, look up the Space's
+   endpoint, and bundle what the delivery needs into a `Job`; bad input is dead-lettered here.
+2. call: get a place from the endpoint's gate (consumer.gate) and make the HTTP call. An open
+   circuit (or a saturated endpoint) parks the delivery on the held topic instead, attempt
+   unspent; a held delivery whose schedule's span ran out ends `failed` (expired).
+3. complete: decide what follows (delivered, the next retry tier, or the dead-letter topic) and
+   publish it together with the attempt record on `perkamo.webhooks.attempts`.
+
+`Pipeline.handle()` returns once every message it published is acknowledged by Kafka: only
+then may the loop count the input offset as done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from confluent_kafka import Message
+
+from consumer import attempts, operational
+from consumer import constants as c
+from consumer import metrics as m
+from consumer.breaker import verdict_for
+from consumer.config import Settings
+from consumer.delivery import Deliverer
+from consumer.endpoints import EndpointRegistry
+from consumer.errors import InvalidEvent
+from consumer.gate import PARK_CIRCUIT_OPEN, EndpointGate, EndpointGone, Expired, Gates, Parked, Ticket
+from consumer.headers import (
+    DeliveryMeta,
+    check_due,
+    dead_letter_headers,
+    due_ms,
+    held_headers,
+    invalid_input_headers,
+    read_meta,
+    retry_headers,
+)
+from consumer.intake import parse_event
+from consumer.kafka_io import AsyncProducer, header_list, header_map, position
+from consumer.models import AttemptResult, AttemptRow, Endpoint, Event, delivery_id_for
+from consumer.retry_policy import decide, max_due_ahead_s, schedule_span_s, tier_topic
+
+log = logging.getLogger(__name__)
+
+REASON_EXHAUSTED: Final = "exhausted"  # every tier tried
+REASON_EXPIRED: Final = "expired"  # the schedule's span passed while an open circuit held it
+REASON_INTERNAL: Final = "internal_error"
+STATUS_TEXT_MAX: Final = 256
+ERROR_MAX: Final = 1024
+_NO_CALL: Final = AttemptResult("held")
+
+# Called with True when a held delivery starts waiting (it gives its in-flight place back)
+# and False when it is admitted again.
+HoldListener = Callable[[bool], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """Everything one delivery attempt needs, prepared from one Kafka message."""
+
+    event: Event
+    endpoint: Endpoint
+    delivery_id: str
+    meta: DeliveryMeta  # its run's start filled in
+    trigger: str
+    origin: tuple[str, int, int]
+    held: bool  # read back from the held topic: it waits for the circuit in memory
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _ts(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+class Pipeline:
+    """The per-message steps of the deliver role; the loop owns offsets and pauses."""
+
+    def __init__(  # noqa: PLR0917 - the role's parts, each named once
+        self,
+        settings: Settings,
+        registry: EndpointRegistry,
+        metrics: m.Metrics,
+        deliverer: Deliverer,
+        gates: Gates,
+        producer: Callable[[], AsyncProducer],
+        on_hold: HoldListener,
+    ) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._metrics = metrics
+        self._deliverer = deliverer
+        self._gates = gates
+        self._producer = producer
+        self._on_hold = on_hold
+        self.tiers = settings.tier_seconds
+        self.retry_topics = {tier_topic(name): name for name, _ in self.tiers}
+        self.span_ms = int(schedule_span_s(self.tiers) * 1000)
+        self.max_due_ahead_ms = int(max_due_ahead_s(self.tiers) * 1000)
+
+    async def handle(self, msg: Message) -> None:
+        """One message, start to end; returns once what it published is acknowledged."""
+        try:
+            await self._handle(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(
+                "internal error on %s[%d]@%d; dead-lettering it", msg.topic(), msg.partition(), msg.offset()
+            )
+            await self.dead_letter_invalid(msg, REASON_INTERNAL, "internal error, see the consumer log")
+
+    async def _handle(self, msg: Message) -> None:
+        job = await self.prepare(msg)
+        while job is not None:
+            gate = self._gates.get(job.endpoint.id, job.endpoint.space, job.endpoint.url)
+            try:
+                ticket = await self._admit(job, gate)
+            except Parked as parked:
+                await self._park(job, parked.reason)
+                return
+            except Expired:
+                await self._expire(job)
+                return
+            except EndpointGone:  # removed or changed while it waited: look it up again
+                job = self._reroute(job)
+                continue
+            result = await self.call(job, gate, ticket)
+            await self.complete(job, result)
+            return
+
+    # 1. prepare ------------------------------------------------------------------------------
+
+    async def prepare(self, msg: Message) -> Job | None:
+        """Parse, validate and look up the endpoint; bad input is dead-lettered here."""
+        headers = header_map(msg)
+        now = now_ms()
+        topic = msg.topic()
+        try:
+            event = parse_event(msg.value(), self._settings.max_payload_bytes)
+            meta = read_meta(headers).started(now)
+            if topic in self.retry_topics:
+                check_due(due_ms(headers), now, self.max_due_ahead_ms)
+        except InvalidEvent as exc:
+            self._metrics.invalid_events.labels(exc.reason).inc()
+            log.warning("invalid event on %s[%d]@%d: %s (dead-lettered)",
+                        topic, msg.partition(), msg.offset(), exc)
+            await self.dead_letter_invalid(msg, exc.reason, exc.detail)
+            return None
+        endpoint = self._endpoint_for(event)
+        if endpoint is None:
+            return None
+        trigger = meta.trigger or (c.TRIGGER_RETRY if topic in self.retry_topics else c.TRIGGER_INITIAL)
+        return Job(
+            event=event,
+            endpoint=endpoint,
+            delivery_id=meta.delivery_id or delivery_id_for(event.id, endpoint.id),
+            meta=meta,
+            trigger=trigger,
+            origin=meta.origin or position(msg),
+            held=topic == c.HELD_TOPIC,
+        )
+
+    def _endpoint_for(self, event: Event) -> Endpoint | None:
+        endpoint = self._registry.get(event.space_slug)
+        if endpoint is None:
+            self._metrics.no_endpoint.labels(event.space_slug).inc()
+            log.info("event %s: space %s has no active endpoint; not delivered", event.id, event.space_slug)
+        return endpoint
+
+    def _reroute(self, job: Job) -> Job | None:
+        endpoint = self._endpoint_for(job.event)
+        return None if endpoint is None else dataclasses.replace(job, endpoint=endpoint)
+
+    # 2. call -----------------------------------------------------------------------------------
+
+    async def _admit(self, job: Job, gate: EndpointGate) -> Ticket:
+        """A place for the call. A held delivery waits without taking an in-flight place, until
+        the circuit admits it or the end of its schedule's span."""
+        if not job.held:
+            return await gate.enter()
+        assert job.meta.run_started_ms is not None
+        left_s = (job.meta.run_started_ms + self.span_ms - now_ms()) / 1000
+        if left_s <= 0:
+            raise Expired(job.delivery_id)
+        self._on_hold(True)
+        try:
+            return await gate.enter(held=True, deadline=asyncio.get_running_loop().time() + left_s)
+        finally:
+            self._on_hold(False)
+
+    async def call(self, job: Job, gate: EndpointGate, ticket: Ticket) -> AttemptResult:
+        event = job.event
+        try:
+            result = await self._deliverer.call(job.endpoint, event, job.delivery_id, job.meta.attempt)
+        except BaseException:
+            gate.leave(ticket, None)
+            raise
+        verdict = verdict_for(result.delivered, result.status_code) if result.called else None
+        gate.leave(ticket, verdict, result.outcome)
+        metrics = self._metrics
+        metrics.child(metrics.attempt_duration, event.space_slug).observe(result.duration_ms / 1000)
+        metrics.child(metrics.attempts, event.space_slug, event.type, result.outcome).inc()
+        return result
+
+    # 3. complete -------------------------------------------------------------------------------
+
+    async def complete(self, job: Job, result: AttemptResult) -> None:
+        """Publish what follows the attempt and its record; returns once Kafka has both."""
+        now = now_ms()
+        next_at: int | None = None
+        meta, event = job.meta, job.event
+        producer = self._producer()
+        publishes: list[Awaitable[Any]] = []
+        if result.delivered:
+            status = c.STATUS_DELIVERED
+        else:
+            decision = decide(meta.run_attempt, self.tiers, now, result.retry_after_s)
+            if decision.tier is None:
+                status = c.STATUS_FAILED
+                headers = dead_letter_headers(
+                    meta, job.delivery_id, job.origin, reason=REASON_EXHAUSTED, detail=result.error,
+                    error_kind=result.outcome, status_code=result.status_code,
+                )
+                publishes.append(producer.publish(c.DLQ_TOPIC, event.body, job.delivery_id, headers))
+                publishes.append(self._exhausted(job, REASON_EXHAUSTED, meta.run_attempt, result))
+                self._metrics.dead_lettered.labels(REASON_EXHAUSTED).inc()
+            else:
+                status = c.STATUS_RETRYING
+                next_at = decision.due_ms
+                headers = retry_headers(
+                    meta, job.delivery_id, job.origin, failed_at_ms=now, error_kind=result.outcome,
+                    status_code=result.status_code, due=decision.due_ms,
+                )
+                topic = tier_topic(decision.tier)
+                publishes.append(producer.publish(topic, event.body, job.delivery_id, headers))
+                self._metrics.retries_scheduled.labels(decision.tier).inc()
+        publishes.append(self._record(self.row(job, result, status, now, next_at)))
+        await _all(publishes)
+        # Successes at DEBUG: at thousands per second a line each would dominate the hot path.
+        if not result.delivered or log.isEnabledFor(logging.DEBUG):
+            log.log(
+                logging.DEBUG if result.delivered else logging.INFO,
+                "attempt delivery=%s space=%s event_type=%s attempt=%d status=%s outcome=%s code=%d "
+                "duration_ms=%d",
+                job.delivery_id, event.space_slug, event.type, meta.attempt, status, result.outcome,
+                result.status_code, result.duration_ms,
+            )
+
+    async def _park(self, job: Job, reason: str) -> None:
+        """No call now (circuit open, or saturated): park it on the held topic with its attempt
+        number unchanged, and say so in history with its hold record (attempt 0)."""
+        now = now_ms()
+        headers = held_headers(
+            job.meta, job.delivery_id, job.origin, trigger=job.trigger, reason=reason, held_since_ms=now
+        )
+        producer = self._producer()
+        why = "its circuit is open" if reason == PARK_CIRCUIT_OPEN else "it is saturated"
+        row = self._hold_row(
+            job, c.STATUS_HELD, now, reason,
+            f"held: no call made, the endpoint is not taking deliveries ({why}); attempt "
+            f"{job.meta.attempt} goes out when it recovers",
+        )
+        await _all([
+            producer.publish(c.HELD_TOPIC, job.event.body, job.endpoint.id, headers),
+            self._record(row),
+        ])
+        self._metrics.holds.labels(reason).inc()
+        log.info("held delivery=%s space=%s attempt=%d: %s",
+                 job.delivery_id, job.event.space_slug, job.meta.attempt, why)
+
+    async def _expire(self, job: Job) -> None:
+        """Its run outlived the schedule's span while held: it ends `failed`, attempt unspent."""
+        now = now_ms()
+        detail = (
+            f"expired: held by an open circuit past the schedule's span "
+            f"({self.span_ms / 3_600_000:.1f}h); attempt {job.meta.attempt} was never made"
+        )
+        headers = dead_letter_headers(
+            job.meta, job.delivery_id, job.origin, reason=REASON_EXPIRED, detail=detail,
+            error_kind=REASON_EXPIRED, status_code=0, called=False,
+        )
+        row = self._hold_row(job, c.STATUS_FAILED, job.meta.held_since_ms or now, REASON_EXPIRED, detail)
+        await _all([
+            self._producer().publish(c.DLQ_TOPIC, job.event.body, job.delivery_id, headers),
+            self._record(row),
+            self._exhausted(job, REASON_EXPIRED, job.meta.run_attempt - 1, None),
+        ])
+        self._metrics.dead_lettered.labels(REASON_EXPIRED).inc()
+        log.info("expired delivery=%s space=%s attempt=%d unspent",
+                 job.delivery_id, job.event.space_slug, job.meta.attempt)
+
+    async def dead_letter_invalid(self, msg: Message, reason: str, detail: str) -> None:
+        """Bad input: the original bytes and headers go to the DLQ with the reason."""
+        headers = invalid_input_headers(header_list(msg), position(msg), reason=reason, detail=detail)
+        await self._producer().publish(c.DLQ_TOPIC, msg.value(), msg.key(), headers)
+        self._metrics.dead_lettered.labels(reason).inc()
+
+    # Records ---------------------------------------------------------------------------------
+
+    def _record(self, row: AttemptRow) -> Awaitable[Any]:
+        return self._producer().publish(c.ATTEMPTS_TOPIC, attempts.encode(row), row.delivery_id)
+
+    async def _exhausted(self, job: Job, reason: str, calls: int, result: AttemptResult | None) -> None:
+        record = operational.delivery_exhausted(
+            job.endpoint.space, job.endpoint.id, job.endpoint.host, time.time(),
+            delivery_id=job.delivery_id, event_id=job.event.id, event_type=job.event.type,
+            attempts=max(0, calls), reason=reason,
+            last_error_kind=result.outcome if result else reason,
+            last_status_code=result.status_code if result else 0,
+        )
+        await self._producer().publish(c.OPERATIONAL_TOPIC, record, job.endpoint.space)
+        self._metrics.operational_events.labels(operational.DELIVERY_EXHAUSTED).inc()
+
+    def row(
+        self, job: Job, result: AttemptResult, status: str, at_ms: int, next_at: int | None
+    ) -> AttemptRow:
+        event, endpoint = job.event, job.endpoint
+        return AttemptRow(
+            delivery_id=job.delivery_id,
+            attempt=job.meta.attempt,
+            event_id=event.id,
+            event_type=event.type,
+            space_slug=event.space_slug,
+            environment=event.environment,
+            endpoint_id=endpoint.id,
+            endpoint_host=endpoint.host,
+            user_id=event.user_id,
+            transaction_id=event.transaction_id,
+            trigger=job.trigger,
+            status=status,
+            status_code=result.status_code,
+            status_text=result.status_text[:STATUS_TEXT_MAX],
+            duration_ms=result.duration_ms,
+            error=result.error[:ERROR_MAX],
+            attempted_at=_ts(at_ms),
+            next_attempt_at=_ts(next_at) if next_at else None,
+            request_body=event.text,
+            response_excerpt=result.response_excerpt,
+            source_topic=job.origin[0],
+            source_partition=job.origin[1],
+            source_offset=job.origin[2],
+            error_kind="" if result.delivered else result.outcome,
+            replay_id=job.meta.replay_id,
+        )
+
+    def _hold_row(self, job: Job, status: str, at_ms: int, error_kind: str, error: str) -> AttemptRow:
+        """The delivery's hold record: attempt 0, not a call (docs/analysts.md)."""
+        row = self.row(job, _NO_CALL, status, at_ms, None)
+        row.attempt = 0
+        row.pending_attempt = job.meta.attempt
+        row.error_kind = error_kind
+        row.error = error
+        return row
+
+
+async def _all(publishes: list[Awaitable[Any]]) -> None:
+    """Wait for every publish; the first failure is raised after all have settled."""
+    if len(publishes) == 1:
+        await publishes[0]
+        return
+    results = await asyncio.gather(*publishes, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
