@@ -6,23 +6,32 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
 
+import orjson
 from aiohttp import web
 
 from consumer.admin import build_app, start_admin
+from consumer.breaker import CLOSED, HALF_OPEN, OPEN
 from consumer.config import Settings
 from consumer.endpoints import EndpointRegistry, load_file
 from consumer.errors import KafkaError
 from consumer.history import HistoryStore
 from consumer.kafka_io import wait_for_broker
 from consumer.metrics import Metrics
+from consumer.registry_publish import Receipt, check_registry_topic, publish_registry_record
 from consumer.registry_topic import RegistryFollower
+from consumer.republish import Republisher
 from consumer.service import DeliveryService
 
 log = logging.getLogger(__name__)
 
 REGISTRY_LOAD_TIMEOUT_S = 60.0
+REGISTRY_PUBLISH_TIMEOUT_S = 15.0
+_CIRCUIT = {CLOSED: "closed", OPEN: "open", HALF_OPEN: "half_open"}
 
 
 @dataclass
@@ -42,6 +51,54 @@ class App:
             "endpoints": self.registry.loaded,
             "history": self.service.writer.healthy,
         }
+
+    # What the history API and the console use (consumer.console.ConsoleContext) -------------
+
+    @property
+    def reader(self) -> HistoryStore:
+        return self.store
+
+    @property
+    def endpoints(self) -> EndpointRegistry:
+        return self.registry
+
+    @cached_property
+    def republisher(self) -> Republisher:
+        """One per process: the API and the console share its double-work guard."""
+        registry, service = self.registry, self.service
+        return Republisher(
+            self.store, self.settings.events_topics[0], lambda: service.producer, self.metrics,
+            has_endpoint=lambda space: registry.get(space) is not None,
+        )
+
+    async def publish_endpoint(self, space: str, record: Mapping[str, Any] | None) -> Receipt:
+        """Publish to the registry topic like `endpoints set|remove` (the follower applies it)."""
+        bootstrap = self.settings.kafka_bootstrap_servers
+        value = None if record is None else orjson.dumps(dict(record))
+
+        def publish() -> Receipt:
+            warning = check_registry_topic(bootstrap, REGISTRY_PUBLISH_TIMEOUT_S)
+            if warning:
+                log.warning("%s", warning)
+            return publish_registry_record(bootstrap, space, value, REGISTRY_PUBLISH_TIMEOUT_S,
+                                           client_id="perkamo-webhooks-console")
+
+        return await asyncio.to_thread(publish)
+
+    def endpoint_health(self, space: str) -> Mapping[str, Any] | None:
+        """Until the health model lands: the circuit breaker's view of the Space's endpoint."""
+        endpoint = self.registry.get(space)
+        if endpoint is None:
+            return None
+        breakers = self.service.breakers
+        circuit = breakers.state(endpoint.id)
+        if circuit != CLOSED:
+            state = "circuit_open"
+        elif breakers.failing(endpoint.id):
+            state = "degraded"
+        else:
+            state = "healthy"
+        return {"state": state, "circuit": _CIRCUIT.get(circuit, "closed")}
 
 
 def build(settings: Settings, store: HistoryStore | None = None, metrics: Metrics | None = None) -> App:
@@ -66,7 +123,7 @@ async def serve(app: App, install_signals: bool = True) -> None:
             loop.add_signal_handler(sig, app.service.stop)
     await asyncio.to_thread(wait_for_broker, app.settings.kafka_bootstrap_servers, 30.0)
     host, port = app.settings.admin_host_port
-    app.admin = await start_admin(build_app(app.metrics, app.readiness, app), host, port)
+    app.admin = await start_admin(build_app(app.metrics, app.readiness, app, console=app), host, port)
     try:
         if app.follower is not None:
             app.follower.start()

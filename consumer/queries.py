@@ -41,6 +41,8 @@ LATEST: Final = datetime(2200, 1, 1, tzinfo=UTC)
 _RELATIVE_RE = re.compile(r"^(\d+)\s*(s|m|h|d|w)$")
 _RELATIVE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _TEXT_MAX = 256
+SEARCH_WINDOW: Final = timedelta(days=30)  # a search without `since` looks this far back
+SEARCH_LIMIT: Final = 100
 
 
 class BadRequest(PerkamoError):
@@ -87,6 +89,55 @@ HAVING min(attempt) = 1
   AND (first_attempted_at, delivery_id) < ({after_at:DateTime64(3, 'UTC')}, {after_id:String})
 ORDER BY first_attempted_at DESC, delivery_id DESC
 LIMIT {limit:UInt32}
+"""
+
+# The console's search: deliveries with this delivery id, event id or transaction id, in a
+# bounded window (search_deliveries never leaves `since` open), newest first.
+DELIVERY_SEARCH: Final = """
+SELECT
+    delivery_id,
+    any(space_slug) AS space,
+    argMin(event_id, attempt) AS event_id,
+    argMin(event_type, attempt) AS event_type,
+    argMax(status, attempt) AS status,
+    count() AS attempts,
+    max(attempt) AS last_attempt,
+    argMax(trigger, attempt) AS last_trigger,
+    argMax(status_code, attempt) AS last_status_code,
+    argMax(error_kind, attempt) AS last_error_kind,
+    argMax(endpoint_host, attempt) AS endpoint_host,
+    argMax(tuple(next_attempt_at), attempt).1 AS next_attempt_at,
+    min(attempted_at) AS first_attempted_at,
+    max(attempted_at) AS last_attempted_at
+FROM perkamo.webhook_attempts FINAL
+WHERE ({space:String} = '' OR space_slug = {space:String})
+  AND ({event_type:String} = '' OR webhook_attempts.event_type = {event_type:String})
+  AND attempted_at >= {since:DateTime64(3, 'UTC')}
+  AND (delivery_id = {q:String} OR webhook_attempts.event_id = {q:String}
+       OR transaction_id = {q:String})
+GROUP BY delivery_id
+HAVING min(attempt) = 1
+  AND first_attempted_at < {until:DateTime64(3, 'UTC')}
+  AND ({status:String} = '' OR status = {status:String})
+ORDER BY first_attempted_at DESC, delivery_id DESC
+LIMIT {limit:UInt32}
+"""
+
+# Per Space: HTTP calls made in the last hour and day, and how many were delivered (attempts
+# recorded without a call -- circuit open, endpoint saturated -- are not calls).
+SUCCESS_RATES: Final = """
+SELECT
+    space_slug AS space,
+    countIf(attempted_at >= {hour_ago:DateTime64(3, 'UTC')}) AS calls_1h,
+    countIf(attempted_at >= {hour_ago:DateTime64(3, 'UTC')} AND status = 'delivered') AS delivered_1h,
+    count() AS calls_24h,
+    countIf(status = 'delivered') AS delivered_24h
+FROM perkamo.webhook_attempts FINAL
+WHERE attempted_at >= {day_ago:DateTime64(3, 'UTC')}
+  AND ({space:String} = '' OR space_slug = {space:String})
+  AND error_kind NOT IN ('circuit_open', 'endpoint_saturated')
+GROUP BY space_slug
+ORDER BY space_slug
 """
 
 # Every attempt of one delivery; the bloom filter on delivery_id finds its granules.
@@ -431,3 +482,35 @@ def delivery_detail(
         "status": last["status"],
         "attempts": attempts,
     }
+
+
+def search_deliveries(
+    store: Reader, flt: DeliveryFilter, q: str, limit: int = SEARCH_LIMIT
+) -> list[dict[str, Any]]:
+    """Deliveries whose delivery id, event id or transaction id is `q`, within the filters;
+    the window is [since, until) with since defaulting to SEARCH_WINDOW ago (never open)."""
+    check_text("q", q, required=True)
+    check_limit(limit)
+    until = flt.until or LATEST
+    since = flt.since or min(until, datetime.now(UTC)) - SEARCH_WINDOW
+    columns, rows = store.query(DELIVERY_SEARCH, {
+        "space": flt.space,
+        "event_type": flt.event_type,
+        "status": flt.status,
+        "since": since,
+        "until": until,
+        "q": q.strip(),
+        "limit": limit,
+    })
+    return _dicts(columns, rows)
+
+
+def success_rates(store: Reader, space: str = "", now: datetime | None = None) -> dict[str, dict[str, Any]]:
+    """Space -> calls and deliveries in the last hour and day (no row: no call in a day)."""
+    now = now or datetime.now(UTC)
+    columns, rows = store.query(SUCCESS_RATES, {
+        "space": space,
+        "hour_ago": now - timedelta(hours=1),
+        "day_ago": now - timedelta(days=1),
+    })
+    return {row["space"]: row for row in _dicts(columns, rows)}
