@@ -18,7 +18,7 @@ STATIC = HERE / "static"
 _BODY_SHOWN_MAX = 256 * 1024  # characters of a request body rendered (the rest is cut)
 
 
-def _time(value: Any) -> str:
+def _time(value: Any, ms: bool = True) -> str:
     """ISO text or datetime -> `2026-06-01 10:00:03.123` (UTC, the table's precision)."""
     if value is None or value == "":
         return "—"
@@ -31,7 +31,8 @@ def _time(value: Any) -> str:
     if isinstance(moment, datetime):
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
-        return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        text = moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+        return text[:-3] if ms else text[:-7]
     return str(value)
 
 

@@ -631,12 +631,17 @@ def _see_other(location: str) -> web.Response:
 
 
 def _same_origin(request: web.Request, base_url: str) -> None:
-    """Refuse a POST whose browser says it came from another site (defence beside CSRF tokens)."""
+    """Refuse a POST whose browser says it came from another site (defence beside CSRF tokens).
+
+    Sec-Fetch-Site decides where the browser sends it; else Origin, unless it is `null` (what
+    browsers send under Referrer-Policy: no-referrer), where the CSRF token alone decides."""
     site = request.headers.get("Sec-Fetch-Site")
-    if site is not None and site not in ("same-origin", "none"):
-        raise ConsoleError(403, "Refused: this request came from another site; nothing was done.")
+    if site is not None:
+        if site not in ("same-origin", "none"):
+            raise ConsoleError(403, "Refused: this request came from another site; nothing was done.")
+        return
     origin = request.headers.get("Origin")
-    if origin is None:  # not a browser, or an old one: the CSRF token still decides
+    if origin is None or origin == "null":
         return
     base = urlsplit(base_url)
     allowed = {f"{request.scheme}://{request.host}", f"{base.scheme}://{base.netloc}"}
