@@ -80,7 +80,8 @@ class Watched:
 
     def assert_nothing_ran(self) -> None:
         assert self.dialogs == [], self.dialogs
-        assert not [m for m in self.console if "Content Security Policy" in m or "pageerror" in m], self.console
+        blocked = [m for m in self.console if "Content Security Policy" in m or "pageerror" in m]
+        assert not blocked, self.console
 
 
 async def new_page(browser: Any, width: int = 1280, height: int = 860) -> Watched:
@@ -138,7 +139,8 @@ async def test_support_flow_in_a_browser(harness, receiver, browser):
     await harness.start(settings)
     api = Api(settings, token=TOKEN)
     produce(harness.kafka, harness.events_topic, [orjson.dumps(e) for e in events])
-    produce(harness.kafka, harness.events_topic, [orjson.dumps(make_event(quiet, event_type="reward.granted"))])
+    quiet_event = make_event(quiet, event_type="reward.granted")
+    produce(harness.kafka, harness.events_topic, [orjson.dumps(quiet_event)])
     failed_id = delivery_id_for(events[0]["id"], endpoint_id_for(space))
     other_failed = delivery_id_for(events[1]["id"], endpoint_id_for(space))
     await wait_delivery(api, failed_id, 2, "failed")
@@ -249,7 +251,8 @@ async def test_a_scoped_link_cannot_see_another_space(harness, receiver, browser
         + [attempt(d, 1, other, "failed", now - timedelta(minutes=4 - n), transaction_id=f"order_{other}_{n}")
            for n, d in enumerate(other_ids)])
     settings = harness.settings(
-        [{"space": mine, "url": receiver.url("/mine-secret")}, {"space": other, "url": receiver.url("/other")}],
+        [{"space": mine, "url": receiver.url("/mine-secret")},
+         {"space": other, "url": receiver.url("/other")}],
         admin_token=TOKEN)
     await harness.start(settings)
     host, port = settings.admin_host_port
