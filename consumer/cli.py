@@ -109,7 +109,7 @@ def _receiver(args: argparse.Namespace, settings: Settings) -> int:
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from consumer.demo import run_demo
 
-    return run_demo(Path(args.dir), events=args.events)
+    return run_demo(Path(args.dir), events=args.events, keep_console=args.console)
 
 
 def _console_link(args: argparse.Namespace, settings: Settings) -> int:
@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="local broker + consumer + receiver + sample events, then history")
     demo.add_argument("--dir", default=".data/demo", help="working folder (recreated)")
     demo.add_argument("--events", type=int, default=20)
+    demo.add_argument("--console", action="store_true",
+                      help="after the history, keep the consumer serving the console until Ctrl+C")
     demo.set_defaults(fn=_demo)
 
     link = sub.add_parser(
