@@ -113,13 +113,15 @@ async def bench(store: HistoryStore, runs: int) -> None:
         ("deliveries: every Space, last 24 h", "/console/deliveries?since=24h"),
         ("deliveries: one Space, no time filter", f"/console/deliveries?space={TARGET}"),
         ("deliveries: one Space, last 24 h", f"/console/deliveries?space={TARGET}&since=24h"),
-        ("deliveries: one Space, failed, last 7 d", f"/console/deliveries?space={TARGET}&status=failed&since=7d"),
+        ("deliveries: one Space, failed, last 7 d",
+         f"/console/deliveries?space={TARGET}&status=failed&since=7d"),
         ("search: a transaction id, every Space (30 d window)", f"/console/deliveries?q={transaction_id}"),
         ("delivery page: 3 attempts, body, headers, excerpts", f"/console/deliveries/{delivery_id}"),
         ("endpoint page: health and success rates", f"/console/endpoints/{TARGET}"),
     ]
     try:
-        async with aiohttp.ClientSession() as session:
+        # unsafe=True: keep cookies for an IP address host (127.0.0.1)
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
             await sign_in(session, root)
             async with session.get(f"{root}/console/deliveries?space={TARGET}") as response:
                 text = await response.text()

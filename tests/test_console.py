@@ -650,3 +650,17 @@ def test_console_settings_are_validated_by_name():
     assert settings.console_session_ttl_s == 8 * 3600
     assert load_settings(console_url="https://s.example/c").console_base_url == "https://s.example/c/"
     assert "PERKAMO_CONSOLE_SECRET" in settings.describe()
+
+
+async def test_a_failing_store_is_a_503_page_that_echoes_nothing(store, seeded):
+    class Broken:
+        def query(self, sql: str, parameters: Any = None) -> Any:
+            raise RuntimeError(f"connection to https://user:pw@db.internal failed running {sql}")
+
+    ctx = make_context(store, seeded)
+    ctx.reader = Broken()
+    async with _served(ctx) as client:
+        await client.sign_in()
+        status, html, response = await client.get("/console/deliveries")
+        assert status == 503 and "RuntimeError" in html and "db.internal" not in html
+        assert "script-src 'self'" in response.headers["Content-Security-Policy"]

@@ -168,6 +168,13 @@ class Console:
                 raise
             return self._page(request, "error.html", None, status=exc.status,
                               message=exc.reason, title=f"Error {exc.status}")
+        except Exception as exc:  # the store or the broker: say so, never echo what failed
+            route = request.match_info.route.resource
+            log.exception("console %s %s failed", request.method, route.canonical if route else "?")
+            return self._page(request, "error.html", None, status=503, title="Error 503",
+                              message=f"The history store or the broker is unavailable "
+                                      f"({type(exc).__name__}): try again shortly; details are in "
+                                      "the service log.")
 
     # Sessions -------------------------------------------------------------------------------
 
@@ -329,6 +336,8 @@ class Console:
                 since=parse_time(filters["since"]) if filters["since"] else None,
                 until=parse_time(filters["until"]) if filters["until"] else None,
             )
+            if filters["q"].startswith("dlv_") and await self._visible(session, filters["q"]):
+                return _see_other(f"{PREFIX}/deliveries/{filters['q']}")
             if filters["q"]:
                 rows = await asyncio.to_thread(search_deliveries, self._ctx.reader, flt, filters["q"])
                 if len(rows) == 1 and rows[0]["delivery_id"] == filters["q"]:
@@ -345,6 +354,14 @@ class Console:
         return self._page(request, "deliveries.html", session, status=400 if error else 200,
                           title="Deliveries", filters=filters, rows=rows, next_url=next_url,
                           error=error, statuses=STATUSES, paged=bool(query.get("cursor")))
+
+    async def _visible(self, session: Session, delivery_id: str) -> bool:
+        """Whether this session may open the delivery (it exists and is in its scope)."""
+        try:
+            await self._attempts(session, delivery_id, with_body=False)
+        except ConsoleError:
+            return False
+        return True
 
     async def _attempts(self, session: Session, delivery_id: str, with_body: bool) -> list[dict[str, Any]]:
         try:
