@@ -19,7 +19,7 @@ import binascii
 import hashlib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Protocol
 
@@ -43,6 +43,8 @@ _RELATIVE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _TEXT_MAX = 256
 SEARCH_WINDOW: Final = timedelta(days=30)  # a search without `since` looks this far back
 SEARCH_LIMIT: Final = 100
+# list_newest_first scans these windows below the page's upper bound before the whole range.
+NARROWING_STEPS: Final = (timedelta(hours=1), timedelta(days=1), timedelta(days=7))
 
 
 class BadRequest(PerkamoError):
@@ -455,6 +457,28 @@ def list_deliveries(
     deliveries = _dicts(columns, rows[:limit])
     more = len(rows) > limit
     return Page(deliveries, _encode_cursor(flt, deliveries[-1]) if more else None)
+
+
+def list_newest_first(
+    store: Reader, flt: DeliveryFilter, limit: int = DEFAULT_LIMIT, cursor: str | None = None,
+    now: datetime | None = None,
+) -> Page:
+    """The same page as list_deliveries, found faster on a large table: it reads the newest
+    hour, day and week below the page's upper bound first, and the whole range only when those
+    hold no full page. Exact, because a delivery is placed by its first attempt and every later
+    attempt is newer: a window [t, upper) holds exactly the deliveries that began in it, all
+    their attempts included, in the same order."""
+    upper = flt.until or (now or datetime.now(UTC))
+    if cursor:
+        upper = min(upper, _decode_cursor(flt, cursor)[0])
+    for step in NARROWING_STEPS:
+        since = upper - step
+        if flt.since is not None and since <= flt.since:
+            break
+        page = list_deliveries(store, replace(flt, since=since), limit, cursor)
+        if page.next_cursor is not None:  # more than a page began in the window: it is the answer
+            return page
+    return list_deliveries(store, flt, limit, cursor)
 
 
 def delivery_attempts(

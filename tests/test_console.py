@@ -664,3 +664,36 @@ async def test_a_failing_store_is_a_503_page_that_echoes_nothing(store, seeded):
         status, html, response = await client.get("/console/deliveries")
         assert status == 503 and "RuntimeError" in html and "db.internal" not in html
         assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+
+
+def test_newest_first_pages_equal_the_plain_list(store):
+    from consumer.queries import DeliveryFilter, list_deliveries, list_newest_first
+
+    space = unique("narrow")
+    rows = []
+    # Deliveries 20 minutes to 10 days old, some retried long after they began.
+    for n in range(40):
+        began = NOW - timedelta(minutes=20) * (1.7 ** (n / 4))
+        status = "failed" if n % 3 == 0 else "delivered"
+        rows.append(attempt(f"dlv_{space}_{n:02d}", 1, space, "retrying" if status == "failed" else status,
+                            began))
+        if status == "failed":
+            rows.append(attempt(f"dlv_{space}_{n:02d}", 2, space, "failed", began + timedelta(hours=30)))
+    store.insert(rows)
+
+    def walk(fn: Any, flt: DeliveryFilter) -> list[list[str]]:
+        pages, cursor = [], None
+        while True:
+            page = fn(store, flt, 5, cursor)
+            pages.append([d["delivery_id"] for d in page.deliveries])
+            assert all(d["space"] == space for d in page.deliveries)
+            cursor = page.next_cursor
+            if cursor is None:
+                return pages
+
+    for flt in (DeliveryFilter(space=space), DeliveryFilter(space=space, status="failed"),
+                DeliveryFilter(space=space, since=NOW - timedelta(days=3)),
+                DeliveryFilter(space=space, until=NOW - timedelta(hours=5))):
+        plain = walk(list_deliveries, flt)
+        assert walk(list_newest_first, flt) == plain, flt
+        assert sum(len(p) for p in plain) > 5

@@ -40,7 +40,7 @@ from consumer.queries import (
     check_text,
     delivery_attempts,
     iso,
-    list_deliveries,
+    list_newest_first,
     parse_time,
     search_deliveries,
     success_rates,
@@ -343,7 +343,7 @@ class Console:
                 if len(rows) == 1 and rows[0]["delivery_id"] == filters["q"]:
                     return _see_other(f"{PREFIX}/deliveries/{filters['q']}")
             else:
-                page = await asyncio.to_thread(list_deliveries, self._ctx.reader, flt, PAGE_SIZE,
+                page = await asyncio.to_thread(list_newest_first, self._ctx.reader, flt, PAGE_SIZE,
                                                query.get("cursor") or None)
                 rows = page.deliveries
                 if page.next_cursor:
