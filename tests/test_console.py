@@ -670,15 +670,16 @@ def test_newest_first_pages_equal_the_plain_list(store):
     from consumer.queries import DeliveryFilter, list_deliveries, list_newest_first
 
     space = unique("narrow")
+    kind = f"kind.{space}"  # every Space's list (where it narrows), this event type: only these rows
     rows = []
     # Deliveries 20 minutes to 10 days old, some retried long after they began.
     for n in range(40):
         began = NOW - timedelta(minutes=20) * (1.7 ** (n / 4))
-        status = "failed" if n % 3 == 0 else "delivered"
-        rows.append(attempt(f"dlv_{space}_{n:02d}", 1, space, "retrying" if status == "failed" else status,
-                            began))
-        if status == "failed":
-            rows.append(attempt(f"dlv_{space}_{n:02d}", 2, space, "failed", began + timedelta(hours=30)))
+        failed = n % 3 == 0
+        did = f"dlv_{space}_{n:02d}"
+        rows.append(attempt(did, 1, space, "retrying" if failed else "delivered", began, event_type=kind))
+        if failed:
+            rows.append(attempt(did, 2, space, "failed", began + timedelta(hours=30), event_type=kind))
     store.insert(rows)
 
     def walk(fn: Any, flt: DeliveryFilter) -> list[list[str]]:
@@ -691,9 +692,10 @@ def test_newest_first_pages_equal_the_plain_list(store):
             if cursor is None:
                 return pages
 
-    for flt in (DeliveryFilter(space=space), DeliveryFilter(space=space, status="failed"),
-                DeliveryFilter(space=space, since=NOW - timedelta(days=3)),
-                DeliveryFilter(space=space, until=NOW - timedelta(hours=5))):
+    for flt in (DeliveryFilter(event_type=kind), DeliveryFilter(event_type=kind, status="failed"),
+                DeliveryFilter(event_type=kind, since=NOW - timedelta(days=3)),
+                DeliveryFilter(event_type=kind, until=NOW - timedelta(hours=5)),
+                DeliveryFilter(space=space)):
         plain = walk(list_deliveries, flt)
         assert walk(list_newest_first, flt) == plain, flt
         assert sum(len(p) for p in plain) > 5

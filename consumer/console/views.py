@@ -125,12 +125,12 @@ class Console:
         self._revoked = Revoked()
         self._throttle = Throttle()
         self._jobs: OrderedDict[str, ReplayJob] = OrderedDict()
+        self._running: set[asyncio.Task[None]] = set()  # strong references until they finish
 
     # Assembly -------------------------------------------------------------------------------
 
     def application(self) -> web.Application:
-        app = web.Application(middlewares=[_security_headers, self._error_pages],
-                              client_max_size=64 * 1024)
+        app = web.Application(middlewares=[_security_headers, self._error_pages])
         r = app.router
         r.add_get("/", self.index)
         r.add_post("/sign-in", self.sign_in)
@@ -152,21 +152,20 @@ class Console:
         return app
 
     async def _stop_jobs(self, _: web.Application) -> None:
-        for job in self._jobs.values():
-            if job.task is not None and not job.task.done():
-                job.task.cancel()
+        for task in list(self._running):
+            task.cancel()
 
     @web.middleware
     async def _error_pages(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
         except ConsoleError as exc:
-            return self._page(request, "error.html", None, status=exc.status, headers=exc.headers,
-                              message=str(exc), title=f"Error {exc.status}")
+            return self._page(request, "error.html", self._session(request), status=exc.status,
+                              headers=exc.headers, message=str(exc), title=f"Error {exc.status}")
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return self._page(request, "error.html", None, status=exc.status,
+            return self._page(request, "error.html", self._session(request), status=exc.status,
                               message=exc.reason, title=f"Error {exc.status}")
         except Exception as exc:  # the store or the broker: say so, never echo what failed
             route = request.match_info.route.resource
@@ -472,6 +471,8 @@ class Console:
         job = ReplayJob(secrets.token_urlsafe(9), selection.space, plan)
         if plan.todo:
             job.task = asyncio.create_task(self._run_job(job))
+            self._running.add(job.task)
+            job.task.add_done_callback(self._running.discard)
         else:
             job.state = "done"
         self._jobs[job.id] = job

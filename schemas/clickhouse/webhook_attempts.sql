@@ -7,7 +7,7 @@
 -- FINAL so duplicates never count before a merge either.
 -- ORDER BY starts with space_slug: "this Space's attempts" reads one key range; the time
 -- range prunes month partitions and the minmax index; status has a set index; lookups by
--- delivery id alone use the bloom filter.
+-- delivery id, event id or transaction id alone (the console's search) use bloom filters.
 CREATE TABLE IF NOT EXISTS perkamo.webhook_attempts
 (
     delivery_id       String,
@@ -37,6 +37,8 @@ CREATE TABLE IF NOT EXISTS perkamo.webhook_attempts
     replay_id         String,
     written_at        DateTime64(3, 'UTC') DEFAULT now64(3),
     INDEX idx_delivery_id delivery_id TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX idx_event_id event_id TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX idx_transaction_id transaction_id TYPE bloom_filter(0.01) GRANULARITY 4,
     INDEX idx_attempted_at attempted_at TYPE minmax GRANULARITY 1,
     INDEX idx_status status TYPE set(8) GRANULARITY 4
 )
