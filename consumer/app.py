@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from consumer.admin import build_app, start_admin
@@ -22,7 +21,7 @@ from consumer.errors import KafkaError
 from consumer.history import HistoryStore
 from consumer.kafka_io import wait_for_broker
 from consumer.metrics import Metrics
-from consumer.registry_publish import Receipt, check_registry_topic, publish_registry_record
+from consumer.registry_publish import Receipt, publish_endpoint_record
 from consumer.registry_topic import RegistryFollower
 from consumer.republish import Republisher
 from consumer.service import DeliveryService
@@ -30,7 +29,6 @@ from consumer.service import DeliveryService
 log = logging.getLogger(__name__)
 
 REGISTRY_LOAD_TIMEOUT_S = 60.0
-REGISTRY_PUBLISH_TIMEOUT_S = 15.0
 _CIRCUIT = {CLOSED: "closed", OPEN: "open", HALF_OPEN: "half_open"}
 
 
@@ -73,17 +71,7 @@ class App:
 
     async def publish_endpoint(self, space: str, record: Mapping[str, Any] | None) -> Receipt:
         """Publish to the registry topic like `endpoints set|remove` (the follower applies it)."""
-        bootstrap = self.settings.kafka_bootstrap_servers
-        value = None if record is None else orjson.dumps(dict(record))
-
-        def publish() -> Receipt:
-            warning = check_registry_topic(bootstrap, REGISTRY_PUBLISH_TIMEOUT_S)
-            if warning:
-                log.warning("%s", warning)
-            return publish_registry_record(bootstrap, space, value, REGISTRY_PUBLISH_TIMEOUT_S,
-                                           client_id="perkamo-webhooks-console")
-
-        return await asyncio.to_thread(publish)
+        return await publish_endpoint_record(self.settings.kafka_bootstrap_servers, space, record)
 
     def endpoint_health(self, space: str) -> Mapping[str, Any] | None:
         """Until the health model lands: the circuit breaker's view of the Space's endpoint."""

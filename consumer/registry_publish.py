@@ -8,14 +8,20 @@ so what one does the other does. Blocking: call it from a thread in async code
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+import orjson
 from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
 from consumer.constants import ENDPOINTS_TOPIC
 from consumer.errors import KafkaError
 from consumer.kafka_io import producer_config, topic_configs
+
+log = logging.getLogger(__name__)
 
 
 class Receipt(NamedTuple):
@@ -66,3 +72,20 @@ def publish_registry_record(
     if outcome["err"] is not None:
         raise KafkaError(f"publish to {ENDPOINTS_TOPIC} failed: {outcome['err']}")
     return Receipt(int(outcome["msg"].partition()), int(outcome["msg"].offset()))
+
+
+async def publish_endpoint_record(
+    bootstrap: str, space: str, record: Mapping[str, Any] | None, timeout: float = 15.0,
+    client_id: str = "perkamo-webhooks-console",
+) -> Receipt:
+    """Async-safe: check the topic and publish a record (None = tombstone) from a thread, as
+    `endpoints set|remove` do. The caller validates the record (endpoints.parse_record)."""
+    value = None if record is None else orjson.dumps(dict(record))
+
+    def publish() -> Receipt:
+        warning = check_registry_topic(bootstrap, timeout)
+        if warning:
+            log.warning("%s", warning)
+        return publish_registry_record(bootstrap, space, value, timeout, client_id=client_id)
+
+    return await asyncio.to_thread(publish)
