@@ -115,6 +115,7 @@ FROM perkamo.webhook_attempts FINAL
 WHERE ({space:String} = '' OR space_slug = {space:String})
   AND ({event_type:String} = '' OR webhook_attempts.event_type = {event_type:String})
   AND attempted_at >= {since:DateTime64(3, 'UTC')}
+  AND space_slug IN {candidate_spaces:Array(String)}
   AND delivery_id IN {candidates:Array(String)}
   AND (delivery_id = {q:String} OR webhook_attempts.event_id = {q:String}
        OR transaction_id = {q:String})
@@ -131,7 +132,7 @@ LIMIT {limit:UInt32}
 SEARCH_CANDIDATES: Final = """
 -- No FINAL needed: a duplicate row names the same delivery, and DELIVERY_SEARCH checks
 -- every candidate again with FINAL.
-SELECT DISTINCT delivery_id
+SELECT DISTINCT space_slug, delivery_id
 FROM perkamo.webhook_attempts
 WHERE ({space:String} = '' OR space_slug = {space:String})
   AND attempted_at >= {since:DateTime64(3, 'UTC')}
@@ -542,7 +543,8 @@ def search_deliveries(
         **window,
         "event_type": flt.event_type,
         "status": flt.status,
-        "candidates": [row[0] for row in found],
+        "candidate_spaces": sorted({str(row[0]) for row in found}),
+        "candidates": [str(row[1]) for row in found],
         "limit": limit,
     })
     return _dicts(columns, rows)

@@ -25,7 +25,7 @@ from aiohttp import web
 from consumer.console import console_link
 from consumer.endpoints import endpoint_id_for
 from consumer.models import delivery_id_for
-from tests.support import end_offsets, make_event, produce, unique
+from tests.support import end_offsets, make_event, produce, unique, wait_for
 from tests.test_history_api import Api, wait_delivery
 from tests.test_queries import attempt
 
@@ -136,7 +136,7 @@ async def test_support_flow_in_a_browser(harness, receiver, browser):
     settings = harness.settings(
         [{"space": space, "url": receiver.url("/hook")}, {"space": quiet, "url": receiver.url("/quiet")}],
         retry_tiers=["1s"], admin_token=TOKEN, breaker_failures=100)
-    await harness.start(settings)
+    app = await harness.start(settings)
     api = Api(settings, token=TOKEN)
     produce(harness.kafka, harness.events_topic, [orjson.dumps(e) for e in events])
     quiet_event = make_event(quiet, event_type="reward.granted")
@@ -227,6 +227,14 @@ async def test_support_flow_in_a_browser(harness, receiver, browser):
     await page.fill("#reveal-token", TOKEN)
     await submit(page, "#reveal button")
     assert await page.locator("#endpoint-url").inner_text() == receiver.url("/hook")
+
+    # Setting a new URL publishes to the registry topic; the running consumer applies it.
+    await page.fill("#url", receiver.url("/hook-v2"))
+    await submit(page, "#set-endpoint button")
+    assert "Published to perkamo.webhooks.endpoints" in await page.locator("#published").inner_text()
+    assert "/hook-v2" not in await page.content()
+    await wait_for(lambda: (ep := app.registry.get(space)) is not None and ep.url.endswith("/hook-v2"),
+                   timeout=20, what="the registry to apply the console's record")
 
     # A phone.
     phone = await new_page(browser, 390, 844)
