@@ -27,7 +27,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from consumer.config import Settings
-from consumer.kafka_io import AsyncProducer
+from consumer.console import ConsoleContext
+from consumer.console import mount as mount_console
 from consumer.metrics import Metrics
 from consumer.queries import (
     DEFAULT_LIMIT,
@@ -60,17 +61,6 @@ _LIST_PARAMS = frozenset({"space", "status", "event_type", "since", "until", "li
 _REPLAY_FIELDS = frozenset({"space", "since", "until", "status", "dry_run", "force"})
 
 
-class _ProducerHolder(Protocol):
-    @property
-    def producer(self) -> AsyncProducer | None: ...
-
-    def endpoint_health(self) -> dict[str, dict[str, Any]]: ...
-
-
-class _EndpointLookup(Protocol):
-    def get(self, space: str) -> object | None: ...
-
-
 class AdminContext(Protocol):
     """What the history API needs of the running service (consumer.app.App has it)."""
 
@@ -81,10 +71,11 @@ class AdminContext(Protocol):
     def store(self) -> Reader: ...
 
     @property
-    def service(self) -> _ProducerHolder: ...
+    def republisher(self) -> Republisher:
+        """One per process, shared with the console (its double-work guard is per instance)."""
 
-    @property
-    def registry(self) -> _EndpointLookup: ...
+    def endpoints_health(self) -> dict[str, dict[str, Any]]:
+        """Per Space: its endpoint's health (consumer.health)."""
 
 
 class ApiError(Exception):
@@ -114,9 +105,10 @@ def _json(doc: Any, status: int = 200) -> web.Response:
 
 
 def build_app(
-    metrics: Metrics, readiness: ReadinessCheck, context: AdminContext | None = None
+    metrics: Metrics, readiness: ReadinessCheck, context: AdminContext | None = None,
+    console: ConsoleContext | None = None,
 ) -> web.Application:
-    """/metrics and probes; with `context`, the history API as well."""
+    """/metrics and probes; with `context`, the history API; with `console`, /console/."""
     app = web.Application(middlewares=[_errors])
 
     async def metrics_handler(_: web.Request) -> web.Response:
@@ -139,6 +131,8 @@ def build_app(
     app.router.add_get("/readyz", readyz)
     if context is not None:
         HistoryApi(context, metrics).register(app.router)
+    if console is not None:
+        mount_console(app, console)
     return app
 
 
@@ -149,12 +143,8 @@ class HistoryApi:
     def __init__(self, context: AdminContext, metrics: Metrics) -> None:
         self._store = context.store
         self._token = context.settings.admin_token.get_secret_value()
-        service, registry = context.service, context.registry
-        self._service = service
-        self._republisher = Republisher(
-            context.store, context.settings.events_topics[0], lambda: service.producer, metrics,
-            has_endpoint=lambda space: registry.get(space) is not None,
-        )
+        self._republisher = context.republisher
+        self._health = context.endpoints_health
 
     def register(self, router: web.UrlDispatcher) -> None:
         router.add_get(f"{API}/deliveries", self.deliveries)
@@ -165,7 +155,7 @@ class HistoryApi:
 
     async def endpoints_health(self, request: web.Request) -> web.Response:
         """Per Space: its endpoint's health as this process sees it (consumer.health)."""
-        return _json({"endpoints": self._service.endpoint_health()})
+        return _json({"endpoints": self._health()})
 
     async def deliveries(self, request: web.Request) -> web.Response:
         query = request.query

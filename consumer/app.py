@@ -6,7 +6,10 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
 
 from aiohttp import web
 
@@ -17,7 +20,9 @@ from consumer.errors import KafkaError
 from consumer.history import HistoryStore
 from consumer.kafka_io import wait_for_broker
 from consumer.metrics import Metrics
+from consumer.registry_publish import Receipt, publish_endpoint_record
 from consumer.registry_topic import RegistryFollower
+from consumer.republish import Republisher
 from consumer.service import DeliveryService
 
 log = logging.getLogger(__name__)
@@ -43,6 +48,38 @@ class App:
             "history": self.service.writer.healthy,
         }
 
+    # What the history API and the console use (consumer.console.ConsoleContext) -------------
+
+    @property
+    def reader(self) -> HistoryStore:
+        return self.store
+
+    @property
+    def endpoints(self) -> EndpointRegistry:
+        return self.registry
+
+    @cached_property
+    def republisher(self) -> Republisher:
+        """One per process: the API and the console share its double-work guard."""
+        registry, service = self.registry, self.service
+        return Republisher(
+            self.store, self.settings.events_topics[0], lambda: service.producer, self.metrics,
+            has_endpoint=lambda space: registry.get(space) is not None,
+        )
+
+    async def publish_endpoint(self, space: str, record: Mapping[str, Any] | None) -> Receipt:
+        """Publish to the registry topic like `endpoints set|remove` (the follower applies it)."""
+        return await publish_endpoint_record(self.settings.kafka_bootstrap_servers, space, record)
+
+    def endpoint_health(self, space: str) -> Mapping[str, Any] | None:
+        """The console's view of one Space's endpoint health (consumer.health)."""
+        if self.registry.get(space) is None:
+            return None
+        return self.service.endpoint_health().get(space) or {"state": "healthy", "circuit": "closed"}
+
+    def endpoints_health(self) -> dict[str, dict[str, Any]]:
+        return self.service.endpoint_health()
+
 
 def build(settings: Settings, store: HistoryStore | None = None, metrics: Metrics | None = None) -> App:
     """Everything `run` needs, ready to start; raises PerkamoError subclasses on bad set-up."""
@@ -66,7 +103,7 @@ async def serve(app: App, install_signals: bool = True) -> None:
             loop.add_signal_handler(sig, app.service.stop)
     await asyncio.to_thread(wait_for_broker, app.settings.kafka_bootstrap_servers, 30.0)
     host, port = app.settings.admin_host_port
-    app.admin = await start_admin(build_app(app.metrics, app.readiness, app), host, port)
+    app.admin = await start_admin(build_app(app.metrics, app.readiness, app, console=app), host, port)
     try:
         if app.follower is not None:
             app.follower.start()

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -26,6 +28,7 @@ from rich.table import Table
 from consumer import constants as c
 from consumer.app import build, serve
 from consumer.config import load_settings
+from consumer.console import console_link
 from consumer.errors import PerkamoError
 from consumer.history import TABLE
 from consumer.kafka_io import ensure_topics, producer_config, wait_for_broker
@@ -67,7 +70,7 @@ def sample_event(n: int, space: str, environment: str = "live") -> dict[str, Any
     }
 
 
-def run_demo(workdir: Path, events: int = 20) -> int:
+def run_demo(workdir: Path, events: int = 20, keep_console: bool = False) -> int:
     if not KAFKA_SCRIPT.is_file():
         raise PerkamoError(f"{KAFKA_SCRIPT} not found: run the demo from a checkout of the project")
     workdir = workdir.resolve()
@@ -86,12 +89,14 @@ def run_demo(workdir: Path, events: int = 20) -> int:
     subprocess.run([str(KAFKA_SCRIPT), "start"], env=env, check=True)
     console.print(f"    broker answered after {time.monotonic() - started:.1f}s")
     try:
-        return asyncio.run(_demo(workdir, f"127.0.0.1:{port}", events, console))
+        return asyncio.run(_demo(workdir, f"127.0.0.1:{port}", events, console, keep_console))
     finally:
         subprocess.run([str(KAFKA_SCRIPT), "stop"], env=env, check=False)
 
 
-async def _demo(workdir: Path, bootstrap: str, events: int, console: Console) -> int:
+async def _demo(
+    workdir: Path, bootstrap: str, events: int, console: Console, keep_console: bool
+) -> int:
     receiver = SampleReceiver(workdir / "receiver")
     await receiver.start("127.0.0.1", 0)
     base = f"https://localhost:{receiver.port}/webhooks"
@@ -112,6 +117,7 @@ async def _demo(workdir: Path, bootstrap: str, events: int, console: Console) ->
         allow_private_networks=["127.0.0.0/8", "::1/128"],
         ca_bundle=receiver.ca_file,
         admin_listen=f"127.0.0.1:{free_port()}",
+        admin_token=secrets.token_urlsafe(32),  # a fresh one per demo run, printed at the end
     )
     console.print("[bold]2/5[/] creating topics; receiver with a test CA on " + f"127.0.0.1:{receiver.port}")
     await asyncio.to_thread(wait_for_broker, bootstrap, 30)
@@ -149,9 +155,10 @@ async def _demo(workdir: Path, bootstrap: str, events: int, console: Console) ->
         if delivered >= len(healthy) and failed >= expected_failed:
             break
     elapsed = time.monotonic() - started
-    app.service.stop()
-    await task
-    await receiver.stop()
+    if not keep_console:
+        app.service.stop()
+        await task
+        await receiver.stop()
 
     console.print("[bold]5/5[/] delivery history (perkamo.webhook_attempts)")
     columns = "delivery_id, attempt, space_slug, event_type, trigger, status, status_code, duration_ms, error"
@@ -180,4 +187,15 @@ async def _demo(workdir: Path, bootstrap: str, events: int, console: Console) ->
         f"after retries in {elapsed:.1f}s; receiver saw {len(receiver.received)} requests; "
         f"1 event had no endpoint, 1 invalid event went to {c.DLQ_TOPIC}"
     )
+    console.print(f"console: {settings.console_base_url} (sign in with the admin token "
+                  f"{settings.admin_token.get_secret_value()})", soft_wrap=True)
+    console.print(f"a link for {HEALTHY} only: {console_link(settings, HEALTHY, 86400)}", soft_wrap=True)
+    if keep_console:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, app.service.stop)
+        console.print("the consumer keeps serving the console (resend works too); Ctrl+C stops it all")
+        await task
+        await receiver.stop()
+    else:
+        console.print("(both work while the consumer runs: `make demo-console` keeps it running)")
     return 0 if ok else 1
