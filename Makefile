@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench soak kafka-fetch tools clean
+.PHONY: demo demo-console test lint typecheck unit bench soak screenshots kafka-fetch tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ tools:
 demo: $(STAMP) kafka-fetch
 	$(BIN)/perkamo-webhooks demo
 
+# The demo, then the consumer keeps serving the console (and resends) until Ctrl+C.
+demo-console: $(STAMP) kafka-fetch
+	$(BIN)/perkamo-webhooks demo --console
+
 lint: $(STAMP)
 	$(BIN)/ruff check consumer tests
 	$(BIN)/mypy
@@ -33,6 +37,10 @@ test: $(STAMP) kafka-fetch tools lint
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
+
+# The console's browser tests, saving a screenshot of each page into docs/console.
+screenshots: $(STAMP) kafka-fetch tools
+	PERKAMO_SCREENSHOTS_DIR=docs/console $(BIN)/python -m pytest -q tests/test_console_browser.py
 
 bench: $(STAMP) kafka-fetch
 	$(BIN)/python -m tests.bench

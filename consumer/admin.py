@@ -27,7 +27,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from consumer.config import Settings
-from consumer.kafka_io import AsyncProducer
+from consumer.console import ConsoleContext
+from consumer.console import mount as mount_console
 from consumer.metrics import Metrics
 from consumer.queries import (
     DEFAULT_LIMIT,
@@ -61,17 +62,8 @@ _LIST_PARAMS = frozenset({"space", "status", "event_type", "since", "until", "li
 _REPLAY_FIELDS = frozenset({"space", "since", "until", "status", "dry_run", "force"})
 
 
-class _ProducerHolder(Protocol):
-    @property
-    def producer(self) -> AsyncProducer | None: ...
-
-
-class _EndpointLookup(Protocol):
-    def get(self, space: str) -> object | None: ...
-
-
 class AdminContext(Protocol):
-    """What the history API needs of the running service (consumer.app.App has it)."""
+    """What the history API needs of the running service (consumer.history_role.HistoryRole has it)."""
 
     @property
     def settings(self) -> Settings: ...
@@ -80,10 +72,11 @@ class AdminContext(Protocol):
     def store(self) -> Reader: ...
 
     @property
-    def service(self) -> _ProducerHolder: ...
+    def republisher(self) -> Republisher:
+        """One per process, shared with the console (its double-work guard is per instance)."""
 
-    @property
-    def registry(self) -> _EndpointLookup: ...
+    def endpoints_health(self) -> dict[str, dict[str, Any]]:
+        """Per Space: its endpoint's health (consumer.health)."""
 
 
 class ApiError(Exception):
@@ -117,8 +110,10 @@ def build_app(
     readiness: ReadinessCheck,
     context: AdminContext | None = None,
     health: HealthView | None = None,
+    console: ConsoleContext | None = None,
 ) -> web.Application:
-    """/metrics and probes; with `context`, the history API; with `health`, endpoint health."""
+    """/metrics and probes; with `context`, the history API; with `health`, endpoint health;
+    with `console`, /console/."""
     app = web.Application(middlewares=[_errors])
 
     async def metrics_handler(_: web.Request) -> web.Response:
@@ -146,6 +141,8 @@ def build_app(
         app.router.add_get(f"{API}/endpoints/health", endpoints_health)
     if context is not None:
         HistoryApi(context, metrics).register(app.router)
+    if console is not None:
+        mount_console(app, console)
     return app
 
 
@@ -156,11 +153,7 @@ class HistoryApi:
     def __init__(self, context: AdminContext, metrics: Metrics) -> None:
         self._store = context.store
         self._token = context.settings.admin_token.get_secret_value()
-        service, registry = context.service, context.registry
-        self._republisher = Republisher(
-            context.store, context.settings.events_topics[0], lambda: service.producer, metrics,
-            has_endpoint=lambda space: registry.get(space) is not None,
-        )
+        self._republisher = context.republisher
 
     def register(self, router: web.UrlDispatcher) -> None:
         router.add_get(f"{API}/deliveries", self.deliveries)

@@ -1,4 +1,5 @@
-"""`perkamo-webhooks` command line: run, migrate, topics, settings, health, receiver, demo."""
+"""`perkamo-webhooks` command line: run, migrate, topics, settings, health, receiver, demo,
+console-link."""
 
 from __future__ import annotations
 
@@ -127,7 +128,30 @@ def _receiver(args: argparse.Namespace, settings: Settings) -> int:
 def _demo(args: argparse.Namespace, settings: Settings) -> int:
     from consumer.demo import run_demo
 
-    return run_demo(Path(args.dir), events=args.events, stay=False if args.exit else None)
+    return run_demo(Path(args.dir), events=args.events, stay=args.console)
+
+
+def _console_link(args: argparse.Namespace, settings: Settings) -> int:
+    from consumer.config import CONSOLE_MAX_TTL_S, parse_duration
+    from consumer.console import console_link
+    from consumer.console.views import valid_slug
+
+    try:
+        ttl_s = parse_duration(args.ttl)
+    except ValueError as exc:
+        print(f"perkamo-webhooks console-link: --ttl {exc}", file=sys.stderr)
+        return 2
+    if ttl_s > CONSOLE_MAX_TTL_S or not valid_slug(args.space):
+        problem = "--ttl must be at most 30d" if ttl_s > CONSOLE_MAX_TTL_S else \
+            f"--space {args.space!r} is not a Space slug"
+        print(f"perkamo-webhooks console-link: {problem}", file=sys.stderr)
+        return 2
+    try:
+        print(console_link(settings, args.space, ttl_s))
+    except ValueError as exc:
+        print(f"perkamo-webhooks console-link: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,9 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="local broker + consumer + receiver + sample events, then history")
     demo.add_argument("--dir", default=".data/demo", help="working folder (recreated)")
     demo.add_argument("--events", type=int, default=20)
-    demo.add_argument("--exit", action="store_true",
-                      help="stop when the history is printed (the default outside a terminal)")
+    demo.add_argument("--console", action="store_true",
+                      help="after the history, keep the consumer serving the console until Ctrl+C")
     demo.set_defaults(fn=_demo)
+
+    link = sub.add_parser(
+        "console-link",
+        help="print a signed, expiring URL that opens the delivery console for one Space only",
+        description="The link is signed with PERKAMO_CONSOLE_SECRET (or a key derived from "
+        "PERKAMO_ADMIN_TOKEN); the URL starts with PERKAMO_CONSOLE_URL. Anyone holding it sees "
+        "that Space's deliveries and endpoint (never its URL) and can resend and replay them, "
+        "until it expires. Rotating the secret revokes every link.",
+    )
+    link.add_argument("--space", required=True, help="the Space's slug")
+    link.add_argument("--ttl", default="24h", help="how long the link works: 30m, 24h, 7d (at most 30d)")
+    link.set_defaults(fn=_console_link)
 
     from consumer import cli_endpoints, cli_history
 

@@ -21,18 +21,16 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 import orjson
-from confluent_kafka import KafkaException, Producer
-from confluent_kafka.admin import AdminClient
 from rich.console import Console
 from rich.table import Table
 
 from consumer.config import Settings
 from consumer.constants import ENDPOINTS_TOPIC
-from consumer.endpoints import EndpointRegistry, load_file, parse_record, record_of
-from consumer.errors import BlockedAddress, InvalidEndpoint, KafkaError
-from consumer.kafka_io import producer_config, topic_configs
+from consumer.endpoints import EndpointRegistry, load_file, mask_url, parse_record, record_of
+from consumer.errors import BlockedAddress, InvalidEndpoint
 from consumer.models import Endpoint
 from consumer.netguard import AddressPolicy
+from consumer.registry_publish import check_registry_topic, publish_registry_record
 from consumer.registry_topic import read_all
 from consumer.schemas import schema_path
 
@@ -170,15 +168,6 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
 
 
 # Helpers -----------------------------------------------------------------------------------
-
-
-def mask_url(url: str) -> str:
-    """`scheme://host/…`: what may be shown of a URL (the path and query are secrets)."""
-    parts = urlsplit(url)
-    host = parts.hostname or "?"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{parts.scheme}://{host}/…"
 
 
 def _rows(
@@ -331,36 +320,9 @@ def _slug_ok(space: str) -> bool:
     return re.fullmatch(_slug_pattern(), space) is not None
 
 
-def _require_topic(bootstrap: str, timeout: float) -> None:
-    """Refuse to publish to a missing topic: the broker could auto-create it uncompacted."""
-    try:
-        names = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=timeout).topics
-    except KafkaException as exc:
-        raise KafkaError(f"broker {bootstrap} did not answer: {exc}") from None
-    if ENDPOINTS_TOPIC not in names:
-        raise KafkaError(f"topic {ENDPOINTS_TOPIC} does not exist; create it (compacted) with "
-                         "`perkamo-webhooks topics`")
-    configs = topic_configs(bootstrap, [ENDPOINTS_TOPIC]).get(ENDPOINTS_TOPIC, {})
-    policy = configs.get("cleanup.policy")
-    if policy is not None and "compact" not in policy:
-        print(f"warning: {ENDPOINTS_TOPIC} has cleanup.policy={policy}, not compact: "
-              "records will expire and consumers would lose their endpoints", file=sys.stderr)
-
-
 def _publish(bootstrap: str, space: str, value: bytes | None, timeout: float) -> tuple[int, int]:
     """Publish one record (None = tombstone) keyed by the space; returns (partition, offset)."""
-    _require_topic(bootstrap, timeout)
-    producer = Producer({**producer_config(bootstrap), "client.id": "perkamo-webhooks-cli"})
-    outcome: dict[str, Any] = {}
-
-    def on_delivery(err: Any, msg: Any) -> None:
-        outcome["err"], outcome["msg"] = err, msg
-
-    producer.produce(ENDPOINTS_TOPIC, key=space.encode(), value=value, on_delivery=on_delivery)
-    producer.flush(timeout)
-    if "msg" not in outcome:
-        raise KafkaError(f"Kafka did not acknowledge within {timeout:.0f}s; the record may or may "
-                         "not be published: check with `perkamo-webhooks endpoints list`")
-    if outcome["err"] is not None:
-        raise KafkaError(f"publish to {ENDPOINTS_TOPIC} failed: {outcome['err']}")
-    return int(outcome["msg"].partition()), int(outcome["msg"].offset())
+    warning = check_registry_topic(bootstrap, timeout)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    return publish_registry_record(bootstrap, space, value, timeout)

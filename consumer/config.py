@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -28,6 +30,19 @@ ENV_PREFIX = "PERKAMO_"
 SETTINGS_FILE_ENV = "PERKAMO_SETTINGS_FILE"
 
 CommaList = Annotated[list[str], NoDecode]
+
+_DURATION_RE = re.compile(r"^(\d+)(s|m|h|d)$")
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+CONSOLE_SECRET_MIN = 32
+CONSOLE_MAX_TTL_S = 30 * 86400  # sessions and scoped links: at most 30 days
+
+
+def parse_duration(text: str) -> float:
+    """`90s`, `30m`, `8h`, `7d` -> seconds; raises ValueError saying what is expected."""
+    match = _DURATION_RE.match(text.strip())
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(f"{text[:20]!r} is not a duration like 30m, 8h, 7d")
+    return float(int(match.group(1)) * _DURATION_UNITS[match.group(2)])
 
 
 def _split_commas(value: Any) -> Any:
@@ -63,6 +78,11 @@ class Settings(BaseSettings):
     # The deliver role's /metrics and probes; worker i of `--workers N` listens on port + i.
     deliver_admin_listen: str = "127.0.0.1:9465"
     admin_token: SecretStr = SecretStr("")
+    # The delivery console (/console/ on the admin listener). Its signing key comes from
+    # console_secret, or from admin_token (HKDF) when that is empty.
+    console_secret: SecretStr = SecretStr("")
+    console_session_ttl: str = "8h"
+    console_url: str = ""  # empty: http://<admin listen>/console/
     max_in_flight: int = Field(1000, ge=1)
     max_in_flight_per_endpoint: int = Field(50, ge=1)
     partition_window: int = Field(5000, ge=1)
@@ -129,6 +149,35 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("console_secret")
+    @classmethod
+    def _console_secret(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value() and len(value.get_secret_value()) < CONSOLE_SECRET_MIN:
+            raise ValueError(f"must be at least {CONSOLE_SECRET_MIN} characters (or empty)")
+        return value
+
+    @field_validator("console_session_ttl")
+    @classmethod
+    def _console_ttl(cls, value: str) -> str:
+        if parse_duration(value) > CONSOLE_MAX_TTL_S:
+            raise ValueError("must be at most 30d")
+        return value
+
+    @field_validator("console_url")
+    @classmethod
+    def _console_url(cls, value: str) -> str:
+        if not value:
+            return value
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ValueError("expected an http(s):// URL, e.g. https://support.example.com/console/") \
+                from None
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ValueError("expected an http(s):// URL, e.g. https://support.example.com/console/")
+        return value if value.endswith("/") else value + "/"
+
     @field_validator("ca_bundle", "endpoints_file")
     @classmethod
     def _file_exists(cls, value: Path | None) -> Path | None:
@@ -174,6 +223,20 @@ class Settings(BaseSettings):
         """Where deliver worker `worker` serves /metrics and its probes."""
         host, _, port = self.deliver_admin_listen.rpartition(":")
         return host.strip("[]"), int(port) + worker if int(port) else 0
+
+    @property
+    def console_session_ttl_s(self) -> float:
+        return parse_duration(self.console_session_ttl)
+
+    @property
+    def console_base_url(self) -> str:
+        """Where the console is reached: PERKAMO_CONSOLE_URL, or the admin listener's /console/."""
+        if self.console_url:
+            return self.console_url
+        host, port = self.admin_host_port
+        if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard bind is reached on loopback
+            host = "127.0.0.1"
+        return f"http://[{host}]:{port}/console/" if ":" in host else f"http://{host}:{port}/console/"
 
     def describe(self) -> dict[str, str]:
         """Every setting as its env name and value, with secrets masked."""

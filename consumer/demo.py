@@ -32,6 +32,7 @@ from rich.text import Text
 
 from consumer import constants as c
 from consumer.config import load_settings
+from consumer.console import console_link
 from consumer.errors import PerkamoError
 from consumer.kafka_io import ensure_topics, producer_config, wait_for_broker
 from consumer.receiver import SampleReceiver
@@ -73,7 +74,8 @@ def sample_event(n: int, space: str, environment: str = "live") -> dict[str, Any
     }
 
 
-def run_demo(workdir: Path, events: int = 20, stay: bool | None = None) -> int:
+def run_demo(workdir: Path, events: int = 20, stay: bool = False) -> int:
+    """`stay`: after the history, keep the service running for the console until Ctrl+C."""
     if not KAFKA_SCRIPT.is_file():
         raise PerkamoError(f"{KAFKA_SCRIPT} not found: run the demo from a checkout of the project")
     workdir = workdir.resolve()
@@ -91,8 +93,6 @@ def run_demo(workdir: Path, events: int = 20, stay: bool | None = None) -> int:
     started = time.monotonic()
     subprocess.run([str(KAFKA_SCRIPT), "start"], env=env, check=True)
     console.print(f"    broker answered after {time.monotonic() - started:.1f}s")
-    if stay is None:
-        stay = sys.stdin.isatty() and sys.stdout.isatty()
     try:
         return asyncio.run(_demo(workdir, f"127.0.0.1:{port}", events, console, stay))
     finally:
@@ -127,7 +127,9 @@ async def _demo(workdir: Path, bootstrap: str, events: int, console: Console, st
     await receiver.start("127.0.0.1", 0)
     token = secrets.token_urlsafe(32)
     env = _service_env(workdir, bootstrap, receiver, token)
-    settings = load_settings(kafka_bootstrap_servers=bootstrap, retry_tiers=TIERS.split(","))
+    # The service's own view of the settings the console link is signed with.
+    settings = load_settings(kafka_bootstrap_servers=bootstrap, retry_tiers=TIERS.split(","),
+                             admin_listen=env["PERKAMO_ADMIN_LISTEN"], admin_token=token)
     console.print(f"[bold]2/5[/] creating topics; receiver with a test CA on 127.0.0.1:{receiver.port}")
     await asyncio.to_thread(wait_for_broker, bootstrap, 30)
     specs, _ = plan(settings, partitions=3, retention_hours=None)
@@ -166,10 +168,14 @@ async def _demo(workdir: Path, bootstrap: str, events: int, console: Console, st
             f"dead-lettered after retries in {elapsed:.1f}s; receiver saw {len(receiver.received)} "
             f"requests; 1 event had no endpoint, 1 invalid event went to {c.DLQ_TOPIC}"
         )
-        console.print(f"admin API: {api}/api/v1/ (admin token {token})")
+        console.print(f"console: {settings.console_base_url} (sign in with the admin token {token})",
+                      soft_wrap=True)
+        console.print(f"a link for {HEALTHY} only: {console_link(settings, HEALTHY, 86400)}", soft_wrap=True)
         if stay and done:
-            console.print("the service keeps running for the console: press Ctrl-C to stop")
+            console.print("the service keeps serving the console (resend works too); Ctrl+C stops it all")
             await _until_interrupted(service)
+        else:
+            console.print("(both work while the service runs: `make demo-console` keeps it running)")
         return 0 if done else 1
     finally:
         if service.poll() is None:
@@ -189,7 +195,8 @@ async def _wait_outcomes(
         try:
             counts = {}
             for status in ("delivered", "failed"):
-                async with session.get(f"{api}/api/v1/deliveries", params={"status": status, "limit": "1000"}) as r:
+                query = {"status": status, "limit": "1000"}
+                async with session.get(f"{api}/api/v1/deliveries", params=query) as r:
                     if r.status != 200:
                         break
                     counts[status] = len((await r.json())["deliveries"])

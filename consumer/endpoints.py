@@ -66,6 +66,15 @@ def parse_record(doc: Any) -> Endpoint:
     )
 
 
+def mask_url(url: str) -> str:
+    """`scheme://host/…`: what may be shown of a URL (the path and query are secrets)."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}/…"
+
+
 def record_of(endpoint: Endpoint) -> dict[str, Any]:
     """The JSON record for an Endpoint (what the CLI publishes to the registry topic)."""
     record: dict[str, Any] = {"space": endpoint.space, "url": endpoint.url, "active": endpoint.active}

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from enum import IntEnum
 from typing import Any
 
@@ -43,6 +44,12 @@ class HealthState(IntEnum):
     @property
     def label(self) -> str:
         return self.name.lower()
+
+
+def _iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +109,8 @@ class EndpointHealth:
             "failure_rate": round(window.failures / window.calls, 4) if window.calls else 0.0,
             "calls": window.calls,
             "window_s": self.policy.window_s,
-            "last_success_at": self.last_success_at,
-            "last_failure_at": self.last_failure_at,
+            "last_success_at": _iso(self.last_success_at),
+            "last_failure_at": _iso(self.last_failure_at),
             "last_error_kind": self.last_error_kind,
             "held": held,
         }

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from aiohttp import web
@@ -26,7 +28,9 @@ from consumer.history import HistoryStore
 from consumer.ingest import HistoryIngest
 from consumer.kafka_io import AsyncProducer, wait_for_broker
 from consumer.metrics import Metrics
+from consumer.registry_publish import Receipt, publish_endpoint_record
 from consumer.registry_topic import RegistryFollower
+from consumer.republish import Republisher
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +56,38 @@ class HistoryRole:
             "history": self.ingest.healthy,
         }
 
-    def endpoint_health(self) -> dict[str, dict[str, Any]]:
-        return self.health.snapshot()
+    # What the history API (consumer.admin.AdminContext) and the console
+    # (consumer.console.ConsoleContext) use ------------------------------------------------------
 
     @property
-    def service(self) -> HistoryRole:
-        """What the history API asks of "the service": a producer and endpoint health."""
-        return self
+    def reader(self) -> HistoryStore:
+        return self.store
+
+    @property
+    def endpoints(self) -> EndpointRegistry:
+        return self.registry
+
+    @cached_property
+    def republisher(self) -> Republisher:
+        """One per process: the API and the console share its double-work guard."""
+        registry = self.registry
+        return Republisher(
+            self.store, self.settings.events_topics[0], lambda: self.producer, self.metrics,
+            has_endpoint=lambda space: registry.get(space) is not None,
+        )
+
+    async def publish_endpoint(self, space: str, record: Mapping[str, Any] | None) -> Receipt:
+        """Publish to the registry topic like `endpoints set|remove` (the followers apply it)."""
+        return await publish_endpoint_record(self.settings.kafka_bootstrap_servers, space, record)
+
+    def endpoints_health(self) -> dict[str, dict[str, Any]]:
+        """Per Space, from the attempt records of every deliver process (consumer.health)."""
+        return self.health.snapshot()
+
+    def endpoint_health(self, space: str) -> Mapping[str, Any] | None:
+        if self.registry.get(space) is None:
+            return None
+        return self.health.snapshot().get(space) or {"state": "healthy", "circuit": "closed"}
 
     def stop(self) -> None:
         self._stop.set()
@@ -94,7 +123,7 @@ async def serve_history(role: HistoryRole, install_signals: bool = True) -> None
     await asyncio.to_thread(wait_for_broker, role.settings, 30.0)
     role.producer = AsyncProducer(role.settings)
     host, port = role.settings.admin_host_port
-    app = build_app(role.metrics, role.readiness, context=role, health=role.endpoint_health)
+    app = build_app(role.metrics, role.readiness, context=role, health=role.endpoints_health, console=role)
     role.admin = await start_admin(app, host, port)
     try:
         role.ingest.start()

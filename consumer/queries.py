@@ -22,7 +22,7 @@ import binascii
 import hashlib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Protocol
 
@@ -44,6 +44,10 @@ LATEST: Final = datetime(2200, 1, 1, tzinfo=UTC)
 _RELATIVE_RE = re.compile(r"^(\d+)\s*(s|m|h|d|w)$")
 _RELATIVE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _TEXT_MAX = 256
+SEARCH_WINDOW: Final = timedelta(days=30)  # a search without `since` looks this far back
+SEARCH_LIMIT: Final = 100
+# list_newest_first scans these windows below the page's upper bound before the whole range.
+NARROWING_STEPS: Final = (timedelta(hours=1), timedelta(days=1), timedelta(days=7))
 
 
 class BadRequest(PerkamoError):
@@ -90,6 +94,71 @@ HAVING min(if(attempt = 0, pending_attempt, attempt)) = 1
   AND (first_attempted_at, delivery_id) < ({after_at:DateTime64(3, 'UTC')}, {after_id:String})
 ORDER BY first_attempted_at DESC, delivery_id DESC
 LIMIT {limit:UInt32}
+"""
+
+# The console's search: deliveries with this delivery id, event id or transaction id, in a
+# bounded window (search_deliveries never leaves `since` open), newest first.
+DELIVERY_SEARCH: Final = """
+SELECT
+    delivery_id,
+    any(space_slug) AS space,
+    argMin(event_id, attempt) AS event_id,
+    argMin(event_type, attempt) AS event_type,
+    argMax(status, (attempted_at, attempt)) AS status,
+    countIf(attempt > 0) AS attempts,
+    max(attempt) AS last_attempt,
+    argMax(trigger, attempt) AS last_trigger,
+    argMax(status_code, attempt) AS last_status_code,
+    argMax(error_kind, attempt) AS last_error_kind,
+    argMax(endpoint_host, attempt) AS endpoint_host,
+    argMax(tuple(next_attempt_at), attempt).1 AS next_attempt_at,
+    min(attempted_at) AS first_attempted_at,
+    max(attempted_at) AS last_attempted_at
+FROM perkamo.webhook_attempts FINAL
+WHERE ({space:String} = '' OR space_slug = {space:String})
+  AND ({event_type:String} = '' OR webhook_attempts.event_type = {event_type:String})
+  AND attempted_at >= {since:DateTime64(3, 'UTC')}
+  AND space_slug IN {candidate_spaces:Array(String)}
+  AND delivery_id IN {candidates:Array(String)}
+  AND (delivery_id = {q:String} OR webhook_attempts.event_id = {q:String}
+       OR transaction_id = {q:String})
+GROUP BY delivery_id
+HAVING min(if(attempt = 0, pending_attempt, attempt)) = 1
+  AND first_attempted_at < {until:DateTime64(3, 'UTC')}
+  AND ({status:String} = '' OR status = {status:String})
+ORDER BY first_attempted_at DESC, delivery_id DESC
+LIMIT {limit:UInt32}
+"""
+
+# The search's first step: which deliveries have a matching row. Without FINAL the bloom
+# filters skip granules (FINAL's exact mode widens them to whole key ranges again).
+SEARCH_CANDIDATES: Final = """
+-- No FINAL needed: a duplicate row names the same delivery, and DELIVERY_SEARCH checks
+-- every candidate again with FINAL.
+SELECT DISTINCT space_slug, delivery_id
+FROM perkamo.webhook_attempts
+WHERE ({space:String} = '' OR space_slug = {space:String})
+  AND attempted_at >= {since:DateTime64(3, 'UTC')}
+  AND attempted_at < {until:DateTime64(3, 'UTC')}
+  AND (delivery_id = {q:String} OR event_id = {q:String} OR transaction_id = {q:String})
+LIMIT 1000
+"""
+
+# Per Space: HTTP calls made in the last hour and day, and how many were delivered (attempts
+# recorded without a call -- circuit open, endpoint saturated -- are not calls).
+SUCCESS_RATES: Final = """
+SELECT
+    space_slug AS space,
+    countIf(attempted_at >= {hour_ago:DateTime64(3, 'UTC')}) AS calls_1h,
+    countIf(attempted_at >= {hour_ago:DateTime64(3, 'UTC')} AND status = 'delivered') AS delivered_1h,
+    count() AS calls_24h,
+    countIf(status = 'delivered') AS delivered_24h
+FROM perkamo.webhook_attempts FINAL
+WHERE attempted_at >= {day_ago:DateTime64(3, 'UTC')}
+  AND ({space:String} = '' OR space_slug = {space:String})
+  AND error_kind NOT IN ('circuit_open', 'endpoint_saturated')
+GROUP BY space_slug
+ORDER BY space_slug
 """
 
 # Every attempt of one delivery; the bloom filter on delivery_id finds its granules.
@@ -412,6 +481,30 @@ def list_deliveries(
     return Page(deliveries, _encode_cursor(flt, deliveries[-1]) if more else None)
 
 
+def list_newest_first(
+    store: Reader, flt: DeliveryFilter, limit: int = DEFAULT_LIMIT, cursor: str | None = None,
+    now: datetime | None = None,
+) -> Page:
+    """The same page as list_deliveries, found faster on a large table when no Space is given:
+    it aggregates the newest hour, day and week below the page's upper bound first, and the
+    whole range only when those hold no full page. Exact, because a delivery is placed by its
+    first attempt and every later attempt is newer: a window [t, upper) holds exactly the
+    deliveries that began in it, all their attempts included, in the same order."""
+    if flt.space:  # one Space is one key range of the table's ORDER BY: already cheap
+        return list_deliveries(store, flt, limit, cursor)
+    upper = flt.until or (now or datetime.now(UTC))
+    if cursor:
+        upper = min(upper, _decode_cursor(flt, cursor)[0])
+    for step in NARROWING_STEPS:
+        since = upper - step
+        if flt.since is not None and since <= flt.since:
+            break
+        page = list_deliveries(store, replace(flt, since=since), limit, cursor)
+        if page.next_cursor is not None:  # more than a page began in the window: it is the answer
+            return page
+    return list_deliveries(store, flt, limit, cursor)
+
+
 def delivery_attempts(
     store: Reader, delivery_id: str, with_body: bool = False
 ) -> list[dict[str, Any]]:
@@ -441,3 +534,40 @@ def delivery_detail(
         # The hold record, while it is the newest row: held now, or expired while held.
         "hold": hold if hold is newest else None,
     }
+
+
+def search_deliveries(
+    store: Reader, flt: DeliveryFilter, q: str, limit: int = SEARCH_LIMIT
+) -> list[dict[str, Any]]:
+    """Deliveries whose delivery id, event id or transaction id is `q`, within the filters;
+    the window is [since, until) with since defaulting to SEARCH_WINDOW ago (never open)."""
+    check_text("q", q, required=True)
+    check_limit(limit)
+    until = flt.until or LATEST
+    since = flt.since or min(until, datetime.now(UTC)) - SEARCH_WINDOW
+    window = {"space": flt.space, "since": since, "until": until, "q": q.strip()}
+    _, found = store.query(SEARCH_CANDIDATES, window)
+    if not found:
+        return []
+    columns, rows = store.query(DELIVERY_SEARCH, {
+        **window,
+        "event_type": flt.event_type,
+        "status": flt.status,
+        "candidate_spaces": sorted({str(row[0]) for row in found}),
+        "candidates": [str(row[1]) for row in found],
+        "limit": limit,
+    })
+    return _dicts(columns, rows)
+
+
+def success_rates(
+    store: Reader, space: str = "", now: datetime | None = None
+) -> dict[str, dict[str, Any]]:
+    """Space -> calls and deliveries in the last hour and day (no row: no call in a day)."""
+    now = now or datetime.now(UTC)
+    columns, rows = store.query(SUCCESS_RATES, {
+        "space": space,
+        "hour_ago": now - timedelta(hours=1),
+        "day_ago": now - timedelta(days=1),
+    })
+    return {row["space"]: row for row in _dicts(columns, rows)}

@@ -864,7 +864,7 @@ class Bench:
         # turning them into a storm of fast failures (counted in attempts_by_outcome).
         cons = self.start_consumer("memory", topic, group, DEFAULT_TIERS, {
             "PERKAMO_MAX_IN_FLIGHT": limit, "PERKAMO_MAX_IN_FLIGHT_PER_ENDPOINT": limit,
-            "PERKAMO_DELIVERY_TIMEOUT_S": "30", "PERKAMO_BREAKER_FAILURES": "1000000"})
+            "PERKAMO_DELIVERY_TIMEOUT_S": "30", "PERKAMO_BREAKER_MIN_CALLS": "1000000"})
         in_flight_max = 0.0
         last_scrape = 0.0
         anon_max = 0
@@ -974,7 +974,7 @@ class Bench:
         rec.reset()
         group = self.new_group(RETRY_TIERS)
         cons = self.start_consumer("retry", topic, group, RETRY_TIERS,
-                                   {"PERKAMO_BREAKER_FAILURES": "1000000"})
+                                   {"PERKAMO_BREAKER_MIN_CALLS": "1000000"})
         try:
             run = self.drive([cons], "/fail", n * attempts, group, [topic, *(tier_topic(t) for t in tiers)],
                              limit_s=90 + n / 20)

@@ -11,7 +11,7 @@
 -- FINAL so duplicates never count before a merge either.
 -- ORDER BY starts with space_slug: "this Space's attempts" reads one key range; the time
 -- range prunes month partitions and the minmax index; status has a set index; lookups by
--- delivery id alone use the bloom filter.
+-- delivery id, event id or transaction id alone (the console's search) use bloom filters.
 CREATE TABLE IF NOT EXISTS perkamo.webhook_attempts
 (
     delivery_id       String,
@@ -42,6 +42,8 @@ CREATE TABLE IF NOT EXISTS perkamo.webhook_attempts
     pending_attempt   UInt16 DEFAULT 0,
     written_at        DateTime64(3, 'UTC') DEFAULT now64(3),
     INDEX idx_delivery_id delivery_id TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX idx_event_id event_id TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX idx_transaction_id transaction_id TYPE bloom_filter(0.01) GRANULARITY 4,
     INDEX idx_attempted_at attempted_at TYPE minmax GRANULARITY 1,
     INDEX idx_status status TYPE set(8) GRANULARITY 4
 )

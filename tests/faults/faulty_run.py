@@ -15,10 +15,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from consumer.history_role import build_history, serve_history
-
 from consumer import logsetup
 from consumer.config import load_settings
+from consumer.history_role import build_history, serve_history
 
 CONTROL_ENV = "FAULTS_CONTROL_DIR"
 DOWN = "history-down"

@@ -1,0 +1,91 @@
+"""Publishing to the endpoint registry topic `perkamo.webhooks.endpoints` (DESIGN §5).
+
+One record (key = the Space's slug; None = a tombstone) per call, acknowledged by the broker
+before it returns. `endpoints set|remove` and the console's endpoint forms both publish here,
+so what one does the other does. Blocking: call it from a thread in async code
+(`asyncio.to_thread`), as the console does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import orjson
+from confluent_kafka import KafkaException, Producer
+from confluent_kafka.admin import AdminClient
+
+from consumer.constants import ENDPOINTS_TOPIC
+from consumer.errors import KafkaError
+from consumer.kafka_io import producer_config, topic_configs
+
+log = logging.getLogger(__name__)
+
+
+class Receipt(NamedTuple):
+    """Where the broker stored a registry record."""
+
+    partition: int
+    offset: int
+
+
+def check_registry_topic(bootstrap: str, timeout: float) -> str | None:
+    """Refuse a missing topic (the broker could auto-create it uncompacted); returns a warning
+    when it exists without compaction (records would expire), else None."""
+    try:
+        names = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=timeout).topics
+    except KafkaException as exc:
+        raise KafkaError(f"broker {bootstrap} did not answer: {exc}") from None
+    if ENDPOINTS_TOPIC not in names:
+        raise KafkaError(f"topic {ENDPOINTS_TOPIC} does not exist; create it (compacted) with "
+                         "`perkamo-webhooks topics`")
+    configs = topic_configs(bootstrap, [ENDPOINTS_TOPIC]).get(ENDPOINTS_TOPIC, {})
+    policy = configs.get("cleanup.policy")
+    if policy is not None and "compact" not in policy:
+        return (f"{ENDPOINTS_TOPIC} has cleanup.policy={policy}, not compact: "
+                "records will expire and consumers would lose their endpoints")
+    return None
+
+
+def publish_registry_record(
+    bootstrap: str, space: str, value: bytes | None, timeout: float,
+    client_id: str = "perkamo-webhooks-cli",
+) -> Receipt:
+    """Publish one record keyed by the space (None = tombstone) and wait for the broker's ack.
+
+    The topic must exist (see check_registry_topic). Raises KafkaError when the broker did not
+    acknowledge in time or refused the record.
+    """
+    producer = Producer({**producer_config(bootstrap), "client.id": client_id})
+    outcome: dict[str, Any] = {}
+
+    def on_delivery(err: Any, msg: Any) -> None:
+        outcome["err"], outcome["msg"] = err, msg
+
+    producer.produce(ENDPOINTS_TOPIC, key=space.encode(), value=value, on_delivery=on_delivery)
+    producer.flush(timeout)
+    if "msg" not in outcome:
+        raise KafkaError(f"Kafka did not acknowledge within {timeout:.0f}s; the record may or may "
+                         "not be published: check with `perkamo-webhooks endpoints list`")
+    if outcome["err"] is not None:
+        raise KafkaError(f"publish to {ENDPOINTS_TOPIC} failed: {outcome['err']}")
+    return Receipt(int(outcome["msg"].partition()), int(outcome["msg"].offset()))
+
+
+async def publish_endpoint_record(
+    bootstrap: str, space: str, record: Mapping[str, Any] | None, timeout: float = 15.0,
+    client_id: str = "perkamo-webhooks-console",
+) -> Receipt:
+    """Async-safe: check the topic and publish a record (None = tombstone) from a thread, as
+    `endpoints set|remove` do. The caller validates the record (endpoints.parse_record)."""
+    value = None if record is None else orjson.dumps(dict(record))
+
+    def publish() -> Receipt:
+        warning = check_registry_topic(bootstrap, timeout)
+        if warning:
+            log.warning("%s", warning)
+        return publish_registry_record(bootstrap, space, value, timeout, client_id=client_id)
+
+    return await asyncio.to_thread(publish)
