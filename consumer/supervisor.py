@@ -10,6 +10,7 @@ every child; each drains, and the supervisor exits 0 when all of them did.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ MAX_RESTARTS: Final = 5
 RESTART_WINDOW_S: Final = 300.0
 BACKOFF_MAX_S: Final = 30.0
 _TICK_S: Final = 0.2
+PR_SET_PDEATHSIG: Final = 1
 
 
 @dataclass
@@ -67,7 +69,9 @@ class Supervisor:
         self._stopping = True
 
     def _start(self, child: Child) -> None:
-        child.proc = subprocess.Popen(child.command(), env=os.environ.copy())
+        child.proc = subprocess.Popen(  # noqa: PLW1509 - the supervisor runs no other thread
+            child.command(), env=os.environ.copy(), preexec_fn=_die_with_parent
+        )
         log.info("supervisor: started %s (pid %d)", child.name, child.proc.pid)
 
     def _watch(self) -> bool:
@@ -120,6 +124,16 @@ class Supervisor:
             return 1
         log.info("supervisor: every child drained and exited 0")
         return 0
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: a SIGTERM when the supervisor dies (even by kill -9), so no
+    orphaned role keeps running unsupervised; it drains as on any SIGTERM (Linux prctl)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the child outlives a killed supervisor
+        pass
 
 
 def children_for(role: str, workers: int) -> list[Child]:

@@ -1,4 +1,4 @@
-"""Metrics scraped over HTTP from a running consumer match a scripted scenario exactly."""
+"""Metrics scraped over HTTP from the running roles match a scripted scenario exactly."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from consumer.retry_policy import tier_topic
 from tests.support import make_event, produce, sequence, status, wait_for
 
 
-async def scrape(app) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+async def scrape(app, history: bool = False) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The deliver role's /metrics (or the history role's)."""
+    host, port = app.settings.admin_host_port if history else app.settings.deliver_host_port(0)
     async with (
         aiohttp.ClientSession() as session,
-        session.get(f"http://{app.settings.admin_listen}/metrics") as response,
+        session.get(f"http://{host}:{port}/metrics") as response,
     ):
         assert response.status == 200
         text = await response.text()
@@ -50,14 +52,15 @@ async def test_scraped_metrics_match_the_scenario(harness, receiver):
 
     async def settled():
         s = await scrape(app)
+        h = await scrape(app, history=True)
         return (
             pick(s, "perkamo_webhook_dead_lettered_total", reason="exhausted") == 1
             and pick(s, "perkamo_webhook_attempts_total", outcome="delivered") == 4
-            and pick(s, "perkamo_webhook_history_rows_written_total") == 7
-            and s
+            and pick(h, "perkamo_webhook_history_rows_written_total") == 7
+            and (s, h)
         )
 
-    samples = await wait_for(settled, timeout=30, what="the scenario to settle")
+    samples, history = await wait_for(settled, timeout=30, what="the scenario to settle")
     ev = harness.events_topic
     assert pick(samples, "perkamo_webhook_events_consumed_total", topic=ev) == 7
     assert pick(samples, "perkamo_webhook_events_consumed_total", topic=tier_topic("1s")) == 2
@@ -72,12 +75,15 @@ async def test_scraped_metrics_match_the_scenario(harness, receiver):
     assert pick(samples, "perkamo_webhook_dead_lettered_total", reason="invalid_json") == 1
     assert pick(samples, "perkamo_webhook_invalid_events_total", reason="invalid_json") == 1
     assert pick(samples, "perkamo_webhook_no_endpoint_total", space="m-nobody") == 1
-    assert pick(samples, "perkamo_webhook_history_rows_written_total") == 7
+    assert pick(history, "perkamo_webhook_history_rows_written_total") == 7
+    assert pick(history, "perkamo_webhook_history_records_invalid_total") == 0
+    await wait_for(lambda: app.service.in_flight == 0, what="nothing in flight")
+    samples = await scrape(app)
     assert pick(samples, "perkamo_webhook_in_flight") == 0
     assert pick(samples, "perkamo_webhook_rebalances_total", kind="assigned") >= 1
     assert pick(samples, "process_resident_memory_bytes") > 0
     # Label values are bounded: no URL, host, path, delivery id or user id anywhere.
-    for (_, labels), _ in samples.items():
+    for (_, labels), _ in [*samples.items(), *history.items()]:
         for _, value in labels:
             assert "localhost" not in value and "/" not in value and not value.startswith("dlv_")
             assert "customer_" not in value

@@ -9,10 +9,12 @@ import sys
 
 import orjson
 
+from consumer import constants as c
 from consumer.history import TABLE
 from tests.support import (
     committed,
     delayed,
+    fast_forward_group,
     free_port,
     make_event,
     produce,
@@ -49,9 +51,10 @@ async def test_commit_never_passes_an_unfinished_offset(harness, receiver):
     )
 
 
-def _run_consumer(env):
+def _run(env, role):
     return subprocess.Popen(
-        [sys.executable, "-m", "consumer", "run"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        [sys.executable, "-m", "consumer", "run", "--role", role], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
 
 
@@ -69,29 +72,37 @@ async def test_kill_before_commit_redelivers_with_the_same_delivery_id(harness, 
         "PERKAMO_ALLOW_PRIVATE_NETWORKS": "127.0.0.0/8,::1/128",
         "PERKAMO_CA_BUNDLE": str(harness.ca_file),
         "PERKAMO_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
+        "PERKAMO_DELIVER_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
+        "PERKAMO_HISTORY_GROUP_ID": unique("crash-history"),
         "PERKAMO_RETRY_TIERS": "1s,2s,4s",
         # Never commit on a timer: the kill lands before any commit.
         "PERKAMO_COMMIT_INTERVAL_S": "3600",
         "PERKAMO_HISTORY_FLUSH_INTERVAL_S": "0.2",
     }
+    fast_forward_group(harness.kafka, env["PERKAMO_HISTORY_GROUP_ID"], [c.ATTEMPTS_TOPIC])
     events = [make_event(space) for _ in range(5)]
     produce(harness.kafka, harness.events_topic, [orjson.dumps(e) for e in events])
-    proc = _run_consumer(env)
+    history = _run(env, "history")
+    proc = _run(env, "deliver")
     try:
-        await wait_for(lambda: len(receiver.to("/crash")) >= 5, timeout=60, what="first deliveries")
-        await __import__("asyncio").sleep(0.5)  # let the history rows flush
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-    first_round = {r.headers["x-perkamo-delivery"] for r in receiver.to("/crash")}
-    assert len(first_round) == 5
+        try:
+            await wait_for(lambda: len(receiver.to("/crash")) >= 5, timeout=60, what="first deliveries")
+            await __import__("asyncio").sleep(0.5)  # let the attempt records go out
+        finally:
+            proc.send_signal(signal.SIGKILL)  # the deliver role dies before any commit
+            proc.wait(10)
+        first_round = {r.headers["x-perkamo-delivery"] for r in receiver.to("/crash")}
+        assert len(first_round) == 5
 
-    proc = _run_consumer({**env, "PERKAMO_COMMIT_INTERVAL_S": "0.2"})
-    try:
-        await wait_for(lambda: len(receiver.to("/crash")) >= 10, timeout=60, what="redeliveries")
+        proc = _run({**env, "PERKAMO_COMMIT_INTERVAL_S": "0.2"}, "deliver")
+        try:
+            await wait_for(lambda: len(receiver.to("/crash")) >= 10, timeout=60, what="redeliveries")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+        history.send_signal(signal.SIGTERM)
+        assert history.wait(30) == 0, history.stderr.read().decode()[-2000:] if history.stderr else ""
     by_id: dict[str, list[str]] = {}
     for r in receiver.to("/crash"):
         by_id.setdefault(r.headers["x-perkamo-delivery"], []).append(r.headers["x-perkamo-attempt"])

@@ -89,6 +89,7 @@ def test_valid_envelope_becomes_an_event() -> None:
         environment="production",
         user_id="user-42",
         transaction_id="txn-7",
+        text=body.decode(),
     )
 
 
