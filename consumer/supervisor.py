@@ -69,8 +69,9 @@ class Supervisor:
         self._stopping = True
 
     def _start(self, child: Child) -> None:
-        child.proc = subprocess.Popen(  # noqa: PLW1509 - the supervisor runs no other thread
-            child.command(), env=os.environ.copy(), preexec_fn=_die_with_parent
+        # The supervisor runs no other thread, so preexec_fn is safe here.
+        child.proc = subprocess.Popen(
+            child.command(), env=os.environ.copy(), preexec_fn=_die_with_parent  # noqa: PLW1509
         )
         log.info("supervisor: started %s (pid %d)", child.name, child.proc.pid)
 
