@@ -7,8 +7,10 @@ so the orchestrating process only starts, signals, waits and reads.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -365,16 +367,60 @@ class ReceiverProc:
         return self.receipts()
 
 
-class ConsumerProc:
-    """One `perkamo-webhooks run` process (or the fault-hook wrapper) with its own data dir."""
+ROLES = ("deliver", "history", "all")
 
-    def __init__(self, name: str, env: dict[str, str], folder: Path, wrapper: bool = False) -> None:
+
+def free_port_run(count: int) -> int:
+    """A port p with p .. p + count - 1 all free (the deliver workers of `--workers N` listen on
+    port + worker index)."""
+    for _ in range(100):
+        base = free_port()
+        if base + count > 65535:
+            continue
+        ok = True
+        for p in range(base + 1, base + count):
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+class ConsumerProc:
+    """One `perkamo-webhooks run --role R` process with its own data dir.
+
+    - `deliver`: `metrics()`/`healthy()` on its PERKAMO_DELIVER_ADMIN_LISTEN;
+    - `history`: on its PERKAMO_ADMIN_LISTEN; with `wrapper` it is `tests.faults.faulty_run` (the
+      history role with the store fault hook);
+    - `all`: the supervisor of one history child and `workers` deliver children; `metrics()` is
+      deliver worker 0's, `history_metrics()` the history child's, `healthy()` asks every child.
+    Every start picks free ports."""
+
+    def __init__(
+        self,
+        name: str,
+        env: dict[str, str],
+        folder: Path,
+        role: str = "deliver",
+        wrapper: bool = False,
+        workers: int = 1,
+    ) -> None:
+        assert role in ROLES, role
+        assert not wrapper or role == "history", "the fault hook wraps the history role only"
         self.name = name
         self.env = env
         self.folder = folder
+        self.role = role
         self.wrapper = wrapper
+        self.workers = workers
         self.proc: subprocess.Popen[bytes] | None = None
-        self.admin = ""
+        self.admin = ""  # where metrics() reads: the deliver listener (worker 0), or history's
+        self.history_admin = ""  # the history listener (history and all)
+        self.probes: list[str] = []
         self.starts = 0
         self._logs: list[Any] = []
 
@@ -382,17 +428,42 @@ class ConsumerProc:
     def data_dir(self) -> Path:
         return Path(self.env["PERKAMO_DATA_DIR"])
 
+    @property
+    def has_history(self) -> bool:
+        return self.role in ("history", "all")
+
+    @property
+    def delivers(self) -> bool:
+        return self.role in ("deliver", "all")
+
+    def command(self) -> list[str]:
+        if self.wrapper:
+            return [sys.executable, "-m", "tests.faults.faulty_run"]
+        cmd = [sys.executable, "-m", "consumer", "run", "--role", self.role]
+        return cmd + (["--workers", str(self.workers)] if self.role == "all" else [])
+
     def start(self) -> ConsumerProc:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.starts += 1
-        port = free_port()
-        self.admin = f"127.0.0.1:{port}"
-        env = {**self.env, "PERKAMO_ADMIN_LISTEN": self.admin}
+        env = dict(self.env)
+        self.probes = []
+        if self.delivers:
+            base = free_port_run(self.workers)
+            env["PERKAMO_DELIVER_ADMIN_LISTEN"] = f"127.0.0.1:{base}"
+            self.admin = f"127.0.0.1:{base}"
+            self.probes += [f"127.0.0.1:{base + i}" for i in range(self.workers)]
+        if self.has_history:
+            self.history_admin = f"127.0.0.1:{free_port()}"
+            env["PERKAMO_ADMIN_LISTEN"] = self.history_admin
+            self.probes.append(self.history_admin)
+            if not self.delivers:
+                self.admin = self.history_admin
+        else:  # never bind the default history port by accident
+            env["PERKAMO_ADMIN_LISTEN"] = f"127.0.0.1:{free_port()}"
         log_file = (self.folder / f"{self.name}-{self.starts}.log").open("wb")
         self._logs.append(log_file)
-        cmd = ["-m", "tests.faults.faulty_run"] if self.wrapper else ["-m", "consumer", "run"]
         self.proc = subprocess.Popen(
-            [sys.executable, *cmd], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log_file
+            self.command(), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log_file
         )
         return self
 
@@ -410,17 +481,22 @@ class ConsumerProc:
         self.proc.wait(30)
 
     def healthy(self) -> bool:
-        """The admin API answers: start-up is over and SIGTERM now means drain."""
-        try:
-            with urllib.request.urlopen(f"http://{self.admin}/healthz", timeout=2) as r:  # noqa: S310
-                return bool(r.status == 200)
-        except OSError:
-            return False
+        """Every admin listener of the process answers: start-up is over and SIGTERM now means drain."""
+        return all(_answers(f"http://{addr}/healthz") for addr in self.probes)
+
+    def wait_healthy(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if self.proc is None or self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited during start-up:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} not healthy after {timeout:.0f}s:\n{self.log_tail()}")
+            time.sleep(0.2)
 
     def terminate(self, timeout: float = 120) -> tuple[int, float]:
         """Wait for start-up to finish, then SIGTERM; (exit code, seconds to exit). -9 if it had
         to be killed after `timeout`. (A SIGTERM during start-up, before the service installs its
-        handler, ends the process with -15: nothing is in flight yet.)"""
+        handler, ends the process with 0: nothing is in flight yet.)"""
         assert self.proc is not None
         deadline = time.monotonic() + 60
         while self.proc.poll() is None and not self.healthy() and time.monotonic() < deadline:
@@ -443,34 +519,70 @@ class ConsumerProc:
         return 0
 
     def metrics(self) -> dict[str, float]:
-        """The admin endpoint's samples as {'name{labels}': value} ({} if it does not answer)."""
-        try:
-            with urllib.request.urlopen(f"http://{self.admin}/metrics", timeout=5) as r:  # noqa: S310
-                text = r.read().decode()
-        except OSError:
-            return {}
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                with contextlib.suppress(ValueError):
-                    out[name] = float(value)
-        return out
+        """The deliver listener's samples (the history one's for a history process) as
+        {'name{labels}': value}; {} if it does not answer."""
+        return _samples(self.admin)
+
+    def history_metrics(self) -> dict[str, float]:
+        return _samples(self.history_admin)
+
+    def worker_metrics(self) -> list[dict[str, float]]:
+        """Each deliver worker's samples (one for a deliver process, `workers` for all)."""
+        return [_samples(addr) for addr in self.probes[: self.workers]] if self.delivers else []
 
     def log_tail(self, lines: int = 30) -> str:
         path = self.folder / f"{self.name}-{self.starts}.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
+    def log_text(self) -> str:
+        """Every start's log, concatenated."""
+        out = []
+        for n in range(1, self.starts + 1):
+            path = self.folder / f"{self.name}-{n}.log"
+            if path.exists():
+                out.append(path.read_text(errors="replace"))
+        return "\n".join(out)
+
     def close_logs(self) -> None:
         for f in self._logs:
             f.close()
+        self._logs = []
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def _samples(addr: str) -> dict[str, float]:
+    if not addr:
+        return {}
+    try:
+        with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as r:  # noqa: S310
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                out[name] = float(value)
+    return out
 
 
 # A scenario run -------------------------------------------------------------------------
 
 
 class Run:
-    """One scenario: a fresh events topic and group, its receivers and consumers, its accounting."""
+    """One scenario: a fresh events topic and group, its receivers, its deliver processes, ONE
+    history process (started on first need), and its accounting.
+
+    The history role's group is the run's group + "-history", fast-forwarded past older records on
+    the shared attempts topic, so its store holds this run's rows only."""
 
     def __init__(
         self, env: FaultEnv, name: str, tiers: Sequence[str] = ("1s", "2s"), partitions: int = 3
@@ -483,16 +595,24 @@ class Run:
         self.tiers = list(tiers)
         self.events_topic = unique(f"perkamo.events.faults.{name}")
         self.group = unique(f"faults-{name}")
+        self.history_group = self.group + "-history"
         settings = load_settings(
             kafka_bootstrap_servers=env.bootstrap, events_topics=[self.events_topic], retry_tiers=self.tiers
         )
         specs, _ = plan(settings, partitions=partitions, retention_hours=None)
         ensure_topics(env.bootstrap, [(s.name, s.partitions, s.config) for s in specs])
         self.retry_topics = [tier_topic(name) for name, _ in parse_tiers(self.tiers)]
-        fast_forward_group(env.bootstrap, self.group, self.retry_topics)
-        self.start_offsets = end_offsets(env.bootstrap, [c.DLQ_TOPIC, *self.retry_topics])
+        # What the deliver group reads besides the events topic: retry tiers and held deliveries.
+        self.redelivery_topics = [*self.retry_topics, c.HELD_TOPIC]
+        fast_forward_group(env.bootstrap, self.group, self.redelivery_topics)
+        fast_forward_group(env.bootstrap, self.history_group, [c.ATTEMPTS_TOPIC])
+        self.start_offsets = end_offsets(
+            env.bootstrap, [c.DLQ_TOPIC, c.ATTEMPTS_TOPIC, *self.redelivery_topics]
+        )
         self.publisher = Publisher(env.bootstrap, self.events_topic)
-        self.consumers: list[ConsumerProc] = []
+        self.consumers: list[ConsumerProc] = []  # what delivers: deliver (or all) processes
+        self.history: ConsumerProc | None = None  # what holds the store: the history (or all) process
+        self._endpoints: Path | None = None
         self.receivers: list[ReceiverProc] = []
         self.disruptions: list[Disruption] = []
         self.exit_codes: list[int] = []
@@ -512,14 +632,10 @@ class Run:
     def endpoints_file(self, urls: dict[str, str]) -> Path:
         path = self.folder / "endpoints.json"
         path.write_bytes(orjson.dumps([{"space": s, "url": u} for s, u in urls.items()]))
+        self._endpoints = path
         return path
 
-    def consumer(
-        self, endpoints: Path, wrapper: bool = False, start: bool = True, **settings: Any
-    ) -> ConsumerProc:
-        """A consumer process of this run's group with its own data dir; `settings` are PERKAMO_* values."""
-        name = f"consumer{len(self.consumers)}"
-        data = self.folder / name
+    def _env(self, name: str, endpoints: Path | None, settings: dict[str, Any]) -> dict[str, str]:
         env = {
             **os.environ,
             "PYTHONPATH": str(REPO),
@@ -527,39 +643,103 @@ class Run:
             "PERKAMO_KAFKA_BOOTSTRAP_SERVERS": self.env.bootstrap,
             "PERKAMO_EVENTS_TOPICS": self.events_topic,
             "PERKAMO_GROUP_ID": self.group,
-            "PERKAMO_DATA_DIR": str(data),
-            "PERKAMO_ENDPOINTS_FILE": str(endpoints),
+            "PERKAMO_HISTORY_GROUP_ID": self.history_group,
+            "PERKAMO_DATA_DIR": str(self.folder / name),
             "PERKAMO_ALLOW_PRIVATE_NETWORKS": LOOPBACK,
             "PERKAMO_CA_BUNDLE": str(self.env.ca_file),
             "PERKAMO_RETRY_TIERS": ",".join(self.tiers),
             "PERKAMO_LOG_LEVEL": "WARNING",
             "PERKAMO_DRAIN_TIMEOUT_S": "10",
         }
-        if wrapper:
-            control = self.folder / "control"
-            control.mkdir(exist_ok=True)
-            env[CONTROL_ENV] = str(control)
+        env.pop(CONTROL_ENV, None)
+        if endpoints is not None:
+            env["PERKAMO_ENDPOINTS_FILE"] = str(endpoints)
         for k, v in settings.items():
             env["PERKAMO_" + k.upper()] = str(v)
+        return env
+
+    def history_role(self, wrapper: bool = False, start: bool = True, **settings: Any) -> ConsumerProc:
+        """The run's one history process (`--role history`, or the fault-hook wrapper); created
+        on the first call, returned as is afterwards."""
+        if self.history is not None:
+            return self.history
+        env = self._env("history", self._endpoints, settings)
+        if wrapper:
+            self.control.mkdir(exist_ok=True)
+            env[CONTROL_ENV] = str(self.control)
+        self.history = ConsumerProc("history", env, self.folder, role="history", wrapper=wrapper)
+        return self.history.start() if start else self.history
+
+    def consumer(
+        self, endpoints: Path, wrapper: bool = False, start: bool = True, **settings: Any
+    ) -> ConsumerProc:
+        """A deliver-role process of this run's group; `settings` are PERKAMO_* values. The run's
+        history process is started too if it is not yet (with the `history_*` settings;
+        `wrapper` puts the store fault hook into it)."""
+        if self.history is None:
+            history = {k: v for k, v in settings.items() if k.startswith("history_")}
+            self.history_role(wrapper=wrapper, **history)
+        name = f"deliver{len(self.consumers)}"
+        env = self._env(name, endpoints, settings)
         if "PERKAMO_MAX_IN_FLIGHT" in env:
             self.max_in_flight = int(env["PERKAMO_MAX_IN_FLIGHT"])
-        proc = ConsumerProc(name, env, self.folder, wrapper)
+        proc = ConsumerProc(name, env, self.folder, role="deliver")
         self.consumers.append(proc)
+        return proc.start() if start else proc
+
+    def all_role(
+        self, endpoints: Path, workers: int = 2, start: bool = True, **settings: Any
+    ) -> ConsumerProc:
+        """`run --role all --workers N`: the supervisor of the run's history process and N deliver
+        workers (so the run has no separate history process)."""
+        assert self.history is None, "the run already has a history process"
+        env = self._env("all", endpoints, settings)
+        if "PERKAMO_MAX_IN_FLIGHT" in env:
+            self.max_in_flight = int(env["PERKAMO_MAX_IN_FLIGHT"]) * workers
+        proc = ConsumerProc("all", env, self.folder, role="all", workers=workers)
+        self.consumers.append(proc)
+        self.history = proc
         return proc.start() if start else proc
 
     @property
     def control(self) -> Path:
         return self.folder / "control"
 
+    def processes(self) -> list[ConsumerProc]:
+        out = list(self.consumers)
+        if self.history is not None and self.history not in out:
+            out.append(self.history)
+        return out
+
     # actions
 
     def committed(self) -> dict[TP, int]:
-        return committed_offsets(self.env.bootstrap, self.group, [self.events_topic, *self.retry_topics])
+        return committed_offsets(self.env.bootstrap, self.group, [self.events_topic, *self.redelivery_topics])
 
     def kill(self, proc: ConsumerProc) -> None:
-        """kill -9, then note the group's committed offsets: what a restart may redeliver."""
+        """kill -9 a deliver process, then note the group's committed offsets: what a restart may
+        redeliver. (A history process's kill redelivers nothing to receivers: kill_history.)"""
+        assert proc.delivers, "kill_history() kills the history role"
         proc.kill()
         self.disruptions.append(Disruption("kill", time.time(), self.committed()))
+
+    def kill_history(self) -> dict[TP, int]:
+        """kill -9 the history process; returns how many attempt records it had not committed
+        (per partition, end - committed) at the kill: what its restart must insert again."""
+        assert self.history is not None and self.history.role == "history"
+        self.history.kill()
+        return self.history_lag()
+
+    def history_lag(self) -> dict[TP, int]:
+        """The history group's lag on the attempts topic, per partition (from the broker)."""
+        ends = end_offsets(self.env.bootstrap, [c.ATTEMPTS_TOPIC])
+        done = committed_offsets(self.env.bootstrap, self.history_group, [c.ATTEMPTS_TOPIC])
+        return {
+            tp: max(0, end - max(done.get(tp, 0), self.start_offsets.get(tp, 0))) for tp, end in ends.items()
+        }
+
+    def history_caught_up(self) -> bool:
+        return not any(self.history_lag().values())
 
     def receipts(self) -> list[Receipt]:
         return [r for rec in self.receivers for r in rec.receipts()]
@@ -588,7 +768,7 @@ class Run:
         published, delivered, dlq = self.progress()
         if published == 0 or delivered + dlq < published:
             return False
-        topics = [self.events_topic, *self.retry_topics]
+        topics = [self.events_topic, *self.redelivery_topics]
         ends = end_offsets(self.env.bootstrap, topics)
         committed = self.committed()
         return all(committed.get(tp, -1) >= end for tp, end in ends.items() if end > self._start_offset(tp))
@@ -597,7 +777,7 @@ class Run:
         return self.start_offsets.get(tp, 0)
 
     def check_alive(self) -> None:
-        for proc in self.consumers:
+        for proc in self.processes():
             if proc.proc is not None and proc.proc.poll() is not None and proc.proc.returncode not in (0, -9):
                 raise AssertionError(f"{proc.name} exited with {proc.proc.returncode}:\n{proc.log_tail()}")
 
@@ -616,20 +796,65 @@ class Run:
             log(f"{self.name}: {exc}; progress (published, delivered, dead-lettered) = {self.progress()}")
             return False
 
+    def wait_history(self, timeout: float) -> bool:
+        """Wait until the history group committed the attempts topic up to its ends."""
+        try:
+            wait_until(self.history_caught_up, timeout, "the history role to catch up", self.check_alive,
+                       interval=0.5)
+            return True
+        except TimeoutError as exc:
+            log(f"{self.name}: {exc}; history lag {self.history_lag()}")
+            return False
+
+    def _stop(self, proc: ConsumerProc) -> None:
+        if proc.alive():
+            code, _ = proc.terminate()
+            self.exit_codes.append(code)
+            if code != 0:
+                log(f"{proc.name} exited {code}:\n{proc.log_tail()}")
+
     # the end
 
-    def finish(self, settle_timeout: float = 120, extra_allowed: int = 0) -> Accounting:
-        """Settle, SIGTERM every consumer (each must exit 0), stop receivers, account."""
+    def finish(
+        self, settle_timeout: float = 120, extra_allowed: int = 0, history_timeout: float = 90
+    ) -> Accounting:
+        """Settle; SIGTERM every deliver process (each must exit 0); wait until the history role
+        caught up with the attempts topic; SIGTERM it (exit 0); stop receivers; account from the
+        history process's store."""
+        marks = [time.monotonic()]
         self.wait_settled(settle_timeout)
+        marks.append(time.monotonic())
         for proc in self.consumers:
-            if proc.alive():
-                code, _ = proc.terminate()
-                self.exit_codes.append(code)
-                if code != 0:
-                    log(f"{proc.name} exited {code}:\n{proc.log_tail()}")
+            if proc is not self.history:
+                self._stop(proc)
+        marks.append(time.monotonic())
+        if self.history is not None and self.history.alive():
+            self.wait_history(history_timeout)
+        marks.append(time.monotonic())
+        for proc in self.processes():
+            self._stop(proc)
             proc.close_logs()
         receipts = [r for rec in self.receivers for r in rec.stop()]
-        return self.account(receipts, extra_allowed)
+        marks.append(time.monotonic())
+        result = self.account(receipts, extra_allowed)
+        marks.append(time.monotonic())
+        steps = "settle %.1fs, deliver stop %.1fs, history catch-up %.1fs, history stop %.1fs, account %.1fs"
+        log(f"{self.name} finish: " + steps % tuple(b - a for a, b in itertools.pairwise(marks)))
+        return result
+
+    def history_rows(self, final: bool = True) -> list[HistoryRow]:
+        """The history store's rows (after FINAL, or every inserted copy); the process is stopped."""
+        if self.history is None:
+            return []
+        path = self.history.data_dir / "history"
+        if not path.exists():
+            return []
+        rows = query_history_in_subprocess(
+            str(path),
+            "SELECT delivery_id, attempt, event_id, status, error_kind, toUnixTimestamp64Milli(attempted_at) "
+            "FROM perkamo.webhook_attempts" + (" FINAL" if final else ""),
+        )
+        return [HistoryRow(str(r[0]), int(r[1]), str(r[2]), str(r[3]), str(r[4]), int(r[5])) for r in rows]
 
     def account(self, receipts: list[Receipt], extra_allowed: int = 0) -> Accounting:
         bootstrap = self.env.bootstrap
@@ -647,30 +872,17 @@ class Run:
         inputs = [
             InputMessage(p.topic, p.partition, p.offset, p.key, p.attempt) for p in self.publisher.published
         ]
-        for msg in read_messages(bootstrap, self.retry_topics, self.start_offsets):
+        for msg in read_messages(bootstrap, self.redelivery_topics, self.start_offsets):
             key = key_of(msg)
             attempt = header(msg, c.K_ATTEMPT)
             if key in keys and attempt is not None:
                 inputs.append(InputMessage(msg.topic(), msg.partition(), msg.offset(), key, int(attempt)))
-        history = []
-        for proc in self.consumers:
-            path = proc.data_dir / "history"
-            if path.exists():
-                rows = query_history_in_subprocess(
-                    str(path),
-                    "SELECT delivery_id, attempt, event_id, status, error_kind, "
-                    "toUnixTimestamp64Milli(attempted_at) FROM perkamo.webhook_attempts FINAL",
-                )
-                history += [
-                    HistoryRow(str(r[0]), int(r[1]), str(r[2]), str(r[3]), str(r[4]), int(r[5]))
-                    for r in rows
-                ]
         return evaluate(
             self.name,
             self.publisher.published,
             receipts,
             dead,
-            history,
+            self.history_rows(),
             committed=committed_offsets(bootstrap, self.group, [self.events_topic]),
             ends=end_offsets(bootstrap, [self.events_topic]),
             exit_codes=self.exit_codes,
@@ -683,7 +895,7 @@ class Run:
 
     def cleanup(self) -> None:
         """Stop whatever is still running (after a failure)."""
-        for proc in self.consumers:
+        for proc in self.processes():
             if proc.alive():
                 assert proc.proc is not None
                 proc.proc.kill()

@@ -73,13 +73,22 @@ def plan(
             env, n_events=max(400, n // 4), down_s=5, seed=seed, stream_s=max(15.0, n / 4 / 1000)
         ),
         "history": lambda env: scenarios.history_outage(
-            env, n_events=max(2000, n // 10), outage_s=15, max_buffered=200, max_in_flight=300, slow_s=10
+            env, n_events=max(2000, n // 10), outage_s=15, batch_rows=500, max_in_flight=300, slow_s=10
+        ),
+        "history-kill": lambda env: scenarios.history_kill(
+            env,
+            n_events=max(600, n // 4),
+            kills=kills,
+            seed=seed,
+            stream_s=max(kills * 12 + 4, n / 4 / 1000),
+            protocol=protocol,
         ),
         "chaos": lambda env: scenarios.receiver_chaos(
             env, n_events=max(150, n // 20), garbage_events=max(20, n // 200), seed=seed
         ),
         "fuzz": lambda env: fuzz_inputs(env, examples=max(5, n // 2000), max_size=50),
         "sigterm": lambda env: scenarios.sigterm_under_load(env, n_events=max(1200, n // 4)),
+        "sigterm-all": lambda env: scenarios.sigterm_all(env, n_events=max(1200, n // 4), workers=2),
         "poison": scenarios.poison_origin_header,
         "delivery-id": scenarios.malformed_delivery_id,
         "burst": lambda env: scenarios.burst_to_one_endpoint(env, n_events=max(1500, n // 10)),
@@ -128,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "--protocol",
         choices=["classic", "consumer"],
         default=scenarios.KILL_PROTOCOL,
-        help="group protocol of the kill scenarios (consumer = KIP-848: each kill stalls ~45 s)",
+        help="group protocol of the kill scenarios, either role (consumer = KIP-848: each kill stalls ~45 s)",
     )
     parser.add_argument("--seed", type=int, default=int(time.time()))
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, receipts, history)")

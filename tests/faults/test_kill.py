@@ -1,4 +1,5 @@
-"""1. kill -9 at random moments during a stream: nothing lost, duplicates within the uncommitted window."""
+"""1. kill -9 of the deliver role at random moments during a stream: nothing lost, duplicates within
+the uncommitted window."""
 
 from __future__ import annotations
 

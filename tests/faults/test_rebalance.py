@@ -1,4 +1,4 @@
-"""2. Two consumers in a group; one killed and restarted while deliveries wait in retry tiers."""
+"""2. Two deliver processes in a group; one killed and restarted while deliveries wait in retry tiers."""
 
 from __future__ import annotations
 
