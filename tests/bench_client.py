@@ -7,7 +7,7 @@ Runs in its own process (so it gets a core like the consumer does) with uvloop, 
 verified against the test CA, the same body bytes and contract headers the consumer sends,
 and the same way of reading a response (a bounded excerpt). Everything but the HTTP exchange
 (event building, serialization, delivery ids) is done before the clock starts. Prints one JSON
-object: posted, ok, errors, wall_s, cpu_s.
+object: posted, ok, errors, wall_s, cpu_s, rss_start_kb (when the clock starts), max_rss_kb.
 """
 
 from __future__ import annotations
@@ -50,6 +50,18 @@ def headers_for(body: bytes, endpoint_id: str) -> dict[str, str]:
     }
 
 
+def _rss_kb() -> int:
+    """This process's resident set now (VmRSS, Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -85,6 +97,7 @@ async def run(url: str, ca: str, events: int, concurrency: int, space: str,
             except (TimeoutError, aiohttp.ClientError, OSError):
                 errors += 1
 
+    rss_start = _rss_kb()
     cpu_before = _cpu_seconds()
     started = time.perf_counter()
     try:
@@ -94,7 +107,8 @@ async def run(url: str, ca: str, events: int, concurrency: int, space: str,
         cpu = _cpu_seconds() - cpu_before
         await session.close()
     return {"posted": len(requests), "ok": ok, "errors": errors, "wall_s": wall, "cpu_s": cpu,
-            "concurrency": concurrency}
+            "concurrency": concurrency, "rss_start_kb": rss_start,
+            "max_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
 
 
 def main() -> None:

@@ -6,15 +6,17 @@ Serves HTTPS on loopback with the certificate in DIR (made by `make_certs`: a tr
 written to DIR/ca.pem and a server certificate for 127.0.0.1/localhost in DIR/server.pem).
 Paths:
 
-    /slow   read the body, answer 204 after 1 s
+    /slow   read the body, answer 204 after 1 s (/slowN: after N seconds)
     /hang   read the body, never answer (until the client gives up and closes)
     /fail   read the body, answer 500
     /lat    read the body, take arrival - data.context.sent_ns (time.time_ns of the producer), 204
+    /stream read the body, keep its x-perkamo-delivery and x-perkamo-attempt headers, 204
     other   read the body, answer 204
 
 A plain-HTTP control server on 127.0.0.1:<control port> serves `GET /stats` (counts per path,
-first/last arrival in epoch ns, latencies with `?latencies=1`, the most concurrent /slow and
-/hang requests, this process's CPU seconds from getrusage since the last reset) and
+first/last arrival in epoch ns, latencies with `?latencies=1`, the (delivery id, attempt) of
+every /stream request with `?ids=1`, the most concurrent /slow and /hang requests, this
+process's CPU seconds from getrusage since the last reset) and
 `POST /reset`. Several processes may share the HTTPS port with `--reuse-port` (SO_REUSEPORT);
 each has its own control port and the caller adds their figures up.
 """
@@ -69,13 +71,14 @@ class Stats:
         self.last_ns = 0
         self.paths: dict[str, list[int]] = {}  # path -> [count, first_ns, last_ns]
         self.latencies_ns: list[int] = []
+        self.ids: list[str] = []  # "delivery_id:attempt" of each /stream request
         self.latency_errors = 0
         self.slow_now = self.slow_max = 0
         self.hang_now = self.hang_max = 0
         self.cpu_at_reset = _cpu_seconds()
         self.reset_ns = time.time_ns()
 
-    def snapshot(self, latencies: bool) -> dict[str, Any]:
+    def snapshot(self, latencies: bool, ids: bool = False) -> dict[str, Any]:
         doc: dict[str, Any] = {
             "count": self.count,
             "first_ns": self.first_ns,
@@ -91,6 +94,8 @@ class Stats:
         }
         if latencies:
             doc["latencies_ns"] = self.latencies_ns
+        if ids:
+            doc["ids"] = self.ids
         return doc
 
 
@@ -117,13 +122,17 @@ def make_handler(stats: Stats) -> Any:
                 stats.latencies_ns.append(now - int(sent))
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 stats.latency_errors += 1
+        elif path == "/stream":
+            headers = request.headers
+            delivery = headers.get("x-perkamo-delivery", "")
+            stats.ids.append(f"{delivery}:{headers.get('x-perkamo-attempt', '')}")
         elif path == "/fail":
             return web.Response(status=500, text="failing on purpose (bench)")
-        elif path == "/slow":
+        elif path.startswith("/slow"):
             stats.slow_now += 1
             stats.slow_max = max(stats.slow_max, stats.slow_now)
             try:
-                await asyncio.sleep(SLOW_S)
+                await asyncio.sleep(float(path[5:]) if path[5:].isdigit() else SLOW_S)
             finally:
                 stats.slow_now -= 1
         elif path == "/hang":
@@ -146,7 +155,9 @@ def make_handler(stats: Stats) -> Any:
 def control_app(stats: Stats) -> web.Application:
     async def get_stats(request: web.Request) -> web.Response:
         latencies = request.query.get("latencies") == "1"
-        return web.Response(body=orjson.dumps(stats.snapshot(latencies)), content_type="application/json")
+        ids = request.query.get("ids") == "1"
+        body = orjson.dumps(stats.snapshot(latencies, ids))
+        return web.Response(body=body, content_type="application/json")
 
     async def reset(_: web.Request) -> web.Response:
         stats.reset()
