@@ -22,7 +22,6 @@ from urllib.parse import urlsplit
 
 import orjson
 from confluent_kafka import KafkaException, Producer
-from confluent_kafka.admin import AdminClient
 from rich.console import Console
 from rich.table import Table
 
@@ -30,7 +29,7 @@ from consumer.config import Settings
 from consumer.constants import ENDPOINTS_TOPIC
 from consumer.endpoints import EndpointRegistry, load_file, parse_record, record_of
 from consumer.errors import BlockedAddress, InvalidEndpoint, KafkaError
-from consumer.kafka_io import producer_config, topic_configs
+from consumer.kafka_io import admin_client, make_client, producer_config, topic_configs
 from consumer.models import Endpoint
 from consumer.netguard import AddressPolicy
 from consumer.registry_topic import read_all
@@ -114,8 +113,7 @@ def _set(args: argparse.Namespace, settings: Settings) -> int:
         return _refuse("set", _explain(str(exc)))
     _warn_if_refused_literal(endpoint, settings)
     value = orjson.dumps(record_of(endpoint))
-    bootstrap = settings.kafka_bootstrap_servers
-    partition, offset = _publish(bootstrap, endpoint.space, value, args.timeout)
+    partition, offset = _publish(settings, endpoint.space, value, args.timeout)
     secrets = len(endpoint.signing_secrets)
     print(
         f"space {endpoint.space}: endpoint {endpoint.id} {mask_url(endpoint.url)} "
@@ -130,7 +128,7 @@ def _remove(args: argparse.Namespace, settings: Settings) -> int:
     if not _slug_ok(args.space):
         return _refuse("remove", f"--space {args.space!r} is not a space slug "
                        f"(pattern {_slug_pattern()})")
-    partition, offset = _publish(settings.kafka_bootstrap_servers, args.space, None, args.timeout)
+    partition, offset = _publish(settings, args.space, None, args.timeout)
     print(
         f"space {args.space}: endpoint record removed from {ENDPOINTS_TOPIC} "
         f"(tombstone at partition {partition}, offset {offset}); "
@@ -140,7 +138,7 @@ def _remove(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _list(args: argparse.Namespace, settings: Settings) -> int:
-    records = read_all(settings.kafka_bootstrap_servers, ENDPOINTS_TOPIC, args.timeout)
+    records = read_all(settings, ENDPOINTS_TOPIC, args.timeout)
     topic_registry = EndpointRegistry()
     ignored = 0
     if records is None:
@@ -331,26 +329,29 @@ def _slug_ok(space: str) -> bool:
     return re.fullmatch(_slug_pattern(), space) is not None
 
 
-def _require_topic(bootstrap: str, timeout: float) -> None:
+def _require_topic(settings: Settings, timeout: float) -> None:
     """Refuse to publish to a missing topic: the broker could auto-create it uncompacted."""
+    bootstrap = settings.kafka_bootstrap_servers
     try:
-        names = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=timeout).topics
+        names = admin_client(settings).list_topics(timeout=timeout).topics
     except KafkaException as exc:
         raise KafkaError(f"broker {bootstrap} did not answer: {exc}") from None
     if ENDPOINTS_TOPIC not in names:
         raise KafkaError(f"topic {ENDPOINTS_TOPIC} does not exist; create it (compacted) with "
                          "`perkamo-webhooks topics`")
-    configs = topic_configs(bootstrap, [ENDPOINTS_TOPIC]).get(ENDPOINTS_TOPIC, {})
+    configs = topic_configs(settings, [ENDPOINTS_TOPIC]).get(ENDPOINTS_TOPIC, {})
     policy = configs.get("cleanup.policy")
     if policy is not None and "compact" not in policy:
         print(f"warning: {ENDPOINTS_TOPIC} has cleanup.policy={policy}, not compact: "
               "records will expire and consumers would lose their endpoints", file=sys.stderr)
 
 
-def _publish(bootstrap: str, space: str, value: bytes | None, timeout: float) -> tuple[int, int]:
+def _publish(settings: Settings, space: str, value: bytes | None, timeout: float) -> tuple[int, int]:
     """Publish one record (None = tombstone) keyed by the space; returns (partition, offset)."""
-    _require_topic(bootstrap, timeout)
-    producer = Producer({**producer_config(bootstrap), "client.id": "perkamo-webhooks-cli"})
+    _require_topic(settings, timeout)
+    producer: Producer = make_client(
+        Producer, {**producer_config(settings), "client.id": "perkamo-webhooks-cli"}
+    )
     outcome: dict[str, Any] = {}
 
     def on_delivery(err: Any, msg: Any) -> None:

@@ -14,7 +14,6 @@ import logging
 import ssl
 import time
 from collections.abc import Mapping
-from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -24,7 +23,16 @@ from consumer.breaker import CircuitBreakers
 from consumer.config import Settings
 from consumer.errors import BlockedAddress
 from consumer.models import AttemptResult, Endpoint, Event
-from consumer.netguard import AddressPolicy, GuardedResolver, blocked_cause
+from consumer.netguard import (
+    AddressPolicy,
+    GuardedResolver,
+    GuardedSocketFactory,
+    TrustedAddresses,
+    blocked_cause,
+    dialling,
+    last_dial,
+    url_host,
+)
 from consumer.retry_policy import parse_retry_after
 from consumer.signing import signature_headers
 
@@ -83,6 +91,9 @@ class Deliverer:
         self._slow_after_s = min(1.0, settings.delivery_timeout_s / 2)
 
     async def start(self) -> None:
+        # The proxy is the one trusted destination: its literal, or what its host resolves to.
+        proxy_host = _proxy_host(self._proxy)
+        trusted = TrustedAddresses([proxy_host] if proxy_host else [])
         connector = aiohttp.TCPConnector(
             limit=self._settings.max_in_flight,
             # Per-endpoint caps are the semaphores above; aiohttp's limit_per_host would couple
@@ -91,7 +102,14 @@ class Deliverer:
             ssl=make_ssl_context(str(self._settings.ca_bundle) if self._settings.ca_bundle else None),
             # With an egress proxy aiohttp resolves only the proxy's host, which the operator
             # chose (often a private address); the proxy must enforce egress rules itself.
-            resolver=GuardedResolver(self._policy, trusted_hosts=_proxy_hosts(self._proxy)),
+            resolver=GuardedResolver(
+                self._policy,
+                trusted_hosts=(proxy_host,) if proxy_host else (),
+                trusted_addresses=trusted,
+                dns_threads=self._settings.dns_threads,
+            ),
+            # Every dial, of names and IP literals alike, is judged on the address it connects to.
+            socket_factory=GuardedSocketFactory(self._policy, trusted),
             ttl_dns_cache=30,
             enable_cleanup_closed=True,
         )
@@ -170,8 +188,22 @@ class Deliverer:
             return False
         return time.monotonic() - min(started.values()) > self._slow_after_s
 
+    def forget(self, endpoint_id: str, host: str = "") -> None:
+        """Drop what is kept per endpoint (and per host) once the endpoint went away.
+
+        State an attempt still uses stays: a delivery waiting for the endpoint's semaphore, or
+        a call in progress; the next forget, or the end of those calls, is soon enough."""
+        if not self._waiting.get(endpoint_id) and endpoint_id not in self._started:
+            self._per_endpoint.pop(endpoint_id, None)
+            self._waiting.pop(endpoint_id, None)
+        if host:
+            self._vetted.pop(host, None)
+
     def _vet_literal(self, host: str) -> None:
-        """The SSRF guard for IP-literal hosts (aiohttp never resolves those), cached per host."""
+        """The SSRF guard for IP-literal hosts before the request (a proxy only sees CONNECT),
+        cached per host; it also names the host the socket factory judges this task's dial for.
+        `host` is yarl's normalised host (Endpoint.host), the one aiohttp dials."""
+        dialling(host)
         if host in self._vetted:
             refused = self._vetted[host]
         else:
@@ -180,6 +212,8 @@ class Deliverer:
                 refused = None
             except BlockedAddress as exc:
                 refused = exc
+            if len(self._vetted) >= 4096:  # one entry per host; bounded even without forget()
+                self._vetted.clear()
             self._vetted[host] = refused
         if refused is not None:
             raise refused
@@ -233,9 +267,9 @@ class Deliverer:
         return chunk.decode("utf-8", "replace")
 
 
-def _proxy_hosts(proxy: str | None) -> tuple[str, ...]:
-    host = urlsplit(proxy).hostname if proxy else None
-    return (host,) if host else ()
+def _proxy_host(proxy: str | None) -> str:
+    """The proxy's host as aiohttp dials it (yarl's normalised form), '' without a proxy."""
+    return url_host(proxy) if proxy else ""
 
 
 def _ms_since(started: float) -> int:
@@ -244,7 +278,7 @@ def _ms_since(started: float) -> int:
 
 def _failure(exc: BaseException, host: str, url: str, duration_ms: int) -> AttemptResult:
     """Map aiohttp's exception tree to an outcome and a URL-free error string."""
-    blocked = exc if isinstance(exc, BlockedAddress) else blocked_cause(exc)
+    blocked = exc if isinstance(exc, BlockedAddress) else blocked_cause(exc, last_dial())
     if blocked is not None:
         outcome, text = m.OUTCOME_BLOCKED, f"address refused: {blocked}"
     elif isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):

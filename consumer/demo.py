@@ -115,9 +115,9 @@ async def _demo(workdir: Path, bootstrap: str, events: int, console: Console) ->
         breaker_failures=1000,
     )
     console.print("[bold]2/5[/] creating topics; receiver with a test CA on " + f"127.0.0.1:{receiver.port}")
-    await asyncio.to_thread(wait_for_broker, bootstrap, 30)
+    await asyncio.to_thread(wait_for_broker, settings, 30)
     specs, _ = plan(settings, partitions=3, retention_hours=None)
-    await asyncio.to_thread(ensure_topics, bootstrap, [(s.name, s.partitions, s.config) for s in specs])
+    await asyncio.to_thread(ensure_topics, settings, [(s.name, s.partitions, s.config) for s in specs])
 
     healthy = [sample_event(n, HEALTHY) for n in range(events)]
     failing = [sample_event(events + n, FAILING, "test") for n in range(max(1, events // 4))]
@@ -126,7 +126,7 @@ async def _demo(workdir: Path, bootstrap: str, events: int, console: Console) ->
         f"[bold]3/5[/] publishing {len(healthy)} events for {HEALTHY} (answers 204), "
         f"{len(failing)} for {FAILING} (answers 500), 1 for a Space with no endpoint, 1 not JSON"
     )
-    producer = Producer(producer_config(bootstrap))
+    producer = Producer(producer_config(settings))
     for doc in [*healthy, *failing, orphan]:
         producer.produce(c.EVENTS_TOPIC, orjson.dumps(doc), key=doc["data"]["space"]["slug"])
     producer.produce(c.EVENTS_TOPIC, b"{not json", key=b"broken")
