@@ -299,7 +299,8 @@ def test_file_loader_refuses_a_look_alike_naming_the_record(tmp_path: Path) -> N
     path = tmp_path / "endpoints.json"
     path.write_text(orjson.dumps([{"space": "ok", "url": "https://hooks.example.com/h"},
                                   {"space": "bad", "url": "https://127\u30020\u30020\u30021/h"}]).decode())
-    with pytest.raises(InvalidEndpoint, match=r"PERKAMO_ENDPOINTS_FILE .*record 1: url host must be plain ASCII"):
+    with pytest.raises(InvalidEndpoint,
+                       match=r"PERKAMO_ENDPOINTS_FILE .*record 1: url host must be plain ASCII"):
         load_file(path)
 
 
