@@ -232,7 +232,8 @@ class Settings(BaseSettings):
         if read and read == self.admin_token.get_secret_value():
             raise ValueError("PERKAMO_ADMIN_READ_TOKEN equals PERKAMO_ADMIN_TOKEN: give the "
                              "read-only token a value of its own")
-        if self.history_password.get_secret_value() and "@" in self.history_dsn.partition("://")[2].partition("/")[0]:
+        userinfo = self.history_dsn.partition("://")[2].partition("/")[0].rpartition("@")[0]
+        if self.history_password.get_secret_value() and ":" in userinfo:
             raise ValueError("PERKAMO_HISTORY_PASSWORD is set and PERKAMO_HISTORY_DSN carries "
                              "user:password@ too: keep the password in one place")
         return self

@@ -267,7 +267,7 @@ def wait_for_broker(source: Source, timeout: float) -> None:
     problems: list[RdKafkaError] = []
 
     def on_error(err: RdKafkaError) -> None:
-        if err.code() in _AUTH_ERRORS:
+        if err.code() in _AUTH_ERRORS or "SSL handshake failed" in err.str():
             problems.append(err)
 
     config = {**client_config(source), "error_cb": on_error}
@@ -289,7 +289,7 @@ def wait_for_broker(source: Source, timeout: float) -> None:
 def _auth_failure(err: RdKafkaError, config: dict[str, Any]) -> str:
     """Refused credentials or TLS as a sentence naming the settings to check."""
     text = _scrub(err.str(), config)
-    if err.code() == RdKafkaError._SSL:
+    if err.code() == RdKafkaError._SSL or "SSL handshake failed" in text:
         return (f"Kafka TLS handshake failed ({text}): check PERKAMO_KAFKA_SSL_CA_LOCATION and "
                 "PERKAMO_KAFKA_SECURITY_PROTOCOL")
     return (f"Kafka refused the credentials ({text}): check PERKAMO_KAFKA_SASL_USERNAME and "
