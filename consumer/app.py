@@ -48,11 +48,8 @@ class App:
 def build(settings: Settings, store: HistoryStore | None = None, metrics: Metrics | None = None) -> App:
     """Everything `run` needs, ready to start; raises PerkamoError subclasses on bad set-up."""
     use_settings(settings)  # every Kafka client made from the bootstrap string gets PERKAMO_KAFKA_*
-    metrics = metrics or Metrics(
-        enabled=settings.metrics_enabled,
-        max_label_values=settings.metrics_max_label_values,
-        event_types=settings.metrics_event_types,
-    )
+    metrics = metrics or Metrics(enabled=settings.metrics_enabled)
+    metrics.limit_labels(settings.metrics_max_label_values, settings.metrics_event_types)
     store = store or HistoryStore.from_settings(settings)
     store.migrate(settings.history_ttl_days)
     file_endpoints = load_file(settings.endpoints_file) if settings.endpoints_file else []

@@ -153,6 +153,11 @@ class LabelBounder:
             return value
         return OTHER
 
+    def configure(self, cap: int, fixed: Iterable[str] = ()) -> None:
+        """Set the cap and the values that always pass (from settings)."""
+        self._cap = cap
+        self._fixed = frozenset(fixed)
+
     def add_known(self, value: str) -> None:
         self._known.add(value)
         self._seen.discard(value)
@@ -297,6 +302,11 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def limit_labels(self, max_label_values: int, event_types: Iterable[str] = ()) -> None:
+        """Apply PERKAMO_METRICS_MAX_LABEL_VALUES and PERKAMO_METRICS_EVENT_TYPES."""
+        self.spaces.configure(max_label_values)
+        self.event_types.configure(max_label_values, event_types)
 
     def forget_space(self, space: str) -> int:
         """Drop every series of a Space (its endpoint went away); returns how many.
