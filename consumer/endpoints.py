@@ -70,15 +70,15 @@ def _check_url(url: Any) -> None:
     if "@" in authority:
         raise InvalidEndpoint("url must not carry credentials (user:password@); sign deliveries "
                               "with signing_secrets instead")
-    problem = host_problem(url)
-    if problem is not None:
-        raise InvalidEndpoint(problem)
     try:
         port = urlsplit(url).port
     except ValueError:
-        raise InvalidEndpoint("url port must be a number from 1 to 65535") from None
+        port = 0
     if port == 0:
         raise InvalidEndpoint("url port must be a number from 1 to 65535")
+    problem = host_problem(url)
+    if problem is not None:
+        raise InvalidEndpoint(problem)
 
 
 def _check_fields(doc: Any) -> None:
