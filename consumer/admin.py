@@ -29,6 +29,7 @@ from typing import Any, NoReturn, Protocol, TypeVar
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from consumer.auth import ADMIN, AdminAuth, AuthError, install, token_ok
@@ -321,8 +322,14 @@ async def _errors(  # noqa: PLR0911 - one answer per error type
         return _json({"error": str(exc)}, status=503)
     except PublishFailed as exc:
         return _json({"error": str(exc), "published": exc.published}, status=502)
-    except web.HTTPException:
-        raise
+    except web.HTTPException as exc:
+        if not request.path.startswith(API) or exc.status < 400:
+            raise
+        # aiohttp's own answers (no such route, method not allowed, body too large) in JSON too
+        response = _json({"error": f"{exc.reason.lower()}: {request.method} {_route_hint(request)}"},
+                         status=exc.status)
+        response.headers.update({k: v for k, v in exc.headers.items() if k.lower() == "allow"})
+        return response
     except Exception as exc:
         if not request.path.startswith(API):
             raise
@@ -336,6 +343,13 @@ async def _errors(  # noqa: PLR0911 - one answer per error type
         log.exception("admin API %s %s failed", request.method, where)
         return _json({"error": f"history store or broker unavailable ({type(exc).__name__}); "
                                "see the consumer log"}, status=503)
+
+
+def _route_hint(request: web.Request) -> str:
+    """The request's route for an error message: the API routes, never the caller's text."""
+    known = ("/api/v1/deliveries", "/api/v1/deliveries/{delivery_id}",
+             "/api/v1/deliveries/{delivery_id}/resend", "/api/v1/replay")
+    return f"is not one of {', '.join(known)}"
 
 
 def _timed_out(exc: BaseException) -> bool:
@@ -401,8 +415,27 @@ def _field_bool(doc: dict[str, Any], name: str) -> bool:
     return value
 
 
+class _ServerLog(logging.Logger):
+    """aiohttp's server logger, minus tracebacks for requests that are not valid HTTP.
+
+    aiohttp logs a malformed request (a control character in a header, a broken request line)
+    with `logger.exception` before answering 400: anyone who reaches the port could fill the
+    log with tracebacks. Those become one warning line; every other error keeps its traceback."""
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            log.warning("refused a malformed HTTP request (400): %s",
+                        str(exc_info.message)[:120].replace("\n", " "))
+            return
+        super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
+
+_SERVER_LOG = _ServerLog("aiohttp.server.perkamo")
+_SERVER_LOG.parent = logging.getLogger("aiohttp.server")
+
+
 async def start_admin(app: web.Application, host: str, port: int) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, logger=_SERVER_LOG)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
