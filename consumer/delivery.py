@@ -79,6 +79,7 @@ class Deliverer:
         self._excerpt = settings.response_excerpt_bytes
         self._proxy = settings.https_proxy or None
         self._session: aiohttp.ClientSession | None = None
+        self._resolver: GuardedResolver | None = None
         self._breakers = breakers
         self._per_endpoint: dict[str, asyncio.Semaphore] = {}
         self._waiting: dict[str, int] = {}
@@ -94,6 +95,12 @@ class Deliverer:
         # The proxy is the one trusted destination: its literal, or what its host resolves to.
         proxy_host = _proxy_host(self._proxy)
         trusted = TrustedAddresses([proxy_host] if proxy_host else [])
+        self._resolver = GuardedResolver(
+            self._policy,
+            trusted_hosts=(proxy_host,) if proxy_host else (),
+            trusted_addresses=trusted,
+            dns_threads=self._settings.dns_threads,
+        )
         connector = aiohttp.TCPConnector(
             limit=self._settings.max_in_flight,
             # Per-endpoint caps are the semaphores above; aiohttp's limit_per_host would couple
@@ -102,12 +109,7 @@ class Deliverer:
             ssl=make_ssl_context(str(self._settings.ca_bundle) if self._settings.ca_bundle else None),
             # With an egress proxy aiohttp resolves only the proxy's host, which the operator
             # chose (often a private address); the proxy must enforce egress rules itself.
-            resolver=GuardedResolver(
-                self._policy,
-                trusted_hosts=(proxy_host,) if proxy_host else (),
-                trusted_addresses=trusted,
-                dns_threads=self._settings.dns_threads,
-            ),
+            resolver=self._resolver,
             # Every dial, of names and IP literals alike, is judged on the address it connects to.
             socket_factory=GuardedSocketFactory(self._policy, trusted),
             ttl_dns_cache=30,
@@ -124,6 +126,9 @@ class Deliverer:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._resolver is not None:  # the connector does not close a resolver it was given
+            await self._resolver.close()
+            self._resolver = None
 
     @property
     def max_active_per_endpoint(self) -> int:

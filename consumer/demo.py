@@ -22,6 +22,7 @@ import orjson
 from confluent_kafka import Producer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from consumer import constants as c
 from consumer.app import build, serve
@@ -171,7 +172,7 @@ async def _demo(workdir: Path, bootstrap: str, events: int, console: Console) ->
             f"[{style}]{row[5]}[/]",
             str(row[6]),
             str(row[7]),
-            (row[8] or "")[:40],
+            Text((row[8] or "")[:40]),  # receiver text: never read as markup
             row[9].strftime("%H:%M:%S.%f")[:-3],
         )
     console.print(table)

@@ -56,6 +56,8 @@ CIRCUIT_CLOSED, CIRCUIT_OPEN, CIRCUIT_HALF_OPEN = 0, 1, 2
 OTHER: Final = "_other"
 # Labels whose values come from the input and are bounded (see LabelBounder).
 BOUNDED_LABELS: Final = ("space", "event_type")
+# Kept when a Space's endpoint goes away: it counts what happens to the Space's events next.
+_KEPT_ON_FORGET: Final = frozenset({"no_endpoint_total"})
 
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -163,9 +165,11 @@ class LabelBounder:
         self._seen.discard(value)
 
     def forget(self, value: str) -> None:
-        """The value is no longer known (its Space's endpoint went away); frees its place."""
+        """The value is no longer known (its Space's endpoint went away): from now on it is one
+        of the other values, passing while it has a place under the cap."""
         self._known.discard(value)
-        self._seen.discard(value)
+        if value not in self._seen and len(self._seen) < self._cap:
+            self._seen.add(value)
 
     @property
     def seen(self) -> int:
@@ -260,7 +264,7 @@ class Metrics:
             if any(label in BOUNDED_LABELS for label in labels):
                 wrapped = _Bounded(made[short], tuple(bounders.get(label) for label in labels))
                 made[short] = wrapped
-                if "space" in labels:
+                if "space" in labels and short not in _KEPT_ON_FORGET:
                     self._bounded.append((wrapped, labels.index("space")))
         self.events_consumed: Any = made["events_consumed_total"]
         self.attempts: Any = made["attempts_total"]
@@ -309,9 +313,9 @@ class Metrics:
         self.event_types.configure(max_label_values, event_types)
 
     def forget_space(self, space: str) -> int:
-        """Drop every series of a Space (its endpoint went away); returns how many.
-
-        Call it on the thread that updates the metrics (the event loop)."""
+        """Drop a Space's delivery series (attempts, durations, circuit state) once its endpoint
+        went away; returns how many. `no_endpoint_total` stays: it goes on counting the Space's
+        events. Call it on the thread that updates the metrics (the event loop)."""
         removed = 0
         for metric, position in self._bounded:
             for labels in [t for t in metric.created if t[position] == space]:
