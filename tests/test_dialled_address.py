@@ -367,3 +367,54 @@ async def test_pool_resolver_resolves_loopback_on_its_own_threads() -> None:
         await resolver.close()
     assert {a["host"] for a in answers} == {"127.0.0.1"}
     assert all(a["port"] == 443 for a in answers)
+
+
+# --- the egress proxy: the one trusted destination --------------------------------------------
+
+
+async def _tunnel_proxy() -> tuple[asyncio.AbstractServer, list[bytes]]:
+    """A CONNECT proxy on loopback that tunnels to 127.0.0.1 only; records the CONNECT lines."""
+    seen: list[bytes] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        line = head.split(b"\r\n", 1)[0]
+        seen.append(line)
+        port = int(line.split()[1].rsplit(b":", 1)[1])
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await writer.drain()
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, seen
+
+
+@pytest.mark.parametrize("proxy_host", ["127.0.0.1", "localhost"])
+async def test_e2e_deliveries_go_through_the_trusted_proxy_with_a_strict_guard(
+    receiver: Any, ca_file: Path, proxy_host: str
+) -> None:
+    server, seen = await _tunnel_proxy()
+    port = server.sockets[0].getsockname()[1]
+    sender = deliverer(https_proxy=f"http://{proxy_host}:{port}", ca_bundle=ca_file)
+    await sender.start()
+    try:
+        result = await sender.attempt(
+            Endpoint(id="ep_viaproxy", space="shop", url=receiver.url("/via-proxy")),
+            event_for("shop"), "dlv_p", 1)
+    finally:
+        await sender.close()
+        server.close()
+    assert result.outcome == "delivered", result
+    assert seen and seen[0].startswith(b"CONNECT localhost:")
+    assert len(receiver.to("/via-proxy")) == 1
