@@ -30,7 +30,7 @@ from consumer.netguard import (
     TrustedAddresses,
     blocked_cause,
     dialling,
-    last_dial,
+    take_dial,
     url_host,
 )
 from consumer.retry_policy import parse_retry_after
@@ -283,7 +283,10 @@ def _ms_since(started: float) -> int:
 
 def _failure(exc: BaseException, host: str, url: str, duration_ms: int) -> AttemptResult:
     """Map aiohttp's exception tree to an outcome and a URL-free error string."""
-    blocked = exc if isinstance(exc, BlockedAddress) else blocked_cause(exc, last_dial())
+    # The dial record matters only for a connection error (aiohttp's wrapping of the socket
+    # factory's refusal); it is taken once, for this host.
+    record = take_dial(host) if isinstance(exc, aiohttp.ClientConnectorError) else None
+    blocked = exc if isinstance(exc, BlockedAddress) else blocked_cause(exc, record)
     if blocked is not None:
         outcome, text = m.OUTCOME_BLOCKED, f"address refused: {blocked}"
     elif isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):

@@ -342,9 +342,12 @@ def dialling(host: str) -> DialRecord:
     return record
 
 
-def last_dial() -> DialRecord | None:
-    """The current task's DialRecord, if `dialling()` was called in it."""
-    return _DIAL.get()
+def take_dial(host: str) -> DialRecord | None:
+    """The current task's DialRecord for `host`, once: it is cleared, so a later failure in the
+    same task (or a record left by other code) is never taken for this one's."""
+    record = _DIAL.get()
+    _DIAL.set(None)
+    return record if record is not None and record.host == host else None
 
 
 class GuardedSocketFactory:

@@ -8,6 +8,7 @@ DNS pool of its own. Public addresses are data here, never dialled.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import socket
 import threading
@@ -101,11 +102,18 @@ def test_look_alike_host_is_refused_before_the_request(typed: str, dialled: str)
 @pytest.mark.parametrize(("typed", "dialled"), [c[1:] for c in LOOK_ALIKES], ids=IDS)
 def test_socket_factory_refuses_the_dialled_address(typed: str, dialled: str) -> None:
     factory = GuardedSocketFactory(AddressPolicy([]))
-    record = dialling(dialled)
-    with pytest.raises(BlockedAddress) as caught:
-        factory.check((dialled, 8443))  # no socket is created
-    assert caught.value.host == dialled
-    assert record.refused == [caught.value]
+
+    def dial() -> tuple[Any, BlockedAddress]:
+        record = dialling(dialled)
+        with pytest.raises(BlockedAddress) as caught:
+            factory.check((dialled, 8443))  # no socket is created
+        return record, caught.value
+
+    # In a context of its own, as each delivery task has: the record does not outlive it.
+    record, refused = contextvars.copy_context().run(dial)
+    assert refused.host == dialled
+    assert record.refused == [refused]
+    caught = pytest.ExceptionInfo.from_exc_info((BlockedAddress, refused, None))
     expected = TARGETS.get(dialled, "loopback")
     assert caught.value.reason == expected
 
@@ -418,3 +426,32 @@ async def test_e2e_deliveries_go_through_the_trusted_proxy_with_a_strict_guard(
     assert result.outcome == "delivered", result
     assert seen and seen[0].startswith(b"CONNECT localhost:")
     assert len(receiver.to("/via-proxy")) == 1
+
+
+def test_a_refusal_summarised_by_happy_eyeballs_is_still_blocked_address() -> None:
+    # Several refused addresses: aiohappyeyeballs raises a plain OSError summary, which aiohttp
+    # wraps; the attempt's dial record still names the refusal. A record never leaks into
+    # another host's failure, nor into a timeout.
+    from aiohttp.client_reqrep import ConnectionKey
+
+    from consumer.delivery import _failure
+
+    def run() -> tuple[str, str, str]:
+        dialling("multi.example")
+        factory = GuardedSocketFactory(AddressPolicy([]))
+        for address in ("10.0.0.1", "127.0.0.1"):
+            with pytest.raises(BlockedAddress):
+                factory.check((address, 443))
+        key = ConnectionKey("multi.example", 443, True, True, None, None, None)
+        summary = aiohttp.ClientConnectorError(key, OSError(13, "Multiple exceptions: ..."))
+        first = _failure(summary, "multi.example", "https://multi.example/x", 1).outcome
+        again = _failure(summary, "multi.example", "https://multi.example/x", 1).outcome
+        dialling("other.example")
+        GuardedSocketFactory(AddressPolicy([])).check(("93.184.216.34", 443))
+        timeout = _failure(TimeoutError(), "other.example", "https://other.example/x", 1).outcome
+        return first, again, timeout
+
+    first, again, timeout = contextvars.copy_context().run(run)
+    assert first == "blocked_address"
+    assert again == "connect_error"  # the record was taken once
+    assert timeout == "timeout"
