@@ -18,8 +18,9 @@ from consumer.config import Settings
 from consumer.endpoints import EndpointRegistry, load_file
 from consumer.errors import KafkaError
 from consumer.history import HistoryStore
-from consumer.kafka_io import wait_for_broker
+from consumer.kafka_io import use_settings, wait_for_broker
 from consumer.metrics import Metrics
+from consumer.models import Endpoint
 from consumer.registry_publish import Receipt, publish_endpoint_record
 from consumer.registry_topic import RegistryFollower
 from consumer.republish import Republisher
@@ -83,11 +84,15 @@ class App:
 
 def build(settings: Settings, store: HistoryStore | None = None, metrics: Metrics | None = None) -> App:
     """Everything `run` needs, ready to start; raises PerkamoError subclasses on bad set-up."""
+    use_settings(settings)  # every Kafka client made from the bootstrap string gets PERKAMO_KAFKA_*
     metrics = metrics or Metrics(enabled=settings.metrics_enabled)
-    store = store or HistoryStore(settings.history_dsn_resolved)
+    metrics.limit_labels(settings.metrics_max_label_values, settings.metrics_event_types)
+    store = store or HistoryStore.from_settings(settings)
     store.migrate(settings.history_ttl_days)
     file_endpoints = load_file(settings.endpoints_file) if settings.endpoints_file else []
     registry = EndpointRegistry(file_endpoints)
+    for space in registry.spaces():
+        metrics.spaces.add_known(space)
     metrics.endpoints_loaded.set(registry.active_count())
     service = DeliveryService(settings, registry, store, metrics)
     # Follows perkamo.webhooks.endpoints; registry.loaded stays False until it is read to its end.
@@ -101,7 +106,12 @@ async def serve(app: App, install_signals: bool = True) -> None:
     if install_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, app.service.stop)
-    await asyncio.to_thread(wait_for_broker, app.settings.kafka_bootstrap_servers, 30.0)
+    await asyncio.to_thread(wait_for_broker, app.settings, 30.0)
+    # Registry changes arrive on the follower's thread; per-endpoint state lives on the loop.
+    def on_change(space: str, before: Endpoint | None, after: Endpoint | None) -> None:
+        loop.call_soon_threadsafe(endpoint_changed, app, space, before, after)
+
+    app.registry.add_listener(on_change)
     host, port = app.settings.admin_host_port
     app.admin = await start_admin(build_app(app.metrics, app.readiness, app, console=app), host, port)
     try:
@@ -113,6 +123,25 @@ async def serve(app: App, install_signals: bool = True) -> None:
         if app.follower is not None:
             await asyncio.to_thread(app.follower.stop)
         await app.admin.cleanup()
+
+
+def endpoint_changed(
+    app: App, space: str, before: Endpoint | None, after: Endpoint | None
+) -> None:
+    """Keep per-endpoint state bounded: what belonged to an endpoint that went away is dropped
+    (its gate: breaker, health and waiters; the Deliverer's per-host entry; the Space's series).
+    A changed URL gets a fresh gate on its next delivery (consumer.gate.Gates.get)."""
+    if after is not None:
+        app.metrics.spaces.add_known(space)
+    if before is None:
+        return
+    gone = after is None or after.id != before.id or not after.active
+    if gone:
+        app.service.gates.forget(before.id)
+    if gone or (after is not None and after.host != before.host):
+        app.service.deliverer.forget(before.host)
+    if after is None or not after.active:
+        app.metrics.forget_space(space)
 
 
 async def _wait_for_registry(app: App) -> None:

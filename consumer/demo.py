@@ -24,6 +24,7 @@ import orjson
 from confluent_kafka import Producer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from consumer import constants as c
 from consumer.app import build, serve
@@ -120,9 +121,9 @@ async def _demo(
         admin_token=secrets.token_urlsafe(32),  # a fresh one per demo run, printed at the end
     )
     console.print("[bold]2/5[/] creating topics; receiver with a test CA on " + f"127.0.0.1:{receiver.port}")
-    await asyncio.to_thread(wait_for_broker, bootstrap, 30)
+    await asyncio.to_thread(wait_for_broker, settings, 30)
     specs, _ = plan(settings, partitions=3, retention_hours=None)
-    await asyncio.to_thread(ensure_topics, bootstrap, [(s.name, s.partitions, s.config) for s in specs])
+    await asyncio.to_thread(ensure_topics, settings, [(s.name, s.partitions, s.config) for s in specs])
 
     healthy = [sample_event(n, HEALTHY) for n in range(events)]
     failing = [sample_event(events + n, FAILING, "test") for n in range(max(1, events // 4))]
@@ -131,7 +132,7 @@ async def _demo(
         f"[bold]3/5[/] publishing {len(healthy)} events for {HEALTHY} (answers 204), "
         f"{len(failing)} for {FAILING} (answers 500), 1 for a Space with no endpoint, 1 not JSON"
     )
-    producer = Producer(producer_config(bootstrap))
+    producer = Producer(producer_config(settings))
     for doc in [*healthy, *failing, orphan]:
         producer.produce(c.EVENTS_TOPIC, orjson.dumps(doc), key=doc["data"]["space"]["slug"])
     producer.produce(c.EVENTS_TOPIC, b"{not json", key=b"broken")
@@ -177,7 +178,7 @@ async def _demo(
             f"[{style}]{row[5]}[/]",
             str(row[6]),
             str(row[7]),
-            (row[8] or "")[:40],
+            Text((row[8] or "")[:40]),  # receiver text: never read as markup
             row[9].strftime("%H:%M:%S.%f")[:-3],
         )
     console.print(table)
