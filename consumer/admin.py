@@ -8,24 +8,32 @@ tools read history and ask for resends and replays through this API.
     POST /api/v1/deliveries/{delivery_id}/resend        {"force": false}
     POST /api/v1/replay  {"space", "since", "until"?, "status"?, "dry_run"?, "force"?}
 
-Reads are open (bind to loopback, the default). Mutating calls, and reading a stored payload,
-need `Authorization: Bearer <PERKAMO_ADMIN_TOKEN>`; with no token configured they are refused
-(403). Errors are JSON `{"error": "..."}` with 400/401/403/404/409/502/503. A replay asked for
-with `Accept: application/x-ndjson` streams one JSON line per published chunk, then the result.
+Who may call what is `consumer.auth`: every /api/v1 call needs a token (reads: the read-only
+or the admin token; resend, replay and stored payloads: the admin token) and a Host header
+naming this service; /metrics and the probes stay open. Every read has a bounded window
+(PERKAMO_HISTORY_MAX_SPAN_DAYS), a server-side time limit (PERKAMO_HISTORY_QUERY_TIMEOUT_S)
+and runs on a pool of its own, at most PERKAMO_HISTORY_MAX_CONCURRENT_QUERIES at once (more:
+429 with Retry-After). Errors are JSON `{"error": "..."}` with 400/401/403/404/409/421/429/
+502/503; bad input is a 400 naming the parameter. A replay asked for with
+`Accept: application/x-ndjson` streams one JSON line per published chunk, then the result.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import concurrent.futures
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from consumer.auth import ADMIN, AdminAuth, AuthError, install, token_ok
 from consumer.config import Settings
 from consumer.console import ConsoleContext
 from consumer.console import mount as mount_console
@@ -35,6 +43,7 @@ from consumer.queries import (
     BadRequest,
     DeliveryFilter,
     Reader,
+    check_span,
     check_text,
     delivery_detail,
     list_deliveries,
@@ -52,6 +61,9 @@ from consumer.republish import (
 
 log = logging.getLogger(__name__)
 
+__all__ = ["ApiError", "HistoryApi", "build_app", "start_admin", "token_ok"]
+
+T = TypeVar("T")
 ReadinessCheck = Callable[[], Awaitable[dict[str, bool]]]
 HealthView = Callable[[], dict[str, dict[str, Any]]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -90,13 +102,6 @@ class ApiError(Exception):
         self.extra = extra
 
 
-def token_ok(expected: str, given: str | None) -> bool:
-    """Constant-time comparison of the admin token; an unset token refuses everything."""
-    if not expected or given is None:
-        return False
-    return hmac.compare_digest(expected.encode(), given.encode())
-
-
 def _dumps(doc: Any) -> str:
     return orjson.dumps(doc).decode()
 
@@ -108,13 +113,16 @@ def _json(doc: Any, status: int = 200) -> web.Response:
 def build_app(
     metrics: Metrics,
     readiness: ReadinessCheck,
+    settings: Settings,
+    *,
     context: AdminContext | None = None,
     health: HealthView | None = None,
     console: ConsoleContext | None = None,
 ) -> web.Application:
-    """/metrics and probes; with `context`, the history API; with `health`, endpoint health;
-    with `console`, /console/."""
+    """/metrics and probes (open); with `context`, the history API; with `health`, endpoint
+    health; with `console`, /console/. Every /api/v1 route needs a token (consumer.auth)."""
     app = web.Application(middlewares=[_errors])
+    install(app, AdminAuth.from_settings(settings))
 
     async def metrics_handler(_: web.Request) -> web.Response:
         body = await asyncio.to_thread(generate_latest, metrics.registry)
@@ -147,13 +155,42 @@ def build_app(
 
 
 class HistoryApi:
-    """Handlers of /api/v1: reads off the event loop (the store's client blocks); writes go
-    through Kafka."""
+    """Handlers of /api/v1: reads off the event loop on a pool of their own (the store's client
+    blocks; the loop's default executor is left to others), writes through Kafka."""
 
     def __init__(self, context: AdminContext, metrics: Metrics) -> None:
+        settings = context.settings
         self._store = context.store
-        self._token = context.settings.admin_token.get_secret_value()
+        self._auth = AdminAuth.from_settings(settings)
+        self._max_span = timedelta(days=settings.history_max_span_days)
+        self._slots = settings.history_max_concurrent_queries
+        self._busy = 0
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            self._slots, thread_name_prefix="history-read"
+        )
         self._republisher = context.republisher
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """One of the PERKAMO_HISTORY_MAX_CONCURRENT_QUERIES places, or 429 at once."""
+        if self._busy >= self._slots:
+            raise ApiError(
+                429,
+                f"{self._busy} history queries are running (PERKAMO_HISTORY_MAX_CONCURRENT_QUERIES);"
+                " retry in a moment",
+                headers={"Retry-After": "1"},
+            )
+        self._busy += 1
+        try:
+            yield
+        finally:
+            self._busy -= 1
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking read on the history pool, within a concurrency place."""
+        async with self._slot():
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._pool, fn, *args)
 
     def register(self, router: web.UrlDispatcher) -> None:
         router.add_get(f"{API}/deliveries", self.deliveries)
@@ -171,12 +208,12 @@ class HistoryApi:
             space=query.get("space", ""),
             status=query.get("status", ""),
             event_type=query.get("event_type", ""),
-            since=parse_time(query["since"]) if query.get("since") else None,
-            until=parse_time(query["until"]) if query.get("until") else None,
+            since=parse_time(query["since"], name="since") if query.get("since") else None,
+            until=parse_time(query["until"], name="until") if query.get("until") else None,
         )
         limit = _int(query.get("limit"), "limit", DEFAULT_LIMIT)
-        cursor = query.get("cursor") or None
-        page = await asyncio.to_thread(list_deliveries, self._store, flt, limit, cursor)
+        cursor = check_text("cursor", query.get("cursor", "")) or None
+        page = await self._read(list_deliveries, self._store, flt, limit, cursor, self._max_span)
         return _json(page.as_json())
 
     async def delivery(self, request: web.Request) -> web.Response:
@@ -184,7 +221,7 @@ class HistoryApi:
         with_body = _bool(request.query.get("include_body"), "include_body")
         if with_body:  # the payload is customer data
             self._authorize(request)
-        detail = await asyncio.to_thread(delivery_detail, self._store, delivery_id, with_body)
+        detail = await self._read(delivery_detail, self._store, delivery_id, with_body)
         if detail is None:
             raise NotFound(f"history has no attempt of delivery {delivery_id}")
         return _json(detail)
@@ -193,22 +230,28 @@ class HistoryApi:
         self._authorize(request)
         body = await _body(request, frozenset({"force"}), required=False)
         force = _field_bool(body, "force")
-        result = await self._republisher.resend(request.match_info["delivery_id"], force=force)
+        delivery_id = check_text("delivery_id", request.match_info["delivery_id"], required=True)
+        async with self._slot():
+            result = await self._republisher.resend(delivery_id, force=force)
         return _json(result.as_json(), status=202)
 
     async def replay(self, request: web.Request) -> web.StreamResponse:
         self._authorize(request)
         body = await _body(request, _REPLAY_FIELDS, required=True)
         until = _field_str(body, "until")
+        since = parse_time(_field_str(body, "since") or _missing("since"), name="since")
+        until_at = parse_time(until, name="until") if until else None
+        check_span(since, until_at or datetime.now(UTC), self._max_span)
         selection = Selection(
-            space=_field_str(body, "space"),
-            since=parse_time(_field_str(body, "since") or _missing("since")),
-            until=parse_time(until) if until else None,
+            space=check_text("space", _field_str(body, "space")),
+            since=since,
+            until=until_at,
             status=_field_str(body, "status"),
         )
         dry_run = _field_bool(body, "dry_run")
         force = _field_bool(body, "force")
-        plan = await self._republisher.plan_replay(selection, force, reserve=not dry_run)
+        async with self._slot():
+            plan = await self._republisher.plan_replay(selection, force, reserve=not dry_run)
         if dry_run or not plan.todo:
             return _json(plan.as_json(published=0, dry_run=dry_run))
         if NDJSON not in request.headers.get("Accept", ""):
@@ -252,15 +295,11 @@ class HistoryApi:
         return response
 
     def _authorize(self, request: web.Request) -> None:
-        if not self._token:
-            raise ApiError(403, "set PERKAMO_ADMIN_TOKEN on the consumer to allow this call")
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token_ok(self._token, given.strip()):
-            raise ApiError(
-                401,
-                "missing or wrong admin token (Authorization: Bearer <PERKAMO_ADMIN_TOKEN>)",
-                headers={"WWW-Authenticate": 'Bearer realm="perkamo-admin"'},
-            )
+        """The admin scope (the middleware already let the read scope through)."""
+        self._auth.require(request, ADMIN)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 @web.middleware
@@ -270,6 +309,8 @@ async def _errors(  # noqa: PLR0911 - one answer per error type
     """Map the API's errors to JSON answers; never echo payloads or URLs."""
     try:
         return await handler(request)
+    except AuthError as exc:
+        return exc.response()
     except ApiError as exc:
         response = _json({"error": str(exc), **exc.extra}, status=exc.status)
         response.headers.update(exc.headers or {})
@@ -285,15 +326,40 @@ async def _errors(  # noqa: PLR0911 - one answer per error type
         return _json({"error": str(exc)}, status=503)
     except PublishFailed as exc:
         return _json({"error": str(exc), "published": exc.published}, status=502)
-    except web.HTTPException:
-        raise
+    except web.HTTPException as exc:
+        if not request.path.startswith(API) or exc.status < 400:
+            raise
+        # aiohttp's own answers (no such route, method not allowed, body too large) in JSON too
+        response = _json({"error": f"{exc.reason.lower()}: {request.method} {_route_hint(request)}"},
+                         status=exc.status)
+        response.headers.update({k: v for k, v in exc.headers.items() if k.lower() == "allow"})
+        return response
     except Exception as exc:
         if not request.path.startswith(API):
             raise
         route = request.match_info.route.resource
-        log.exception("admin API %s %s failed", request.method, route.canonical if route else "?")
+        where = route.canonical if route else "?"
+        if _timed_out(exc):
+            log.warning("admin API %s %s: history query exceeded its time limit", request.method, where)
+            return _json({"error": "the history query took longer than "
+                                   "PERKAMO_HISTORY_QUERY_TIMEOUT_S; narrow the time window or add "
+                                   "filters"}, status=503)
+        log.exception("admin API %s %s failed", request.method, where)
         return _json({"error": f"history store or broker unavailable ({type(exc).__name__}); "
                                "see the consumer log"}, status=503)
+
+
+def _route_hint(request: web.Request) -> str:
+    """The request's route for an error message: the API routes, never the caller's text."""
+    known = ("/api/v1/deliveries", "/api/v1/deliveries/{delivery_id}",
+             "/api/v1/deliveries/{delivery_id}/resend", "/api/v1/replay")
+    return f"is not one of {', '.join(known)}"
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """ClickHouse stopped the query at max_execution_time (code 159, TIMEOUT_EXCEEDED)."""
+    text = str(exc)
+    return "TIMEOUT_EXCEEDED" in text or "Code: 159" in text
 
 
 def _missing(name: str) -> NoReturn:
@@ -303,13 +369,14 @@ def _missing(name: str) -> NoReturn:
 def _int(value: str | None, name: str, default: int) -> int:
     if value is None or value == "":
         return default
-    try:
-        return int(value)
-    except ValueError:
-        raise BadRequest(f"{name} must be an integer") from None
+    if len(value) > 12 or not value.isascii() or not value.strip().lstrip("-").isdigit():
+        raise BadRequest(f"{name} must be an integer")
+    return int(value)
 
 
 def _bool(value: str | None, name: str) -> bool:
+    if value is not None and (len(value) > 8 or not value.isascii()):
+        raise BadRequest(f"{name} must be true or false")
     if value is None or value.lower() in ("", "0", "false", "no"):
         return False
     if value.lower() in ("1", "true", "yes"):
@@ -352,8 +419,27 @@ def _field_bool(doc: dict[str, Any], name: str) -> bool:
     return value
 
 
+class _ServerLog(logging.Logger):
+    """aiohttp's server logger, minus tracebacks for requests that are not valid HTTP.
+
+    aiohttp logs a malformed request (a control character in a header, a broken request line)
+    with `logger.exception` before answering 400: anyone who reaches the port could fill the
+    log with tracebacks. Those become one warning line; every other error keeps its traceback."""
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            log.warning("refused a malformed HTTP request (400): %s",
+                        str(exc_info.message)[:120].replace("\n", " "))
+            return
+        super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
+
+_SERVER_LOG = _ServerLog("aiohttp.server.perkamo")
+_SERVER_LOG.parent = logging.getLogger("aiohttp.server")
+
+
 async def start_admin(app: web.Application, host: str, port: int) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, logger=_SERVER_LOG)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

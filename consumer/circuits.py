@@ -2,9 +2,9 @@
 
 A circuit change is logged and published to `perkamo.webhooks.operational` (opened from
 closed, and closed; failed probes in between are not news). About once a second `refresh()`
-applies time-based circuit changes, copies every endpoint's health into the per-Space gauges,
-and closes the gates of endpoints that went away (their held deliveries look the endpoint up
-again), so per-endpoint state never outlives the endpoint.
+applies time-based circuit changes and copies every endpoint's health into the per-Space
+gauges. (A gate whose endpoint went away is closed by the registry listener,
+consumer.deliver_role.endpoint_changed: its held deliveries look the endpoint up again.)
 """
 
 from __future__ import annotations
@@ -62,11 +62,6 @@ class CircuitReporter:
         most = 0
         now = asyncio.get_running_loop().time()
         for gate in gates:
-            endpoint = self._registry.get(gate.space)
-            if endpoint is None or endpoint.id != gate.key or endpoint.url != gate.version:
-                gates.forget(gate.key)
-                metrics.forget_space(gate.space)
-                continue
             gate.tick()
             health, space = gate.health, gate.space
             metrics.circuit_state.labels(space).set(int(gate.circuit))

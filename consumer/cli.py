@@ -65,7 +65,7 @@ def _stop_during_start_up(signum: int, frame: object) -> None:
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
     from consumer.history import HistoryStore
 
-    store = HistoryStore(settings.history_dsn_resolved)
+    store = HistoryStore.from_settings(settings)
     for line in store.migrate(settings.history_ttl_days):
         print(line)
     return 0
@@ -79,7 +79,7 @@ def _topics(args: argparse.Namespace, settings: Settings) -> int:
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     created = ensure_topics(
-        settings.kafka_bootstrap_servers,
+        settings,
         [(s.name, s.partitions, s.config) for s in specs],
         replication_factor=args.replication_factor,
     )

@@ -112,8 +112,7 @@ def _set(args: argparse.Namespace, settings: Settings) -> int:
         return _refuse("set", _explain(str(exc)))
     _warn_if_refused_literal(endpoint, settings)
     value = orjson.dumps(record_of(endpoint))
-    bootstrap = settings.kafka_bootstrap_servers
-    partition, offset = _publish(bootstrap, endpoint.space, value, args.timeout)
+    partition, offset = _publish(settings, endpoint.space, value, args.timeout)
     secrets = len(endpoint.signing_secrets)
     print(
         f"space {endpoint.space}: endpoint {endpoint.id} {mask_url(endpoint.url)} "
@@ -128,7 +127,7 @@ def _remove(args: argparse.Namespace, settings: Settings) -> int:
     if not _slug_ok(args.space):
         return _refuse("remove", f"--space {args.space!r} is not a space slug "
                        f"(pattern {_slug_pattern()})")
-    partition, offset = _publish(settings.kafka_bootstrap_servers, args.space, None, args.timeout)
+    partition, offset = _publish(settings, args.space, None, args.timeout)
     print(
         f"space {args.space}: endpoint record removed from {ENDPOINTS_TOPIC} "
         f"(tombstone at partition {partition}, offset {offset}); "
@@ -138,7 +137,7 @@ def _remove(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _list(args: argparse.Namespace, settings: Settings) -> int:
-    records = read_all(settings.kafka_bootstrap_servers, ENDPOINTS_TOPIC, args.timeout)
+    records = read_all(settings, ENDPOINTS_TOPIC, args.timeout)
     topic_registry = EndpointRegistry()
     ignored = 0
     if records is None:
@@ -320,9 +319,9 @@ def _slug_ok(space: str) -> bool:
     return re.fullmatch(_slug_pattern(), space) is not None
 
 
-def _publish(bootstrap: str, space: str, value: bytes | None, timeout: float) -> tuple[int, int]:
+def _publish(settings: Settings, space: str, value: bytes | None, timeout: float) -> tuple[int, int]:
     """Publish one record (None = tombstone) keyed by the space; returns (partition, offset)."""
-    warning = check_registry_topic(bootstrap, timeout)
+    warning = check_registry_topic(settings, timeout)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    return publish_registry_record(bootstrap, space, value, timeout)
+    return publish_registry_record(settings, space, value, timeout)

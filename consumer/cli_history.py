@@ -4,7 +4,9 @@ The commands talk to the running consumer's admin API at PERKAMO_ADMIN_LISTEN (D
 the embedded history engine opens in one process only, and resend/replay must go through the
 consumer's Kafka producer and its double-work guard. With a ClickHouse server as history
 (`PERKAMO_HISTORY_DSN=http(s)://…`) `history` reads it directly, consumer or not.
-Mutating commands send PERKAMO_ADMIN_TOKEN as a bearer token.
+Every call sends a bearer token: reads PERKAMO_ADMIN_READ_TOKEN (or PERKAMO_ADMIN_TOKEN),
+resend and replay PERKAMO_ADMIN_TOKEN. Receiver-controlled text (errors, status text) is
+printed as plain text, never as Rich markup.
 
 Exit codes: 0 done; 1 failed (consumer unreachable, not found, server error); 2 invalid input;
 3 refused as double work (the same selection or delivery was already re-published; --force).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -38,6 +41,7 @@ from consumer.queries import (
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.text import Text
 
 # rich and clickhouse-connect are imported by the commands that use them, so that the
 # parser (and `perkamo-webhooks health`, the container probe) starts light.
@@ -48,6 +52,7 @@ EXIT_REFUSED: Final = 3
 API: Final = "/api/v1"
 _TIMEOUT_S: Final = 120.0
 _STATUS_STYLE = {"delivered": "green", "retrying": "yellow", "failed": "red"}
+_BUSY_RETRIES: Final = 3
 _TIME_HELP = "ISO-8601 (2026-06-01T10:00:00Z; no zone = UTC) or a time ago: 30m, 24h, 7d"
 
 
@@ -69,14 +74,24 @@ class AdminClient:
             host = "127.0.0.1"
         self.base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         self.token = settings.admin_token.get_secret_value()
+        self.read_token = settings.admin_read_token.get_secret_value() or self.token
         self.dsn = settings.history_dsn_resolved
         self.timeout = timeout
 
     def get(self, path: str, params: dict[str, str] | None = None) -> dict[str, Any]:
         query = urllib.parse.urlencode({k: v for k, v in (params or {}).items() if v})
         url = f"{self.base}{API}{path}" + (f"?{query}" if query else "")
-        with self._open(urllib.request.Request(url)) as response:  # noqa: S310 - http to the admin API
-            return dict(orjson.loads(response.read()))
+        headers = {"Authorization": f"Bearer {self.read_token}"} if self.read_token else {}
+        for attempt in range(_BUSY_RETRIES + 1):
+            try:
+                request = urllib.request.Request(url, headers=headers)  # noqa: S310 - admin API
+                with self._open(request) as response:
+                    return dict(orjson.loads(response.read()))
+            except ApiFailure as exc:  # 429: the consumer's history queries are all busy
+                if exc.status != 429 or attempt == _BUSY_RETRIES:
+                    raise
+                time.sleep(1.0 + attempt)
+        raise AssertionError("unreachable")
 
     def post(
         self, path: str, body: dict[str, Any], stream: bool = False
@@ -176,8 +191,8 @@ def _history(args: argparse.Namespace, settings: Settings) -> int:
                 return _direct_detail(settings, args.delivery_id)
             quoted = urllib.parse.quote(args.delivery_id, safe="")
             return AdminClient(settings).get(f"/deliveries/{quoted}")
-        since = parse_time(args.since) if args.since else None
-        until = parse_time(args.until) if args.until else None
+        since = parse_time(args.since, name="--since") if args.since else None
+        until = parse_time(args.until, name="--until") if args.until else None
         if direct:
             flt = DeliveryFilter(args.space, args.status or "", args.event_type, since, until)
             return _direct_list(settings, flt, args.limit, args.cursor)
@@ -215,8 +230,8 @@ def _resend(args: argparse.Namespace, settings: Settings) -> int:
 
 def _replay(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        since = parse_time(args.since)
-        until = parse_time(args.until) if args.until else None
+        since = parse_time(args.since, name="--since")
+        until = parse_time(args.until, name="--until") if args.until else None
     except BadRequest as exc:
         return _fail(str(exc), EXIT_INVALID)
     body = {"space": args.space, "since": iso(since), "until": iso(until),
@@ -291,15 +306,18 @@ def _stream_replay(client: AdminClient, body: dict[str, Any]) -> dict[str, Any]:
 def _direct_store(settings: Settings) -> Any:
     from consumer.history import HistoryStore
 
-    return HistoryStore(settings.history_dsn_resolved)
+    return HistoryStore.from_settings(settings)
 
 
 def _direct_list(
     settings: Settings, flt: DeliveryFilter, limit: int, cursor: str | None
 ) -> dict[str, Any]:
+    from datetime import timedelta
+
     store = _direct_store(settings)
     try:
-        return list_deliveries(store, flt, limit, cursor).as_json()
+        span = timedelta(days=settings.history_max_span_days)
+        return list_deliveries(store, flt, limit, cursor, span).as_json()
     finally:
         store.close()
 
@@ -361,15 +379,24 @@ def _when(value: str | None) -> str:
     return datetime.fromisoformat(value).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _status(value: str) -> str:
-    style = _STATUS_STYLE.get(value)
-    return f"[{style}]{value}[/]" if style else value
+def _status(value: str) -> Text:
+    from rich.text import Text
+
+    return Text(str(value), style=_STATUS_STYLE.get(value, ""))
+
+
+def _plain(value: Any) -> Text:
+    """Text from history or a receiver, shown as it is: never read as Rich markup."""
+    from rich.text import Text
+
+    return Text("" if value is None else str(value))
 
 
 def _console() -> Console:
     from rich.console import Console
 
-    return Console()
+    # No markup, no highlighting, no emoji codes: the text shown comes from receivers.
+    return Console(markup=False, highlight=False, emoji=False)
 
 
 def _print_list(doc: dict[str, Any]) -> None:
@@ -382,9 +409,10 @@ def _print_list(doc: dict[str, Any]) -> None:
         table.add_column(name, no_wrap=name in ("delivery", "first attempt", "last attempt"))
     for row in doc["deliveries"]:
         table.add_row(
-            _when(row["first_attempted_at"]), row["delivery_id"], row["space"], row["event_type"],
-            _status(row["status"]), str(row["attempts"]), str(row["last_status_code"] or ""),
-            row["last_error_kind"], _when(row["last_attempted_at"]),
+            _when(row["first_attempted_at"]), _plain(row["delivery_id"]), _plain(row["space"]),
+            _plain(row["event_type"]), _status(row["status"]), str(row["attempts"]),
+            str(row["last_status_code"] or ""), _plain(row["last_error_kind"]),
+            _when(row["last_attempted_at"]),
         )
     console.print(table)
     if not doc["deliveries"]:
@@ -395,19 +423,22 @@ def _print_list(doc: dict[str, Any]) -> None:
 
 def _print_detail(doc: dict[str, Any]) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     console = _console()
-    console.print(f"delivery [bold]{doc['delivery_id']}[/]  space {doc['space']}  "
-                  f"event {doc['event_id']} ({doc['event_type']})  status {_status(doc['status'])}",
-                  soft_wrap=True)
+    console.print(Text.assemble(
+        "delivery ", (str(doc["delivery_id"]), "bold"), f"  space {doc['space']}  ",
+        f"event {doc['event_id']} ({doc['event_type']})  status ", _status(doc["status"]),
+    ), soft_wrap=True)
     table = Table(title="attempts (times UTC)", title_justify="left")
     for name in ("#", "trigger", "status", "code", "error kind", "ms", "attempted at",
                  "next attempt", "replay id", "error"):
         table.add_column(name)
     for a in doc["attempts"]:
         table.add_row(
-            str(a["attempt"]), a["trigger"], _status(a["status"]), str(a["status_code"] or ""),
-            a["error_kind"], str(a["duration_ms"]), _when(a["attempted_at"]),
-            _when(a["next_attempt_at"]), a["replay_id"], a["error"][:120],
+            str(a["attempt"]), _plain(a["trigger"]), _status(a["status"]),
+            _plain(f"{a['status_code'] or ''} {a.get('status_text') or ''}".strip()),
+            _plain(a["error_kind"]), str(a["duration_ms"]), _when(a["attempted_at"]),
+            _when(a["next_attempt_at"]), _plain(a["replay_id"]), _plain(str(a["error"])[:120]),
         )
     console.print(table)

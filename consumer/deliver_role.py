@@ -22,8 +22,9 @@ from consumer.admin import build_app, start_admin
 from consumer.config import Settings
 from consumer.endpoints import EndpointRegistry, load_file
 from consumer.errors import KafkaError
-from consumer.kafka_io import wait_for_broker
+from consumer.kafka_io import use_settings, wait_for_broker
 from consumer.metrics import Metrics
+from consumer.models import Endpoint
 from consumer.registry_topic import RegistryFollower
 from consumer.service import DeliveryService
 
@@ -59,9 +60,13 @@ class DeliverRole:
 
 def build_deliver(settings: Settings, metrics: Metrics | None = None, worker: int = 0) -> DeliverRole:
     """Everything the deliver role needs, ready to start; raises PerkamoError on bad set-up."""
+    use_settings(settings)  # every Kafka client made from the bootstrap string gets PERKAMO_KAFKA_*
     metrics = metrics or Metrics(enabled=settings.metrics_enabled)
+    metrics.limit_labels(settings.metrics_max_label_values, settings.metrics_event_types)
     file_endpoints = load_file(settings.endpoints_file) if settings.endpoints_file else []
     registry = EndpointRegistry(file_endpoints)
+    for space in registry.spaces():
+        metrics.spaces.add_known(space)
     metrics.endpoints_loaded.set(registry.active_count())
     service = DeliveryService(settings, registry, metrics)
     follower = RegistryFollower(settings, registry, metrics)
@@ -75,10 +80,15 @@ async def serve_deliver(role: DeliverRole, install_signals: bool = True) -> None
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, role.stop)
     await asyncio.to_thread(wait_for_broker, role.settings, 30.0)
+
+    # Registry changes arrive on the follower's thread; per-endpoint state lives on the loop.
+    def on_change(space: str, before: Endpoint | None, after: Endpoint | None) -> None:
+        loop.call_soon_threadsafe(endpoint_changed, role, space, before, after)
+
+    role.registry.add_listener(on_change)
     host, port = role.settings.deliver_host_port(role.worker)
-    role.admin = await start_admin(
-        build_app(role.metrics, role.readiness, health=role.service.endpoint_health), host, port
-    )
+    app = build_app(role.metrics, role.readiness, role.settings, health=role.service.endpoint_health)
+    role.admin = await start_admin(app, host, port)
     try:
         if role.follower is not None:
             role.follower.start()
@@ -88,6 +98,25 @@ async def serve_deliver(role: DeliverRole, install_signals: bool = True) -> None
         if role.follower is not None:
             await asyncio.to_thread(role.follower.stop)
         await role.admin.cleanup()
+
+
+def endpoint_changed(
+    role: DeliverRole, space: str, before: Endpoint | None, after: Endpoint | None
+) -> None:
+    """Keep per-endpoint state bounded: what belonged to an endpoint that went away is dropped
+    (its gate: breaker, health and waiters; the Deliverer's per-host entry; the Space's series).
+    A changed URL gets a fresh gate on its next delivery (consumer.gate.Gates.get)."""
+    if after is not None:
+        role.metrics.spaces.add_known(space)
+    if before is None:
+        return
+    gone = after is None or after.id != before.id or not after.active
+    if gone:
+        role.service.gates.forget(before.id)
+    if gone or (after is not None and after.host != before.host):
+        role.service.deliverer.forget(before.host)
+    if after is None or not after.active:
+        role.metrics.forget_space(space)
 
 
 async def wait_for_registry(follower: RegistryFollower, stopping: Callable[[], bool]) -> None:

@@ -13,7 +13,6 @@ import logging
 import ssl
 import time
 from collections.abc import Mapping
-from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -22,7 +21,16 @@ from consumer import metrics as m
 from consumer.config import Settings
 from consumer.errors import BlockedAddress
 from consumer.models import AttemptResult, Endpoint, Event
-from consumer.netguard import AddressPolicy, GuardedResolver, blocked_cause
+from consumer.netguard import (
+    AddressPolicy,
+    GuardedResolver,
+    GuardedSocketFactory,
+    TrustedAddresses,
+    blocked_cause,
+    dialling,
+    take_dial,
+    url_host,
+)
 from consumer.retry_policy import parse_retry_after
 from consumer.signing import signature_headers
 
@@ -67,9 +75,19 @@ class Deliverer:
         self._excerpt = settings.response_excerpt_bytes
         self._proxy = settings.https_proxy or None
         self._session: aiohttp.ClientSession | None = None
+        self._resolver: GuardedResolver | None = None
         self._vetted: dict[str, BlockedAddress | None] = {}
 
     async def start(self) -> None:
+        # The proxy is the one trusted destination: its literal, or what its host resolves to.
+        proxy_host = _proxy_host(self._proxy)
+        trusted = TrustedAddresses([proxy_host] if proxy_host else [])
+        self._resolver = GuardedResolver(
+            self._policy,
+            trusted_hosts=(proxy_host,) if proxy_host else (),
+            trusted_addresses=trusted,
+            dns_threads=self._settings.dns_threads,
+        )
         connector = aiohttp.TCPConnector(
             limit=self._settings.max_in_flight,
             # Per-endpoint caps are the gates' (consumer.gate); aiohttp's limit_per_host would
@@ -78,7 +96,9 @@ class Deliverer:
             ssl=make_ssl_context(str(self._settings.ca_bundle) if self._settings.ca_bundle else None),
             # With an egress proxy aiohttp resolves only the proxy's host, which the operator
             # chose (often a private address); the proxy must enforce egress rules itself.
-            resolver=GuardedResolver(self._policy, trusted_hosts=_proxy_hosts(self._proxy)),
+            resolver=self._resolver,
+            # Every dial, of names and IP literals alike, is judged on the address it connects to.
+            socket_factory=GuardedSocketFactory(self._policy, trusted),
             ttl_dns_cache=30,
             enable_cleanup_closed=True,
         )
@@ -93,6 +113,9 @@ class Deliverer:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._resolver is not None:  # the connector does not close a resolver it was given
+            await self._resolver.close()
+            self._resolver = None
 
     async def call(
         self, endpoint: Endpoint, event: Event, delivery_id: str, attempt: int
@@ -105,8 +128,16 @@ class Deliverer:
             )
         return await self._post(endpoint, event.body, headers)
 
+    def forget(self, host: str) -> None:
+        """Drop what is kept per host once its endpoint went away (per-endpoint caps, circuits
+        and waiters live in the endpoint's gate: consumer.gate.Gates.forget)."""
+        self._vetted.pop(host, None)
+
     def _vet_literal(self, host: str) -> None:
-        """The SSRF guard for IP-literal hosts (aiohttp never resolves those), cached per host."""
+        """The SSRF guard for IP-literal hosts before the request (a proxy only sees CONNECT),
+        cached per host; it also names the host the socket factory judges this task's dial for.
+        `host` is yarl's normalised host (Endpoint.host), the one aiohttp dials."""
+        dialling(host)
         if host in self._vetted:
             refused = self._vetted[host]
         else:
@@ -115,6 +146,8 @@ class Deliverer:
                 refused = None
             except BlockedAddress as exc:
                 refused = exc
+            if len(self._vetted) >= 4096:  # one entry per host; bounded even without forget()
+                self._vetted.clear()
             self._vetted[host] = refused
         if refused is not None:
             raise refused
@@ -168,9 +201,9 @@ class Deliverer:
         return chunk.decode("utf-8", "replace")
 
 
-def _proxy_hosts(proxy: str | None) -> tuple[str, ...]:
-    host = urlsplit(proxy).hostname if proxy else None
-    return (host,) if host else ()
+def _proxy_host(proxy: str | None) -> str:
+    """The proxy's host as aiohttp dials it (yarl's normalised form), '' without a proxy."""
+    return url_host(proxy) if proxy else ""
 
 
 def _ms_since(started: float) -> int:
@@ -179,7 +212,10 @@ def _ms_since(started: float) -> int:
 
 def _failure(exc: BaseException, host: str, url: str, duration_ms: int) -> AttemptResult:
     """Map aiohttp's exception tree to an outcome and a URL-free error string."""
-    blocked = exc if isinstance(exc, BlockedAddress) else blocked_cause(exc)
+    # The dial record matters only for a connection error (aiohttp's wrapping of the socket
+    # factory's refusal); it is taken once, for this host.
+    record = take_dial(host) if isinstance(exc, aiohttp.ClientConnectorError) else None
+    blocked = exc if isinstance(exc, BlockedAddress) else blocked_cause(exc, record)
     if blocked is not None:
         outcome, text = m.OUTCOME_BLOCKED, f"address refused: {blocked}"
     elif isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):

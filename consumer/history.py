@@ -18,6 +18,7 @@ from typing import Any
 
 import clickhouse_connect
 
+from consumer.config import Settings
 from consumer.constants import HISTORY_DATABASE, HISTORY_TABLE
 from consumer.errors import HistoryUnavailable
 from consumer.models import AttemptRow
@@ -36,20 +37,82 @@ def _ddl(ttl_days: int) -> str:
     return schema_path("clickhouse/webhook_attempts.sql").read_text().format(ttl_days=ttl_days)
 
 
-class HistoryStore:
-    """A clickhouse-connect client with a lock: chDB sessions are not for concurrent use."""
+# Receiver-controlled text is capped where it enters history (DESIGN §4: bounded everything).
+STATUS_TEXT_MAX = 256
+ERROR_MAX = 1024
+_STATUS_TEXT_AT = COLUMNS.index("status_text")
+_ERROR_AT = COLUMNS.index("error")
 
-    def __init__(self, dsn: str) -> None:
+
+def client_kwargs(
+    dsn: str, password: str = "", ca_bundle: str | None = None
+) -> dict[str, Any]:
+    """What clickhouse-connect's get_client() is given: the DSN (which may carry user and
+    password), PERKAMO_HISTORY_PASSWORD and the CA for an https:// server. Never logged."""
+    kwargs: dict[str, Any] = {"dsn": dsn}
+    if dsn.startswith("chdb://"):
+        return kwargs
+    if password:
+        kwargs["password"] = password
+    if ca_bundle:
+        kwargs["ca_cert"] = ca_bundle
+        kwargs["verify"] = True
+    return kwargs
+
+
+def mask_dsn(dsn: str) -> str:
+    """The DSN without its password, fit for a message."""
+    scheme, sep, rest = dsn.partition("://")
+    authority, slash, path = rest.partition("/")
+    if sep and "@" in authority:
+        user = authority.rpartition("@")[0].partition(":")[0]
+        return f"{scheme}://{user}:********@{authority.rpartition('@')[2]}{slash}{path}"
+    return dsn
+
+
+class HistoryStore:
+    """clickhouse-connect clients for the history table: one for writes, one for reads.
+
+    chDB sessions are not for concurrent use, so each client has a lock; but the two are
+    separate clients (clickhouse-connect gives each its own chdb connection handle to the
+    one engine a process hosts, which chdb allows), so a slow read never delays an insert.
+    Reads carry a server-side time limit (`max_execution_time`, PERKAMO_HISTORY_QUERY_TIMEOUT_S).
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        password: str = "",
+        ca_bundle: str | None = None,
+        query_timeout_s: float | None = None,
+    ) -> None:
         self.dsn = dsn
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the write client's
+        self._read_lock = threading.Lock()
+        self.query_timeout_s = query_timeout_s
         if dsn.startswith("chdb://"):
             Path(dsn.removeprefix("chdb://")).mkdir(parents=True, exist_ok=True)
+        kwargs = client_kwargs(dsn, password, ca_bundle)
         try:
-            self._client = clickhouse_connect.get_client(dsn=dsn)
+            self._client = clickhouse_connect.get_client(**kwargs)
+            self._reader = clickhouse_connect.get_client(**kwargs)
         except Exception as exc:
-            raise HistoryUnavailable(f"cannot open history store: {type(exc).__name__}") from exc
+            raise HistoryUnavailable(
+                f"cannot open history store {mask_dsn(dsn)}: {type(exc).__name__}"
+            ) from exc
         # Test hook for fault injection (tests/faults): called before each insert.
         self.before_insert: Callable[[], None] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HistoryStore:
+        """The store of PERKAMO_HISTORY_DSN with its password, CA and query time limit."""
+        return cls(
+            settings.history_dsn_resolved,
+            password=settings.history_password_value,
+            ca_bundle=str(settings.history_ca_bundle) if settings.history_ca_bundle else None,
+            query_timeout_s=settings.history_query_timeout_s,
+        )
 
     def migrate(self, ttl_days: int) -> list[str]:
         """Create or upgrade the schema in place; safe to run again. Returns what it did."""
@@ -91,16 +154,19 @@ class HistoryStore:
     def insert(self, rows: Sequence[AttemptRow]) -> None:
         if self.before_insert is not None:
             self.before_insert()
-        data = [_row_values(row) for row in rows]
+        data = [_capped(_row_values(row)) for row in rows]
         with self._lock:
             self._client.insert(TABLE, data, column_names=COLUMNS)
 
     def query(
         self, sql: str, parameters: dict[str, Any] | None = None
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
-        """Run a read; returns (column names, rows)."""
-        with self._lock:
-            result = self._client.query(sql, parameters=parameters or {})
+        """Run a read on the read client (never waits for an insert); returns (columns, rows).
+
+        With a query time limit, the server stops the query after it (TIMEOUT_EXCEEDED)."""
+        settings = {"max_execution_time": self.query_timeout_s} if self.query_timeout_s else None
+        with self._read_lock:
+            result = self._reader.query(sql, parameters=parameters or {}, settings=settings)
             return list(result.column_names), [tuple(r) for r in result.result_rows]
 
     def command(self, sql: str) -> Any:
@@ -108,8 +174,24 @@ class HistoryStore:
             return self._client.command(sql)
 
     def close(self) -> None:
+        with self._read_lock:
+            self._reader.close()
         with self._lock:
             self._client.close()
+
+
+
+
+def _capped(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A row's values with the status text and error capped (a receiver chooses the reason
+    phrase; an error can quote it)."""
+    status_text, error = values[_STATUS_TEXT_AT], values[_ERROR_AT]
+    if len(status_text) <= STATUS_TEXT_MAX and len(error) <= ERROR_MAX:
+        return values
+    capped = list(values)
+    capped[_STATUS_TEXT_AT] = status_text[:STATUS_TEXT_MAX]
+    capped[_ERROR_AT] = error[:ERROR_MAX]
+    return tuple(capped)
 
 
 def _column_definitions(ddl: str) -> list[tuple[str, str]]:

@@ -26,7 +26,7 @@ from consumer.endpoints import EndpointRegistry, load_file
 from consumer.health import HealthBook, HealthPolicy
 from consumer.history import HistoryStore
 from consumer.ingest import HistoryIngest
-from consumer.kafka_io import AsyncProducer, wait_for_broker
+from consumer.kafka_io import AsyncProducer, use_settings, wait_for_broker
 from consumer.metrics import Metrics
 from consumer.registry_publish import Receipt, publish_endpoint_record
 from consumer.registry_topic import RegistryFollower
@@ -101,8 +101,10 @@ def build_history(
     settings: Settings, store: HistoryStore | None = None, metrics: Metrics | None = None
 ) -> HistoryRole:
     """Everything the history role needs, ready to start; migrates the schema."""
+    use_settings(settings)  # every Kafka client made from the bootstrap string gets PERKAMO_KAFKA_*
     metrics = metrics or Metrics(enabled=settings.metrics_enabled)
-    store = store or HistoryStore(settings.history_dsn_resolved)
+    metrics.limit_labels(settings.metrics_max_label_values, settings.metrics_event_types)
+    store = store or HistoryStore.from_settings(settings)
     store.migrate(settings.history_ttl_days)
     file_endpoints = load_file(settings.endpoints_file) if settings.endpoints_file else []
     registry = EndpointRegistry(file_endpoints)
@@ -123,7 +125,8 @@ async def serve_history(role: HistoryRole, install_signals: bool = True) -> None
     await asyncio.to_thread(wait_for_broker, role.settings, 30.0)
     role.producer = AsyncProducer(role.settings)
     host, port = role.settings.admin_host_port
-    app = build_app(role.metrics, role.readiness, context=role, health=role.endpoints_health, console=role)
+    app = build_app(role.metrics, role.readiness, role.settings, context=role,
+                    health=role.endpoints_health, console=role)
     role.admin = await start_admin(app, host, port)
     try:
         role.ingest.start()

@@ -1,5 +1,13 @@
 """Thin, typed wrappers over confluent-kafka: client configs, an asyncio-friendly producer,
-topic creation. Application logic lives above; nothing here imports it."""
+topic creation. Application logic lives above; nothing here imports it.
+
+`client_config(settings)` is the one place a librdkafka configuration starts from, for every
+client the service and the CLI create: `bootstrap.servers` plus every PERKAMO_KAFKA_<NAME>
+property (TLS, SASL, ...). Each function below takes the Settings (or, for callers that only
+have the bootstrap string, that string: the properties registered for it by `use_settings`
+are applied, so a client made from `settings.kafka_bootstrap_servers` is secured as well).
+Secret properties never reach a log line: `describe_config` masks them.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from confluent_kafka import KafkaError as RdKafkaError
 from confluent_kafka import KafkaException, Message, Producer
 from confluent_kafka.admin import (  # type: ignore[attr-defined]  # the stubs omit re-exports
     AdminClient,
@@ -17,16 +26,66 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # the stubs o
     NewTopic,
 )
 
-from consumer.errors import KafkaError
+from consumer.config import Settings, is_secret_property, kafka_env_name
+from consumer.errors import ConfigError, KafkaError
 
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
-Source = Any  # Settings, or a bootstrap string
+Source = Settings | str  # Settings, or a bootstrap string (see use_settings)
+
+# bootstrap servers -> the PERKAMO_KAFKA_* properties of the settings that named them.
+_PROPERTIES: dict[str, dict[str, str]] = {}
+_AUTH_ERRORS = frozenset({RdKafkaError._AUTHENTICATION, RdKafkaError._SSL,
+                          RdKafkaError.SASL_AUTHENTICATION_FAILED})
 
 
-def _bootstrap(source: Source) -> str:
-    return source if isinstance(source, str) else str(source.kafka_bootstrap_servers)
+def use_settings(settings: Settings) -> None:
+    """Remember the settings' Kafka properties for clients made from their bootstrap string."""
+    _PROPERTIES[settings.kafka_bootstrap_servers] = dict(settings.kafka)
+
+
+def client_config(source: Source) -> dict[str, Any]:
+    """`bootstrap.servers` and every PERKAMO_KAFKA_<NAME> property: the start of every client."""
+    if isinstance(source, Settings):
+        use_settings(source)
+        bootstrap, props = source.kafka_bootstrap_servers, dict(source.kafka)
+    else:
+        bootstrap, props = source, dict(_PROPERTIES.get(source, {}))
+    return {"bootstrap.servers": bootstrap, **props}
+
+
+def bootstrap_of(source: Source) -> str:
+    return source.kafka_bootstrap_servers if isinstance(source, Settings) else source
+
+
+def describe_config(config: dict[str, Any]) -> dict[str, str]:
+    """A client config fit for a log line: secret properties masked, callbacks left out."""
+    return {k: ("********" if is_secret_property(k) else str(v))
+            for k, v in config.items() if not callable(v)}
+
+
+def make_client(kind: type[Any], config: dict[str, Any]) -> Any:
+    """Create a librdkafka client; an unknown or invalid property is a ConfigError naming it."""
+    try:
+        return kind(config)
+    except (KafkaException, ValueError, TypeError) as exc:
+        err = exc.args[0] if exc.args else None
+        text = err.str() if isinstance(err, RdKafkaError) else str(exc)
+        for prop in config:
+            if f'"{prop}"' in text or f"'{prop}'" in text or f" {prop}:" in text:
+                raise ConfigError(f"{kafka_env_name(prop)}: librdkafka refused property "
+                                  f"{prop} ({_scrub(text, config)})") from None
+        raise ConfigError(f"Kafka client configuration refused: {_scrub(text, config)} "
+                          "(check the PERKAMO_KAFKA_* settings)") from None
+
+
+def _scrub(text: str, config: dict[str, Any]) -> str:
+    """librdkafka's message without any secret value in it."""
+    for prop, value in config.items():
+        if is_secret_property(prop) and isinstance(value, str) and value:
+            text = text.replace(value, "********")
+    return text
 
 
 def consumer_config(
@@ -34,7 +93,7 @@ def consumer_config(
 ) -> dict[str, Any]:
     """Offsets are committed explicitly by the service (DESIGN §7), never automatically."""
     config: dict[str, Any] = {
-        "bootstrap.servers": _bootstrap(source),
+        **client_config(source),
         "group.id": group_id,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
@@ -60,7 +119,7 @@ def consumer_config(
 
 def producer_config(source: Source) -> dict[str, Any]:
     return {
-        "bootstrap.servers": _bootstrap(source),
+        **client_config(source),
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 5,
@@ -78,7 +137,7 @@ class AsyncProducer:
     """
 
     def __init__(self, source: Source, extra: dict[str, Any] | None = None) -> None:
-        self._producer = Producer({**producer_config(source), **(extra or {})})
+        self._producer: Producer = make_client(Producer, {**producer_config(source), **(extra or {})})
         self._closed = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="kafka-producer", daemon=True)
@@ -135,14 +194,20 @@ def _settle(future: asyncio.Future[Message], err: Any, msg: Message) -> None:
         future.set_result(msg)
 
 
+def admin_client(source: Source) -> AdminClient:
+    """An AdminClient with the settings' properties."""
+    client: AdminClient = make_client(AdminClient, client_config(source))
+    return client
+
+
 def ensure_topics(
-    bootstrap: str,
+    source: Source,
     topics: Sequence[tuple[str, int, dict[str, str]]],
     replication_factor: int = 1,
     timeout: float = 30.0,
 ) -> list[str]:
     """Create topics that do not exist (name, partitions, config); returns the ones created."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = admin_client(source)
     existing = set(admin.list_topics(timeout=timeout).topics)
     wanted = [
         NewTopic(name, num_partitions=parts, replication_factor=replication_factor, config=cfg)
@@ -179,9 +244,9 @@ def _wait_for_leaders(admin: AdminClient, names: Sequence[str], timeout: float) 
         time.sleep(0.1)
 
 
-def topic_configs(bootstrap: str, names: Sequence[str], timeout: float = 15.0) -> dict[str, dict[str, str]]:
+def topic_configs(source: Source, names: Sequence[str], timeout: float = 15.0) -> dict[str, dict[str, str]]:
     """Current configs of existing topics (used to warn about too-short retention)."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = admin_client(source)
     resources = [ConfigResource(ConfigResource.Type.TOPIC, name) for name in names]
     out: dict[str, dict[str, str]] = {}
     for resource, fut in admin.describe_configs(resources, request_timeout=timeout).items():
@@ -193,13 +258,42 @@ def topic_configs(bootstrap: str, names: Sequence[str], timeout: float = 15.0) -
 
 
 def wait_for_broker(source: Source, timeout: float) -> None:
-    """Block until the broker answers a metadata request."""
-    bootstrap = _bootstrap(source)
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    try:
-        admin.list_topics(timeout=timeout)
-    except KafkaException as exc:
-        raise KafkaError(f"broker {bootstrap} not reachable within {timeout:.0f}s: {exc}") from None
+    """Block until the broker answers a metadata request.
+
+    librdkafka reports refused credentials and TLS failures as error events, not as an
+    exception of the metadata call (which would just time out), so an error callback latches
+    them and the wait ends at once with a message naming the settings to fix."""
+    bootstrap = bootstrap_of(source)
+    problems: list[RdKafkaError] = []
+
+    def on_error(err: RdKafkaError) -> None:
+        if err.code() in _AUTH_ERRORS or "SSL handshake failed" in err.str():
+            problems.append(err)
+
+    config = {**client_config(source), "error_cb": on_error}
+    admin: AdminClient = make_client(AdminClient, config)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            admin.list_topics(timeout=min(1.0, max(0.1, deadline - time.monotonic())))
+            return
+        except KafkaException as exc:
+            admin.poll(0)  # serve error events
+            if problems:
+                raise KafkaError(_auth_failure(problems[0], config)) from None
+            if time.monotonic() >= deadline:
+                raise KafkaError(f"broker {bootstrap} not reachable within {timeout:.0f}s: "
+                                 f"{_scrub(str(exc), config)}") from None
+
+
+def _auth_failure(err: RdKafkaError, config: dict[str, Any]) -> str:
+    """Refused credentials or TLS as a sentence naming the settings to check."""
+    text = _scrub(err.str(), config)
+    if err.code() == RdKafkaError._SSL or "SSL handshake failed" in text:
+        return (f"Kafka TLS handshake failed ({text}): check PERKAMO_KAFKA_SSL_CA_LOCATION and "
+                "PERKAMO_KAFKA_SECURITY_PROTOCOL")
+    return (f"Kafka refused the credentials ({text}): check PERKAMO_KAFKA_SASL_USERNAME and "
+            "PERKAMO_KAFKA_SASL_PASSWORD (and PERKAMO_KAFKA_SASL_MECHANISM)")
 
 
 def header_list(msg: Message) -> Headers:

@@ -3,12 +3,18 @@
 Labels are of bounded cardinality only: space, event type, outcome, tier, reason, topic,
 partition. Never a URL, a delivery id or a user id. `Metrics(enabled=False)` gives the same
 interface doing nothing, so the cost of metrics on the hot path can be measured.
+
+Space and event type come from the input, so they are bounded by construction
+(`LabelBounder`): known Spaces (those in the endpoint registry) and known event types
+(PERKAMO_METRICS_EVENT_TYPES) always pass; of the others, the first
+PERKAMO_METRICS_MAX_LABEL_VALUES distinct values pass, the rest are folded into `_other`.
+`forget_space()` drops a Space's series once its endpoint went away.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -38,6 +44,13 @@ OUTCOMES = (
     OUTCOME_BLOCKED,
     OUTCOME_PROTOCOL,
 )
+
+# The one label value that unknown Spaces and event types fold into past the cap.
+OTHER: Final = "_other"
+# Labels whose values come from the input and are bounded (see LabelBounder).
+BOUNDED_LABELS: Final = ("space", "event_type")
+# Kept when a Space's endpoint goes away: it counts what happens to the Space's events next.
+_KEPT_ON_FORGET: Final = frozenset({"no_endpoint_total"})
 
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -158,6 +171,78 @@ def metric_names() -> set[str]:
     return names
 
 
+class LabelBounder:
+    """Passes known values and the first `cap` other distinct values; folds the rest to OTHER.
+
+    Called on the hot path: a set lookup, no lock (the loop thread is the only writer; a
+    concurrent reader can at worst let one value more through)."""
+
+    def __init__(self, cap: int, known: Iterable[str] = ()) -> None:
+        self._cap = cap
+        self._fixed = frozenset(known)  # from settings: never forgotten
+        self._known: set[str] = set()  # from the endpoint registry
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self._known or value in self._seen or value in self._fixed:
+            return value
+        if len(self._seen) < self._cap:
+            self._seen.add(value)
+            return value
+        return OTHER
+
+    def configure(self, cap: int, fixed: Iterable[str] = ()) -> None:
+        """Set the cap and the values that always pass (from settings)."""
+        self._cap = cap
+        self._fixed = frozenset(fixed)
+
+    def add_known(self, value: str) -> None:
+        self._known.add(value)
+        self._seen.discard(value)
+
+    def forget(self, value: str) -> None:
+        """The value is no longer known (its Space's endpoint went away): from now on it is one
+        of the other values, passing while it has a place under the cap."""
+        self._known.discard(value)
+        if value not in self._seen and len(self._seen) < self._cap:
+            self._seen.add(value)
+
+    @property
+    def seen(self) -> int:
+        return len(self._seen)
+
+
+class _Bounded:
+    """A labelled metric whose input-driven label values go through LabelBounders first."""
+
+    def __init__(self, metric: Any, bounders: tuple[Callable[[str], str] | None, ...]) -> None:
+        self.metric = metric
+        self._bounders = bounders
+        self.created: set[tuple[str, ...]] = set()
+
+    def bound(self, values: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(
+            bound(str(v)) if bound is not None else str(v)
+            for v, bound in zip(values, self._bounders, strict=True)
+        )
+
+    def labels(self, *values: str) -> Any:
+        bounded = self.bound(values)
+        self.created.add(bounded)
+        return self.metric.labels(*bounded)
+
+    def remove(self, *values: str) -> None:
+        self.created.discard(tuple(values))
+        self.metric.remove(*values)
+
+    def clear(self) -> None:
+        self.created.clear()
+        self.metric.clear()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.metric, name)
+
+
 class _Null:
     """Stands in for any metric when metrics are disabled."""
 
@@ -186,8 +271,14 @@ class _Null:
 class Metrics:
     """The service's metrics in their own registry (so tests can run several services)."""
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(
+        self, enabled: bool = True, max_label_values: int = 100, event_types: Iterable[str] = ()
+    ) -> None:
         self.enabled = enabled
+        self.spaces = LabelBounder(max_label_values)
+        self.event_types = LabelBounder(max_label_values, event_types)
+        bounders = {"space": self.spaces, "event_type": self.event_types}
+        self._bounded: list[tuple[_Bounded, int]] = []  # (metric, position of its space label)
         self.registry = CollectorRegistry(auto_describe=True)
         if enabled:
             ProcessCollector(registry=self.registry)
@@ -206,6 +297,11 @@ class Metrics:
             else:
                 buckets = _DURATION_BUCKETS
                 made[short] = Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
+            if any(label in BOUNDED_LABELS for label in labels):
+                wrapped = _Bounded(made[short], tuple(bounders.get(label) for label in labels))
+                made[short] = wrapped
+                if "space" in labels and short not in _KEPT_ON_FORGET:
+                    self._bounded.append((wrapped, labels.index("space")))
         self.events_consumed: Any = made["events_consumed_total"]
         self.attempts: Any = made["attempts_total"]
         self.attempt_duration: Any = made["attempt_duration_seconds"]
@@ -237,28 +333,38 @@ class Metrics:
         self.republished: Any = made["republished_total"]
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
-    def endpoint_gauges(self) -> tuple[Any, ...]:
-        """The per-Space gauges refreshed from the endpoint gates, in one place for removal."""
-        return (
-            self.circuit_state,
-            self.endpoint_health,
-            self.endpoint_failure_ratio,
-            self.endpoint_last_success,
-            self.endpoint_last_failure,
-            self.held_deliveries,
-        )
-
-    def forget_space(self, space: str) -> None:
-        """Drop a Space's endpoint gauges (its endpoint went away)."""
-        for gauge in self.endpoint_gauges():
-            with contextlib.suppress(KeyError):  # never set for this Space
-                gauge.remove(space)
-        self._children = {k: v for k, v in self._children.items() if space not in k[1]}
-
     def child(self, metric: Any, *labels: str) -> Any:
-        """`metric.labels(*labels)`, cached: label lookups cost a lock and a dict per call."""
+        """`metric.labels(*labels)`, cached: label lookups cost a lock and a dict per call.
+
+        Input-driven labels are bounded before the cache, so the cache is bounded too."""
+        if isinstance(metric, _Bounded):
+            labels = metric.bound(labels)
+            metric.created.add(labels)
+            key = (id(metric), labels)
+            found = self._children.get(key)
+            if found is None:
+                found = self._children[key] = metric.metric.labels(*labels)
+            return found
         key = (id(metric), labels)
         found = self._children.get(key)
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def limit_labels(self, max_label_values: int, event_types: Iterable[str] = ()) -> None:
+        """Apply PERKAMO_METRICS_MAX_LABEL_VALUES and PERKAMO_METRICS_EVENT_TYPES."""
+        self.spaces.configure(max_label_values)
+        self.event_types.configure(max_label_values, event_types)
+
+    def forget_space(self, space: str) -> int:
+        """Drop a Space's delivery series (attempts, durations, circuit state) once its endpoint
+        went away; returns how many. `no_endpoint_total` stays: it goes on counting the Space's
+        events. Call it on the thread that updates the metrics (the event loop)."""
+        removed = 0
+        for metric, position in self._bounded:
+            for labels in [t for t in metric.created if t[position] == space]:
+                metric.remove(*labels)
+                self._children.pop((id(metric), labels), None)
+                removed += 1
+        self.spaces.forget(space)
+        return removed

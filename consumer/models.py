@@ -7,7 +7,8 @@ from base64 import b32encode
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
-from urllib.parse import urlsplit
+
+import yarl
 
 
 def stable_id(prefix: str, *parts: str) -> str:
@@ -23,8 +24,12 @@ def delivery_id_for(event_id: str, endpoint_id: str) -> str:
 
 @lru_cache(maxsize=65_536)
 def host_of(url: str) -> str:
-    """The host of a URL (cached: it is asked for on every delivery)."""
-    return urlsplit(url).hostname or ""
+    """The host aiohttp dials for a URL: yarl's normalised ASCII host, not `urlsplit`'s, which
+    keeps look-alike dots such as U+3002 (cached: it is asked for on every delivery)."""
+    try:
+        return yarl.URL(url).raw_host or ""
+    except (ValueError, TypeError):
+        return ""
 
 
 @dataclass(frozen=True, slots=True)

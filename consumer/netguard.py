@@ -4,35 +4,38 @@ DESIGN §5: endpoint URLs are customers' public HTTPS URLs. `AddressPolicy` deci
 address may be connected to; `GuardedResolver` applies it inside aiohttp's connector, so the
 check runs on the very addresses the socket connects to.
 
-What aiohttp 3.14 does (read in `aiohttp/connector.py`, `client.py`), and what follows from it:
+What aiohttp 3.14 does (read in `aiohttp/connector.py`, `client.py`, `aiohappyeyeballs`), and
+what follows from it:
 
-* Rebinding. `TCPConnector._create_direct_connection` resolves through `_resolve_host` and then
-  connects only to the `ResolveResult`s it got back (`_convert_hosts_to_addr_infos`, numeric
-  host flags: no second lookup). The DNS cache (`use_dns_cache`, `ttl_dns_cache`) stores what
-  the resolver returned, i.e. the already-filtered list. So no rebinding window exists between
-  the check and the connect.
-* IP literals skip the resolver. `_resolve_host` returns `is_ip_address(host)` hosts (all
-  digits and dots, or any ':') as they are, without calling the resolver; aiohttp 3.14 rejects
-  non-canonical IPv4 forms such as `127.1` or `2130706433` there, older versions pass them to
-  the socket, which maps them onto an address. Hence `AddressPolicy.check_literal`, which the
-  caller runs on the URL's host before `session.post()`: it refuses refused literals and any
-  host that looks numeric but is not a canonical address. Hex or octal forms (`0x7f.1`) are
-  not literals to aiohttp; they go through the resolver and are judged on the result.
-* How a refusal surfaces. An exception from `resolver.resolve()` that is an `OSError` is
-  wrapped: `raise ClientConnectorDNSError(req.connection_key, exc) from exc` (a subclass of
-  `ClientConnectorError` -> `ClientOSError` -> `OSError`), with `.os_error` and `__cause__`
-  both the original; `ClientSession._request` re-raises `ClientConnectorError` unchanged. A
-  non-OSError would escape unwrapped. `BlockedAddress` is an `OSError`, so callers get a
-  `ClientConnectorDNSError`, like a failed lookup; `blocked_cause()` tells the two apart.
-  With the DNS cache on, concurrent lookups of one host share the resolver call and all get
-  the same exception; failures are not cached.
-* Redirects. The redirect loop in `_request` connects again for each hop; a `Location` with
-  an IP literal would bypass the resolver and so this guard. Deliveries do not follow
-  redirects (DESIGN §4, `allow_redirects=False`), which keeps `check_literal` sufficient.
-* Proxies. Through an HTTP(S) proxy the connector resolves the proxy's host, not the
-  endpoint's; the endpoint is named in the CONNECT request and resolved by the proxy. The
-  guard then judges the proxy's address (which usually needs an allow-list entry) and cannot
-  see the endpoint's: with a proxy configured, the proxy must enforce the same rules.
+* Host spelling. aiohttp dials `yarl.URL(url).raw_host`, which yarl normalises with IDNA/UTS-46:
+  `127。0。0。1` (U+3002) and the other dot look-alikes become `127.0.0.1`, `127.0.0.1⑩` becomes
+  `127.0.0.110`, full-width digits become ASCII. `urllib.parse.urlsplit` keeps them as typed.
+  So every check here starts from `url_host()` (yarl's host, what is dialled), and endpoint
+  records whose host is not plain ASCII are refused (`host_problem`): IDNA names only in their
+  `xn--` form.
+* The socket factory is the check on what is dialled. `TCPConnector(socket_factory=...)` is
+  called by `aiohappyeyeballs.start_connection` with the `addrinfo` it is about to
+  `sock_connect()` to, for names and IP literals alike, on every new connection (pooled
+  keep-alive connections were checked when they were opened). `GuardedSocketFactory` judges
+  that sockaddr with `AddressPolicy` and raises `BlockedAddress` (an `OSError`) instead of
+  returning a socket: aiohappyeyeballs records it and re-raises it (one address) or an
+  `OSError` summary (several), which aiohttp wraps in `ClientConnectorError`. The refusal is
+  also written to the `DialRecord` of the attempt (`dialling()`), so `blocked_cause()` finds it
+  whatever the wrapping.
+* Names are judged twice. `GuardedResolver` drops refused answers (so happy eyeballs does not
+  even try them, and a name with one public and one private address still works), and the
+  socket factory judges what is left. Resolution runs on the resolver's own bounded thread pool
+  (`PoolResolver`, `PERKAMO_DNS_THREADS`), never the loop's default executor, so slow customer
+  DNS cannot starve `/metrics`, admin reads or the shutdown flush.
+* IP literals skip the resolver: `_resolve_host` returns `is_ip_address(host)` hosts as they
+  are, and aiohttp 3.14 rejects non-canonical IPv4 forms such as `127.1`. The socket factory
+  sees them like any other address; `AddressPolicy.check_literal` also refuses them before the
+  request (and before a CONNECT through a proxy, where the factory only sees the proxy).
+* Redirects are not followed (DESIGN §4, `allow_redirects=False`).
+* Proxies. Through an HTTP(S) proxy the connector dials the proxy, not the endpoint; the
+  endpoint is named in the CONNECT request and resolved by the proxy, which must enforce the
+  same rules. The proxy is the one trusted destination: the addresses its configured host
+  resolves to (or its literal) are recorded as trusted and pass the socket factory.
 
 Metadata addresses (`METADATA_ADDRESSES`) stay refused even when an allow-list network
 contains them; only an allow-list entry that is exactly that address (`169.254.169.254/32`,
@@ -45,17 +48,23 @@ its IPv4-mapped form `::ffff:127.0.0.1`; list `::ffff:127.0.0.0/104` for that.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextvars
 import ipaddress
 import logging
+import re
 import socket
 from collections.abc import Collection, Iterator, Sequence
-from typing import Final
+from dataclasses import dataclass, field
+from typing import Any, Final
+from urllib.parse import urlsplit
 
-import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.client_exceptions import ClientConnectorError
 
 from consumer.errors import BlockedAddress, ConfigError
+from consumer.models import host_of
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +212,45 @@ def _looks_numeric(host: str) -> bool:
     return ":" in host or host.replace(".", "").isdigit()
 
 
+# A DNS name as dialled (after yarl's lower-casing): labels of letters, digits, `-` and `_`.
+_LABEL: Final = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
+_NAME_RE: Final = re.compile(rf"^(?=.{{1,253}}\.?$){_LABEL}(\.{_LABEL})*\.?$")
+
+
+def url_host(url: str) -> str:
+    """The host aiohttp dials for `url`: yarl's normalised ASCII host ('' if none or invalid).
+
+    Every decision about an endpoint starts here, never from `urlsplit`, which keeps look-alike
+    dots (U+3002 ...) that yarl folds into an address such as 127.0.0.1."""
+    return host_of(url)
+
+
+def host_problem(url: str) -> str | None:
+    """Why an endpoint URL's host is refused as written, in a sentence; None if it is fine.
+
+    The host must be plain ASCII as typed (IDNA names only in their `xn--` form), so what the
+    record says is exactly what is dialled; then it must be a DNS name, an IPv4 address or a
+    bracketed IPv6 address without a zone."""
+    try:
+        typed = urlsplit(url).netloc.rpartition("@")[2]
+    except ValueError:
+        return "url is malformed"
+    if not typed.isascii():
+        return ("url host must be plain ASCII: write an internationalised name in its xn-- "
+                "(IDNA) form, and dots and digits as ASCII characters")
+    host = url_host(url)
+    if not host:
+        return "url must have a host"
+    if ":" in host:
+        valid = "%" not in host and _parse_address(host) is not None
+    else:
+        valid = _NAME_RE.match(host) is not None
+    if valid:
+        return None
+    return ("url host must be a DNS name (letters, digits, hyphens and dots), an IPv4 "
+            "address or a bracketed IPv6 address")
+
+
 class AddressPolicy:
     """Which resolved addresses deliveries may connect to: public ones, plus the allow-list."""
 
@@ -250,6 +298,134 @@ class AddressPolicy:
             raise BlockedAddress(host, reason)
 
 
+class TrustedAddresses:
+    """Addresses the operator configured (the egress proxy's): they pass the socket factory.
+
+    Filled from the proxy's literal and from what its configured host name resolves to, so the
+    proxy stays the one trusted destination however DNS answers for it change."""
+
+    def __init__(self, literals: Collection[str] = ()) -> None:
+        self._addresses: set[IPAddress] = set()
+        for literal in literals:
+            self.add(literal)
+
+    def add(self, address: str | IPAddress) -> None:
+        parsed = _parse_address(address)
+        if parsed is not None:
+            self._addresses.add(parsed)
+
+    def __contains__(self, address: object) -> bool:
+        if not isinstance(address, (str, ipaddress.IPv4Address, ipaddress.IPv6Address)):
+            return False
+        parsed = _parse_address(address)
+        return parsed is not None and parsed in self._addresses
+
+
+@dataclass
+class DialRecord:
+    """What one attempt's connection dials: the endpoint's host (for messages) and refusals."""
+
+    host: str
+    refused: list[BlockedAddress] = field(default_factory=list)
+
+
+_DIAL: contextvars.ContextVar[DialRecord | None] = contextvars.ContextVar("perkamo_dial", default=None)
+
+
+def dialling(host: str) -> DialRecord:
+    """Name the host the current task is about to connect to; returns the record refusals go to.
+
+    A context variable: aiohttp's connector and happy eyeballs run in this task or in tasks it
+    creates, which copy the context, so the socket factory sees this record."""
+    record = DialRecord(host)
+    _DIAL.set(record)
+    return record
+
+
+def take_dial(host: str) -> DialRecord | None:
+    """The current task's DialRecord for `host`, once: it is cleared, so a later failure in the
+    same task (or a record left by other code) is never taken for this one's."""
+    record = _DIAL.get()
+    _DIAL.set(None)
+    return record if record is not None and record.host == host else None
+
+
+class GuardedSocketFactory:
+    """aiohttp's `socket_factory`: judges the sockaddr about to be connected, for every dial.
+
+    Raises BlockedAddress (an OSError, so aiohttp reports a connection error) instead of
+    creating the socket. The error names the host of the current `dialling()` record, else
+    the address itself (an IP literal host), with the reason label."""
+
+    def __init__(self, policy: AddressPolicy, trusted: TrustedAddresses | None = None) -> None:
+        self._policy = policy
+        self._trusted = trusted or TrustedAddresses()
+
+    def check(self, sockaddr: tuple[Any, ...]) -> None:
+        """Raise BlockedAddress if the policy refuses the sockaddr's address."""
+        address = str(sockaddr[0])
+        if address in self._trusted:
+            return
+        reason = self._policy.refusal_reason(address)
+        if reason is None:
+            return
+        record = _DIAL.get()
+        refused = BlockedAddress(record.host if record is not None else address, reason)
+        if record is not None:
+            record.refused.append(refused)
+        raise refused
+
+    def __call__(self, addr_info: tuple[Any, ...]) -> socket.socket:
+        family, type_, proto, _, sockaddr = addr_info
+        self.check(sockaddr)
+        return socket.socket(family=family, type=type_, proto=proto)
+
+
+_NUMERIC_FLAGS: Final = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+_AI_ADDRCONFIG: Final = socket.AI_ADDRCONFIG & getattr(socket, "AI_MASK", socket.AI_ADDRCONFIG)
+
+
+class PoolResolver(AbstractResolver):
+    """getaddrinfo() on a thread pool of its own, bounded to `threads`, never the loop's default.
+
+    aiohttp's ThreadedResolver calls `loop.getaddrinfo`, which runs in the default executor
+    that `asyncio.to_thread` (admin reads, /metrics, the shutdown flush) shares: a dozen slow
+    customer lookups held every thread. Here lookups queue behind each other in their own pool;
+    a lookup cancelled (the attempt timed out) before it started is dropped from the queue."""
+
+    def __init__(self, threads: int) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="dns")
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        loop = asyncio.get_running_loop()
+        infos = await loop.run_in_executor(
+            self._pool, socket.getaddrinfo, host, port, family, socket.SOCK_STREAM, 0, _AI_ADDRCONFIG
+        )
+        results: list[ResolveResult] = []
+        for fam, _, proto, _, address in infos:
+            if fam == socket.AF_INET6:
+                if len(address) < 4:
+                    continue  # no IPv6 in this Python build
+                resolved = str(address[0])
+                if address[3]:  # link-local with a scope: the numeric form carries the zone
+                    resolved, _ = await loop.run_in_executor(
+                        self._pool, socket.getnameinfo, address,
+                        socket.NI_NUMERICHOST | socket.NI_NUMERICSERV,
+                    )
+            elif fam == socket.AF_INET:
+                resolved = str(address[0])
+            else:
+                continue
+            results.append(ResolveResult(hostname=host, host=resolved, port=int(address[1]),
+                                         family=fam, proto=proto, flags=_NUMERIC_FLAGS))
+        return results
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 class GuardedResolver(AbstractResolver):
     """An aiohttp resolver that drops refused addresses, so the connector never dials them."""
 
@@ -258,16 +434,21 @@ class GuardedResolver(AbstractResolver):
         policy: AddressPolicy,
         inner: AbstractResolver | None = None,
         trusted_hosts: Collection[str] = (),
+        trusted_addresses: TrustedAddresses | None = None,
+        dns_threads: int = 8,
     ) -> None:
-        """`trusted_hosts`: names the operator configured (the egress proxy), not customers'."""
+        """`trusted_hosts`: names the operator configured (the egress proxy), not customers';
+        what they resolve to is added to `trusted_addresses` for the socket factory."""
         self._policy = policy
         self._inner = inner
-        self._trusted = frozenset(h.lower() for h in trusted_hosts)
+        self._dns_threads = dns_threads
+        self._trusted = frozenset(h.lower().rstrip(".") for h in trusted_hosts)
+        self._trusted_addresses = trusted_addresses
 
     def _resolver(self) -> AbstractResolver:
-        """The inner resolver; the default is created lazily as it needs a running loop."""
+        """The inner resolver; by default a PoolResolver (its own bounded threads)."""
         if self._inner is None:
-            self._inner = aiohttp.ThreadedResolver()
+            self._inner = PoolResolver(self._dns_threads)
         return self._inner
 
     async def resolve(
@@ -277,7 +458,10 @@ class GuardedResolver(AbstractResolver):
         answers = await self._resolver().resolve(host, port, family=family)
         if not answers:
             raise socket.gaierror(socket.EAI_NONAME, f"{host} resolved to no addresses")
-        if host.lower() in self._trusted:
+        if host.lower().rstrip(".") in self._trusted:
+            if self._trusted_addresses is not None:
+                for answer in answers:
+                    self._trusted_addresses.add(answer["host"])
             return answers
         allowed: list[ResolveResult] = []
         reasons: list[str] = []
@@ -315,9 +499,14 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
         stack.extend(e for e in linked if e is not None)
 
 
-def blocked_cause(exc: BaseException) -> BlockedAddress | None:
-    """The BlockedAddress behind whatever aiohttp raised (see the module docstring), or None."""
+def blocked_cause(exc: BaseException, record: DialRecord | None = None) -> BlockedAddress | None:
+    """The BlockedAddress behind whatever aiohttp raised (see the module docstring), or None.
+
+    With several refused addresses aiohappyeyeballs raises a plain OSError summary; the
+    attempt's DialRecord still holds the refusals then."""
     for candidate in _causes(exc):
         if isinstance(candidate, BlockedAddress):
             return candidate
+    if record is not None and record.refused:
+        return record.refused[0]
     return None

@@ -330,30 +330,36 @@ README_QUERIES: Final[dict[str, str]] = {
 # Inputs --------------------------------------------------------------------------------
 
 
-def parse_time(value: str, now: datetime | None = None) -> datetime:
+def parse_time(value: str, now: datetime | None = None, name: str = "time") -> datetime:
     """ISO-8601 (naive means UTC), `now`, or a time ago like `30m`, `24h`, `7d`.
 
-    Returns an aware UTC datetime truncated to milliseconds (the table's precision)."""
+    Returns an aware UTC datetime truncated to milliseconds (the table's precision). Anything
+    else, `800000d` included, is a BadRequest naming the parameter (`name`)."""
+    shown = repr(value[:40])
     text = value.strip()
     now = now or datetime.now(UTC)
-    match = _RELATIVE_RE.match(text)
-    if match:
-        moment = now - timedelta(seconds=int(match.group(1)) * _RELATIVE_UNITS[match.group(2)])
-    elif text == "now":
-        moment = now
-    else:
-        try:
+    match = _RELATIVE_RE.match(text) if text.isascii() and len(text) <= 24 else None
+    try:
+        if match:
+            moment = now - timedelta(seconds=int(match.group(1)) * _RELATIVE_UNITS[match.group(2)])
+        elif text == "now":
+            moment = now
+        else:
+            if not text.isascii() or len(text) > 40:
+                raise ValueError(text)
             moment = datetime.fromisoformat(text)
-        except ValueError:
-            raise BadRequest(
-                f"time {value[:40]!r} is neither ISO-8601 (2026-06-01T10:00:00Z) "
-                "nor a time ago like 30m, 24h, 7d"
-            ) from None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-    moment = moment.astimezone(UTC)
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=UTC)
+        moment = moment.astimezone(UTC)
+    except ValueError:
+        raise BadRequest(
+            f"{name} {shown} is neither ISO-8601 (2026-06-01T10:00:00Z) "
+            "nor a time ago like 30m, 24h, 7d"
+        ) from None
+    except OverflowError:
+        raise BadRequest(f"{name} {shown} is out of range (1970 to 2199)") from None
     if not EARLIEST <= moment < LATEST:
-        raise BadRequest(f"time {value[:40]!r} is out of range")
+        raise BadRequest(f"{name} {shown} is out of range (1970 to 2199)")
     return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
 
@@ -384,6 +390,29 @@ def check_text(name: str, value: str, required: bool = False) -> str:
 def check_range(since: datetime | None, until: datetime | None) -> None:
     if since is not None and until is not None and since >= until:
         raise BadRequest("since must be before until")
+
+
+def check_span(since: datetime, until: datetime, max_span: timedelta) -> None:
+    """A history window is at most PERKAMO_HISTORY_MAX_SPAN_DAYS long."""
+    if until - since > max_span:
+        days = max_span.total_seconds() / 86400
+        raise BadRequest(f"since: the window from since to until is longer than {days:g} days "
+                         "(PERKAMO_HISTORY_MAX_SPAN_DAYS); narrow it")
+
+
+def window(
+    flt: DeliveryFilter, max_span: timedelta | None, now: datetime | None = None
+) -> tuple[datetime, datetime]:
+    """The filter's [since, until): open ends filled in, never longer than max_span.
+
+    Without a `since` the window is the last max_span before `until` (or now)."""
+    until = flt.until
+    if max_span is None:
+        return flt.since or EARLIEST, until or LATEST
+    end = until or (now or datetime.now(UTC))
+    since = flt.since or max(EARLIEST, end - max_span)
+    check_span(since, end, max_span)
+    return since, until or LATEST
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,15 +456,30 @@ def _encode_cursor(flt: DeliveryFilter, last: dict[str, Any]) -> str:
 
 
 def _decode_cursor(flt: DeliveryFilter, cursor: str) -> tuple[datetime, str]:
+    """The position a cursor names; anything not handed out by this API is a BadRequest
+    (a cursor is caller input: its time and id are checked like any other parameter)."""
+    forged = BadRequest("cursor is not one this API handed out")
     try:
+        if not cursor.isascii() or len(cursor) > 1024:
+            raise ValueError(cursor)
         doc = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         at = datetime.fromisoformat(doc["t"])
         delivery_id = doc["d"]
         fingerprint = doc["f"]
-    except (ValueError, TypeError, KeyError, binascii.Error, orjson.JSONDecodeError):
-        raise BadRequest("cursor is not one this API handed out") from None
-    if fingerprint != flt.fingerprint() or not isinstance(delivery_id, str):
+    except (ValueError, TypeError, KeyError, IndexError, binascii.Error, orjson.JSONDecodeError):
+        raise forged from None
+    if not isinstance(fingerprint, str) or not isinstance(delivery_id, str):
+        raise forged
+    if fingerprint != flt.fingerprint():
         raise BadRequest("cursor belongs to other filters: start again without it")
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    try:
+        at = at.astimezone(UTC)
+    except OverflowError:
+        raise forged from None
+    if not EARLIEST <= at <= LATEST or len(delivery_id) > _TEXT_MAX or not delivery_id.isprintable():
+        raise forged
     return at, delivery_id
 
 
@@ -461,17 +505,24 @@ def _dicts(columns: Sequence[str], rows: Sequence[tuple[Any, ...]]) -> list[dict
 
 
 def list_deliveries(
-    store: Reader, flt: DeliveryFilter, limit: int = DEFAULT_LIMIT, cursor: str | None = None
+    store: Reader,
+    flt: DeliveryFilter,
+    limit: int = DEFAULT_LIMIT,
+    cursor: str | None = None,
+    max_span: timedelta | None = None,
 ) -> Page:
-    """One page of deliveries (newest first by first attempt) and the cursor of the next page."""
+    """One page of deliveries (newest first by first attempt) and the cursor of the next page.
+
+    With `max_span` the window is bounded (see `window`)."""
     check_limit(limit)
     after_at, after_id = (LATEST, "") if not cursor else _decode_cursor(flt, cursor)
+    since, until = window(flt, max_span)
     columns, rows = store.query(DELIVERIES, {
         "space": flt.space,
         "event_type": flt.event_type,
         "status": flt.status,
-        "since": flt.since or EARLIEST,
-        "until": flt.until or LATEST,
+        "since": since,
+        "until": until,
         "after_at": after_at,
         "after_id": after_id,
         "limit": limit + 1,

@@ -15,11 +15,10 @@ from typing import Any, NamedTuple
 
 import orjson
 from confluent_kafka import KafkaException, Producer
-from confluent_kafka.admin import AdminClient
 
 from consumer.constants import ENDPOINTS_TOPIC
 from consumer.errors import KafkaError
-from consumer.kafka_io import producer_config, topic_configs
+from consumer.kafka_io import Source, admin_client, bootstrap_of, make_client, producer_config, topic_configs
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +30,17 @@ class Receipt(NamedTuple):
     offset: int
 
 
-def check_registry_topic(bootstrap: str, timeout: float) -> str | None:
+def check_registry_topic(source: Source, timeout: float) -> str | None:
     """Refuse a missing topic (the broker could auto-create it uncompacted); returns a warning
     when it exists without compaction (records would expire), else None."""
     try:
-        names = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=timeout).topics
+        names = admin_client(source).list_topics(timeout=timeout).topics
     except KafkaException as exc:
-        raise KafkaError(f"broker {bootstrap} did not answer: {exc}") from None
+        raise KafkaError(f"broker {bootstrap_of(source)} did not answer: {exc}") from None
     if ENDPOINTS_TOPIC not in names:
         raise KafkaError(f"topic {ENDPOINTS_TOPIC} does not exist; create it (compacted) with "
                          "`perkamo-webhooks topics`")
-    configs = topic_configs(bootstrap, [ENDPOINTS_TOPIC]).get(ENDPOINTS_TOPIC, {})
+    configs = topic_configs(source, [ENDPOINTS_TOPIC]).get(ENDPOINTS_TOPIC, {})
     policy = configs.get("cleanup.policy")
     if policy is not None and "compact" not in policy:
         return (f"{ENDPOINTS_TOPIC} has cleanup.policy={policy}, not compact: "
@@ -50,7 +49,7 @@ def check_registry_topic(bootstrap: str, timeout: float) -> str | None:
 
 
 def publish_registry_record(
-    bootstrap: str, space: str, value: bytes | None, timeout: float,
+    source: Source, space: str, value: bytes | None, timeout: float,
     client_id: str = "perkamo-webhooks-cli",
 ) -> Receipt:
     """Publish one record keyed by the space (None = tombstone) and wait for the broker's ack.
@@ -58,7 +57,7 @@ def publish_registry_record(
     The topic must exist (see check_registry_topic). Raises KafkaError when the broker did not
     acknowledge in time or refused the record.
     """
-    producer = Producer({**producer_config(bootstrap), "client.id": client_id})
+    producer: Producer = make_client(Producer, {**producer_config(source), "client.id": client_id})
     outcome: dict[str, Any] = {}
 
     def on_delivery(err: Any, msg: Any) -> None:
@@ -75,7 +74,7 @@ def publish_registry_record(
 
 
 async def publish_endpoint_record(
-    bootstrap: str, space: str, record: Mapping[str, Any] | None, timeout: float = 15.0,
+    source: Source, space: str, record: Mapping[str, Any] | None, timeout: float = 15.0,
     client_id: str = "perkamo-webhooks-console",
 ) -> Receipt:
     """Async-safe: check the topic and publish a record (None = tombstone) from a thread, as
@@ -83,9 +82,9 @@ async def publish_endpoint_record(
     value = None if record is None else orjson.dumps(dict(record))
 
     def publish() -> Receipt:
-        warning = check_registry_topic(bootstrap, timeout)
+        warning = check_registry_topic(source, timeout)
         if warning:
             log.warning("%s", warning)
-        return publish_registry_record(bootstrap, space, value, timeout, client_id=client_id)
+        return publish_registry_record(source, space, value, timeout, client_id=client_id)
 
     return await asyncio.to_thread(publish)

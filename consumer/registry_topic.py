@@ -25,7 +25,8 @@ from confluent_kafka import KafkaError as RdKafkaError
 from consumer.config import Settings
 from consumer.constants import ENDPOINTS_TOPIC
 from consumer.endpoints import EndpointRegistry
-from consumer.errors import KafkaError
+from consumer.errors import KafkaError, PerkamoError
+from consumer.kafka_io import Source, client_config, make_client
 from consumer.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,10 @@ _POLL_S: Final = 0.25
 _BATCH: Final = 500
 
 
-def reader_config(bootstrap: str, client_id: str = "perkamo-webhooks-registry") -> dict[str, Any]:
+def reader_config(source: Source, client_id: str = "perkamo-webhooks-registry") -> dict[str, Any]:
     """A consumer that reads by assignment only: no group membership, no offset commits."""
     return {
-        "bootstrap.servers": bootstrap,
+        **client_config(source),
         "group.id": f"{client_id}-{uuid.uuid4().hex}",  # required by librdkafka, never joined
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
@@ -59,10 +60,10 @@ class TopicReader:
     """
 
     def __init__(
-        self, bootstrap: str, topic: str, client_id: str = "perkamo-webhooks-registry"
+        self, source: Source, topic: str, client_id: str = "perkamo-webhooks-registry"
     ) -> None:
         self.topic = topic
-        self._consumer = Consumer(reader_config(bootstrap, client_id))
+        self._consumer: Consumer = make_client(Consumer, reader_config(source, client_id))
         self._partitions: set[int] = set()
         self._pending: dict[int, int] = {}  # partition -> high watermark still to reach
 
@@ -125,12 +126,12 @@ class TopicReader:
         self._consumer.close()
 
 
-def read_all(bootstrap: str, topic: str, timeout: float) -> list[Message] | None:
+def read_all(source: Source, topic: str, timeout: float) -> list[Message] | None:
     """Every record of the topic up to its current end, in order; None if it does not exist.
 
     Raises KafkaError when the broker does not answer, or the end is not reached in time.
     """
-    reader = TopicReader(bootstrap, topic, client_id="perkamo-webhooks-cli")
+    reader = TopicReader(source, topic, client_id="perkamo-webhooks-cli")
     deadline = time.monotonic() + timeout
     try:
         try:
@@ -164,7 +165,7 @@ class RegistryFollower:
         topic: str = ENDPOINTS_TOPIC,
         recheck_s: float = DEFAULT_RECHECK_S,
     ) -> None:
-        self._bootstrap = settings.kafka_bootstrap_servers
+        self._settings = settings
         self.registry = registry
         self._metrics = metrics
         self.topic = topic
@@ -199,8 +200,8 @@ class RegistryFollower:
 
     def _run(self) -> None:
         try:
-            reader = TopicReader(self._bootstrap, self.topic)
-        except KafkaException as exc:
+            reader = TopicReader(self._settings, self.topic)
+        except (KafkaException, PerkamoError) as exc:
             log.error("endpoint registry follower cannot start: %s", exc)
             return
         try:

@@ -39,7 +39,8 @@ import jsonschema
 import pytest
 import yaml
 
-from consumer.config import Settings, load_settings, setting_names
+from consumer.config import Settings, is_setting_name, load_settings, setting_names
+from consumer.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -68,6 +69,11 @@ SECRET_PLACEHOLDER = "CHANGE-ME"
 FILE_SETTINGS = {"PERKAMO_CA_BUNDLE", "PERKAMO_ENDPOINTS_FILE", "PERKAMO_SETTINGS_FILE"}
 
 SETTING_NAMES = frozenset(setting_names())
+
+
+def _is_setting(name: str) -> bool:
+    """A real setting: one of consumer/config.py's, or a PERKAMO_KAFKA_<NAME> passthrough."""
+    return name in SETTING_NAMES or is_setting_name(name)
 DEFAULT_DRAIN_TIMEOUT_S = float(Settings.model_fields["drain_timeout_s"].default)
 
 
@@ -429,7 +435,7 @@ def test_compose_sets_only_known_settings() -> None:
         f"{name}: {key}"
         for name, service in _services().items()
         for key in _env_mapping(service.get("environment"))
-        if key.startswith("PERKAMO_") and key not in SETTING_NAMES
+        if key.startswith("PERKAMO_") and not _is_setting(key)
     }
     assert not unknown, f"not settings of consumer/config.py: {sorted(unknown)}"
 
@@ -439,7 +445,7 @@ def test_k8s_sets_only_known_settings() -> None:
     for _, template in _pod_templates():
         for container in _containers(template["spec"]):
             names |= {e["name"] for e in container.get("env", [])}
-    unknown = sorted(n for n in names if n.startswith("PERKAMO_") and n not in SETTING_NAMES)
+    unknown = sorted(n for n in names if n.startswith("PERKAMO_") and not _is_setting(n))
     assert not unknown, f"not settings of consumer/config.py: {unknown}"
     non_settings = sorted(
         n for n in set(_configmap_data()) | set(_secret_keys()) if not n.startswith("PERKAMO_")
@@ -451,7 +457,7 @@ def test_k8s_sets_only_known_settings() -> None:
 
 def test_dockerfile_sets_only_known_settings() -> None:
     unknown = sorted(
-        k for k in _dockerfile_env() if k.startswith("PERKAMO_") and k not in SETTING_NAMES
+        k for k in _dockerfile_env() if k.startswith("PERKAMO_") and not _is_setting(k)
     )
     assert not unknown, f"not settings of consumer/config.py: {unknown}"
 
@@ -466,9 +472,50 @@ def test_compose_setting_values_are_valid(service: str, monkeypatch: pytest.Monk
 
 
 def test_k8s_setting_values_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
-    env = {**_dockerfile_env(), **_configmap_data(), **_secret_keys()}
+    # The Secret's tokens are placeholders the service refuses (tested below): stand in real ones.
+    secrets = {k: (secrets_token_hex() if "TOKEN" in k else v) for k, v in _secret_keys().items()}
+    env = {**_dockerfile_env(), **_configmap_data(), **secrets}
     settings = _load_with_env(env, monkeypatch)
     assert settings.history_dsn, "the k8s Secret must set PERKAMO_HISTORY_DSN (a ClickHouse server)"
+
+
+def secrets_token_hex() -> str:
+    import secrets
+
+    return secrets.token_hex(32)
+
+
+_TOKEN_VALUE = re.compile(r"(PERKAMO_ADMIN_(?:READ_)?TOKEN)\s*[:=]\s*[\"']?([^\s\"'#]*)")
+_COMPOSE_DEFAULT = re.compile(r"\$\{PERKAMO_ADMIN_(?:READ_)?TOKEN:?-([^}]*)\}")
+
+
+def shipped_token_placeholders() -> set[str]:
+    """Every admin token value shipped in deploy/ and docker-compose.yml (compose defaults,
+    the k8s Secret's placeholders, any Dockerfile ENV): consumer/config.py must refuse them."""
+    found: set[str] = set()
+    paths = [COMPOSE_FILE, *sorted((ROOT / "deploy").rglob("*"))]
+    for path in paths:
+        if not path.is_file() or path.suffix not in ("", ".yml", ".yaml", ".env") and \
+                path.name != "Dockerfile":
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        found |= {m for m in _COMPOSE_DEFAULT.findall(text) if m}
+        found |= {v for _, v in _TOKEN_VALUE.findall(text) if v and not v.startswith("$")}
+    return found
+
+
+def test_shipped_token_placeholders_are_refused_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    found = shipped_token_placeholders()
+    assert "CHANGE-ME-admin-token" in found and "CHANGE-ME-read-token" in found
+    for name, value in _secret_keys().items():
+        if "TOKEN" not in name:
+            continue
+        with pytest.raises(ConfigError, match=f"{name} is a placeholder"):
+            _load_with_env({**_configmap_data(), name: value}, monkeypatch)
+    # compose ships no default token at all (the API answers 403 until .env sets one)
+    for consumer in CONSUMERS:
+        env = _service_env(consumer)
+        assert env["PERKAMO_ADMIN_TOKEN"] == "" and env["PERKAMO_ADMIN_READ_TOKEN"] == ""
 
 
 # --- the admin / metrics port ------------------------------------------------------------------
@@ -745,7 +792,7 @@ def test_compose_stop_grace_exceeds_drain_timeout(service: str) -> None:
 
 
 def test_compose_receiver_is_reachable_and_trusted() -> None:
-    """The consumers may reach the receiver's private address and trust its test CA."""
+    """The consumers may reach the receiver's private address, and only it, and trust its CA."""
     subnets = [
         ipaddress.ip_network(c["subnet"])
         for c in _interpolated(_compose()["networks"]["default"]["ipam"]["config"])
@@ -763,10 +810,12 @@ def test_compose_receiver_is_reachable_and_trusted() -> None:
             for c in env["PERKAMO_ALLOW_PRIVATE_NETWORKS"].split(",")
             if c.strip()
         ]
-        for subnet in subnets:
-            assert any(subnet.subnet_of(a) for a in allowed if a.version == subnet.version), (
-                f"{consumer} does not allow the compose network {subnet}"
-            )
+        address = ipaddress.ip_address(
+            _interpolate(str(receiver["networks"]["default"]["ipv4_address"])))
+        assert any(address in subnet for subnet in subnets), "the receiver's address is off-network"
+        assert allowed == [ipaddress.ip_network(f"{address}/32")], (
+            f"{consumer} must allow exactly the receiver ({address}), not {allowed}"
+        )
         ca = PurePosixPath(env["PERKAMO_CA_BUNDLE"])
         assert ca.name == "ca.pem"
         mounts = _mounts(consumer)
@@ -914,6 +963,29 @@ def test_k8s_job_runs_topics_then_migrate() -> None:
     init_args = [c["args"][0] for c in pod.get("initContainers", [])]
     main_args = [c["args"][0] for c in pod["containers"]]
     assert init_args == ["topics"] and main_args == ["migrate"]
+
+
+def test_k8s_network_policy_limits_the_admin_port_to_prometheus_and_admin_clients() -> None:
+    # Measured: the shipped manifests bound the admin listener to 0.0.0.0:9464 for anyone.
+    policy = _k8s_one("NetworkPolicy")
+    deployment = _k8s_one("Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert _matches(policy["spec"]["podSelector"]["matchLabels"], pod_labels)
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    rules = policy["spec"]["ingress"]
+    assert rules, "an empty ingress list would refuse Prometheus too"
+    for rule in rules:
+        assert rule.get("from"), "every rule names who may connect (no open rule)"
+        assert [p["port"] for p in rule["ports"]] == [ADMIN_PORT]
+    peers = [peer for rule in rules for peer in rule["from"]]
+    assert any(p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name")
+               == "prometheus" for p in peers)
+    assert all("ipBlock" not in p for p in peers), "no address ranges: pods by label only"
+
+
+def test_k8s_admin_api_answers_the_service_name() -> None:
+    allowed = _configmap_data()["PERKAMO_ADMIN_ALLOWED_HOSTS"].split(",")
+    assert _k8s_one("Service")["metadata"]["name"] in allowed
 
 
 def test_k8s_secrets_are_placeholders_and_not_in_the_configmap() -> None:

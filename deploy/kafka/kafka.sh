@@ -11,6 +11,12 @@
 #   KAFKA_PORT (9092)  KAFKA_CONTROLLER_PORT (KAFKA_PORT+1)  KAFKA_HOST (127.0.0.1)
 #   KAFKA_DIR (.data/kafka: log dirs, pid and log file)  KAFKA_CACHE (.cache/kafka)
 #   KAFKA_HEAP (512m)  KAFKA_START_TIMEOUT_S (60)  JAVA (java)
+#
+# A secured listener as well (SCRAM-SHA-512 over TLS, like a managed cluster), when
+#   KAFKA_SASL_PORT      the SASL_SSL listener's port
+#   KAFKA_TLS_KEYSTORE   PEM file: the broker's PKCS#8 private key and certificate chain
+#   KAFKA_SCRAM_USERS    "name:password[,name:password...]", added when the storage is formatted
+# The PLAINTEXT listener stays for the controller and inter-broker traffic on KAFKA_HOST.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -23,6 +29,9 @@ KAFKA_CACHE="${KAFKA_CACHE:-$root/.cache/kafka}"
 KAFKA_HEAP="${KAFKA_HEAP:-512m}"
 KAFKA_START_TIMEOUT_S="${KAFKA_START_TIMEOUT_S:-60}"
 JAVA="${JAVA:-java}"
+KAFKA_SASL_PORT="${KAFKA_SASL_PORT:-}"
+KAFKA_TLS_KEYSTORE="${KAFKA_TLS_KEYSTORE:-}"
+KAFKA_SCRAM_USERS="${KAFKA_SCRAM_USERS:-}"
 libs="$KAFKA_CACHE/libs"
 pidfile="$KAFKA_DIR/broker.pid"
 
@@ -45,14 +54,23 @@ port_open() { (exec 3<>"/dev/tcp/$KAFKA_HOST/$KAFKA_PORT") 2>/dev/null; }
 running() { [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
 
 write_config() {
+  local listeners="PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT,CONTROLLER://$KAFKA_HOST:$KAFKA_CONTROLLER_PORT"
+  local advertised="PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT"
+  local protocols="CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+  if [ -n "$KAFKA_SASL_PORT" ]; then
+    if [ ! -f "$KAFKA_TLS_KEYSTORE" ]; then log "KAFKA_SASL_PORT needs KAFKA_TLS_KEYSTORE (a PEM file)"; exit 2; fi
+    listeners="$listeners,SASL_SSL://$KAFKA_HOST:$KAFKA_SASL_PORT"
+    advertised="$advertised,SASL_SSL://$KAFKA_HOST:$KAFKA_SASL_PORT"
+    protocols="$protocols,SASL_SSL:SASL_SSL"
+  fi
   cat > "$KAFKA_DIR/server.properties" <<PROPS
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@$KAFKA_HOST:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT,CONTROLLER://$KAFKA_HOST:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://$KAFKA_HOST:$KAFKA_PORT
+listeners=$listeners
+advertised.listeners=$advertised
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=$protocols
 inter.broker.listener.name=PLAINTEXT
 log.dirs=$KAFKA_DIR/logs
 num.partitions=1
@@ -66,6 +84,25 @@ group.initial.rebalance.delay.ms=0
 log.cleaner.backoff.ms=1000
 log.segment.delete.delay.ms=1000
 PROPS
+  if [ -n "$KAFKA_SASL_PORT" ]; then
+    cat >> "$KAFKA_DIR/server.properties" <<PROPS
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.ssl.keystore.type=PEM
+listener.name.sasl_ssl.ssl.keystore.location=$KAFKA_TLS_KEYSTORE
+listener.name.sasl_ssl.ssl.client.auth=none
+PROPS
+  fi
+}
+
+scram_args() {
+  # --add-scram 'SCRAM-SHA-512=[name=alice,password=...]' for each of KAFKA_SCRAM_USERS
+  local pair
+  local IFS=,
+  for pair in $KAFKA_SCRAM_USERS; do
+    printf '%s\n' "--add-scram" "SCRAM-SHA-512=[name=${pair%%:*},password=${pair#*:}]"
+  done
 }
 
 start() {
@@ -74,9 +111,11 @@ start() {
   mkdir -p "$KAFKA_DIR"
   write_config
   if [ ! -f "$KAFKA_DIR/logs/meta.properties" ]; then
+    local scram=()
+    if [ -n "$KAFKA_SCRAM_USERS" ]; then mapfile -t scram < <(scram_args); fi
     "$JAVA" -cp "$libs/*" kafka.tools.StorageTool format \
       -t "$("$JAVA" -cp "$libs/*" kafka.tools.StorageTool random-uuid 2>/dev/null)" \
-      -c "$KAFKA_DIR/server.properties" >> "$KAFKA_DIR/broker.log" 2>&1
+      -c "$KAFKA_DIR/server.properties" "${scram[@]}" >> "$KAFKA_DIR/broker.log" 2>&1
   fi
   nohup "$JAVA" "-Xmx$KAFKA_HEAP" "-Xms$KAFKA_HEAP" -XX:+UseG1GC \
     "-Dlog4j2.configurationFile=$here/log4j2.properties" \
