@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--events", type=int, default=100_000, help="events of the kill -9 scenario (others scale)"
     )
-    parser.add_argument("--kills", type=int, default=10, help="kill -9s in the kill and rebalance scenarios")
+    parser.add_argument(
+        "--kills", type=int, default=10, help="kill -9s in the kill, rebalance and history-kill scenarios"
+    )
     parser.add_argument("--only", default="", help="comma-separated scenario names (default: all)")
     parser.add_argument(
         "--protocol",
