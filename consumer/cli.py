@@ -15,7 +15,7 @@ from pathlib import Path
 
 from consumer import logsetup
 from consumer.config import Settings, load_settings
-from consumer.errors import PerkamoError
+from consumer.errors import ConfigError, PerkamoError
 
 log = logging.getLogger("consumer.cli")
 
@@ -23,6 +23,9 @@ Command = Callable[[argparse.Namespace, Settings], int]
 
 
 ROLES = ("deliver", "history", "all")
+# A process that cannot start because a setting is wrong (sysexits' EX_CONFIG): the
+# supervisor does not restart it, and neither should a process manager.
+EXIT_CONFIG = 78
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
@@ -235,6 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logsetup.configure(settings.log_level, settings.log_format)
     try:
         return int(args.fn(args, settings))
+    except ConfigError as exc:  # a setting is wrong (refused credentials included): no retry helps
+        log.error("%s", exc)
+        return EXIT_CONFIG
     except PerkamoError as exc:
         log.error("%s", exc)
         return 1

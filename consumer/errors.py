@@ -54,3 +54,8 @@ class HistoryUnavailable(PerkamoError):
 
 class KafkaError(PerkamoError):
     """The broker refused or failed an operation the service cannot go on without."""
+
+
+class KafkaRefused(KafkaError, ConfigError):
+    """The cluster refused our credentials or our TLS: a PERKAMO_KAFKA_* setting is wrong, and
+    trying again will not help (the supervisor does not restart a role that exits for it)."""

@@ -69,6 +69,7 @@ class HistoryIngest:
         self.healthy = True
         self.assigned_once = False
         self.rows_written = 0
+        self.abandoned_rows = 0  # given up on (budget or stop): left on the topic, uncommitted
 
     def start(self) -> None:
         if self._thread is not None:
@@ -95,7 +96,7 @@ class HistoryIngest:
             if self._thread.is_alive():
                 log.error("history ingest did not stop within %.0fs", timeout)
                 return False
-        return not self._rows
+        return not self._rows and not self.abandoned_rows
 
     @property
     def backlog(self) -> int:
@@ -144,46 +145,59 @@ class HistoryIngest:
 
     def _flush(self, consumer: Consumer, budget_s: float | None = None) -> None:
         """Insert the batch (retrying while the store fails), then commit its offsets. With a
-        budget, give up after it: the rows stay on the topic, uncommitted, for whoever reads next."""
-        backoff = 0.2
-        paused = False
+        budget, or once a stop is asked for, give up after it: the rows stay on the topic,
+        uncommitted, for whoever reads it next."""
+        if not self._rows:
+            return
         give_up = None if budget_s is None else time.monotonic() + budget_s
-        while self._rows:
-            started = time.perf_counter()
-            try:
-                self._insert(self._rows)
-            except Exception as exc:
-                self.healthy = False
-                self._metrics.history_write_errors.inc()
-                log.error("history insert of %d rows failed (%s); keeping them, retrying in %.1fs",
-                          len(self._rows), type(exc).__name__, backoff)
-                if give_up is not None and time.monotonic() >= give_up:
-                    log.error("%d rows not inserted: they stay on %s, uncommitted",
-                              len(self._rows), ATTEMPTS_TOPIC)
-                    self._rows = []
-                    self._offsets.clear()
-                    if paused and self._assigned:
-                        consumer.resume([TopicPartition(t, p) for t, p in self._assigned])
-                    return
-                if not paused and self._assigned:
-                    consumer.pause([TopicPartition(t, p) for t, p in self._assigned])
-                    paused = True
-                deadline = time.monotonic() + backoff
-                while time.monotonic() < deadline:  # keep polling: stay in the group
-                    consumer.consume(1, min(_POLL_S, max(0.0, deadline - time.monotonic())))
-                backoff = min(backoff * 2, _BACKOFF_MAX_S)
-                continue
-            self.healthy = True
-            self._metrics.history_flush_duration.observe(time.perf_counter() - started)
-            self._metrics.history_rows_written.inc(len(self._rows))
+        if self._insert_retrying(consumer, give_up):
             self.rows_written += len(self._rows)
             if self._on_rows is not None:
                 self._on_rows(self._rows)
-            self._rows = []
-        self._commit(consumer)
-        if paused and self._assigned:
-            consumer.resume([TopicPartition(t, p) for t, p in self._assigned])
+            self._commit(consumer)
+        else:
+            log.error("%d rows not inserted: they stay on %s, uncommitted", len(self._rows), ATTEMPTS_TOPIC)
+            self.abandoned_rows += len(self._rows)
+            self._offsets.clear()
+        self._rows = []
         self._metrics.history_buffer_rows.set(0)
+
+    def _insert_retrying(self, consumer: Consumer, give_up: float | None) -> bool:
+        """True once the batch is in; while the store fails the assigned partitions are paused
+        and the consumer keeps polling (so it stays in the group). False past `give_up`."""
+        backoff = 0.2
+        paused = False
+        try:
+            while True:
+                started = time.perf_counter()
+                try:
+                    self._insert(self._rows)
+                except Exception as exc:
+                    self.healthy = False
+                    self._metrics.history_write_errors.inc()
+                    log.error("history insert of %d rows failed (%s); keeping them, retrying in %.1fs",
+                              len(self._rows), type(exc).__name__, backoff)
+                else:
+                    self.healthy = True
+                    self._metrics.history_flush_duration.observe(time.perf_counter() - started)
+                    self._metrics.history_rows_written.inc(len(self._rows))
+                    return True
+                if not paused and self._assigned:
+                    consumer.pause([TopicPartition(t, p) for t, p in self._assigned])
+                    paused = True
+                wait_until = time.monotonic() + backoff
+                while time.monotonic() < wait_until:
+                    if give_up is None and self._stop.is_set():  # a stop mid-retry: bounded now
+                        give_up = time.monotonic() + self._settings.drain_timeout_s
+                    if give_up is not None:
+                        wait_until = min(wait_until, give_up)
+                        if time.monotonic() >= give_up:
+                            return False
+                    consumer.consume(1, min(_POLL_S, max(0.0, wait_until - time.monotonic())))
+                backoff = min(backoff * 2, _BACKOFF_MAX_S)
+        finally:
+            if paused and self._assigned:
+                consumer.resume([TopicPartition(t, p) for t, p in self._assigned])
 
     def _commit(self, consumer: Consumer) -> None:
         offsets = [TopicPartition(t, p, o) for (t, p), o in self._offsets.items() if (t, p) in self._assigned]

@@ -27,7 +27,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # the stubs o
 )
 
 from consumer.config import Settings, is_secret_property, kafka_env_name
-from consumer.errors import ConfigError, KafkaError
+from consumer.errors import ConfigError, KafkaError, KafkaRefused
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def wait_for_broker(source: Source, timeout: float) -> None:
         except KafkaException as exc:
             admin.poll(0)  # serve error events
             if problems:
-                raise KafkaError(_auth_failure(problems[0], config)) from None
+                raise KafkaRefused(_auth_failure(problems[0], config)) from None
             if time.monotonic() >= deadline:
                 raise KafkaError(f"broker {bootstrap} not reachable within {timeout:.0f}s: "
                                  f"{_scrub(str(exc), config)}") from None

@@ -24,6 +24,9 @@ from typing import Final
 log = logging.getLogger(__name__)
 
 MAX_RESTARTS: Final = 5
+# Exits no restart can mend: 2, settings that do not load; 78 (EX_CONFIG), a setting the
+# process found wrong while starting (refused Kafka credentials, a bad endpoints file).
+FATAL_EXITS: Final = frozenset({2, 78})
 RESTART_WINDOW_S: Final = 300.0
 BACKOFF_MAX_S: Final = 30.0
 _TICK_S: Final = 0.2
@@ -52,6 +55,7 @@ class Supervisor:
         self.children = children
         self._grace_s = drain_timeout_s + 15
         self._stopping = False
+        self.exit_code = 1  # when a child fails for good
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -89,6 +93,12 @@ class Supervisor:
                 if now - (child.deaths[-1] if child.deaths else 0.0) > RESTART_WINDOW_S:
                     child.backoff_s = 1.0  # it has been up a while: forget its past
                 continue
+            if code in FATAL_EXITS:
+                log.error("supervisor: %s cannot start: a setting is wrong (its log says which); "
+                          "stopping everything", child.name)
+                child.proc = None
+                self.exit_code = code
+                return True
             child.deaths.append(now)
             while child.deaths and now - child.deaths[0] > RESTART_WINDOW_S:
                 child.deaths.popleft()
@@ -115,14 +125,17 @@ class Supervisor:
             if child.proc is None:
                 continue
             try:
-                codes.append(child.proc.wait(max(0.1, deadline - time.monotonic())))
+                code = child.proc.wait(max(0.1, deadline - time.monotonic()))
+                # -15: the SIGTERM came while the child's interpreter was still starting, before
+                # it could install its handler: it had taken no work yet, so that is a clean stop.
+                codes.append(0 if code == -signal.SIGTERM else code)
             except subprocess.TimeoutExpired:
                 log.error("supervisor: %s did not stop within %.0fs; killing it", child.name, self._grace_s)
                 child.proc.kill()
                 codes.append(child.proc.wait())
         if failed or any(code != 0 for code in codes):
             log.error("supervisor: stopped, exit codes %s", codes)
-            return 1
+            return self.exit_code
         log.info("supervisor: every child drained and exited 0")
         return 0
 

@@ -24,15 +24,13 @@ from confluent_kafka import Producer
 from cryptography.hazmat.primitives import serialization
 
 from consumer import kafka_io
-from consumer.app import build, serve
 from consumer.config import load_settings
 from consumer.constants import ENDPOINTS_TOPIC
 from consumer.errors import ConfigError, KafkaError
 from consumer.history import TABLE, HistoryStore, client_kwargs, mask_dsn
-from consumer.metrics import Metrics
 from consumer.registry_topic import read_all, reader_config
 from consumer.topics import plan
-from tests.conftest import KAFKA_SCRIPT, LOOPBACK
+from tests.conftest import KAFKA_SCRIPT, LOOPBACK, start_roles, stop_roles
 from tests.support import free_port, make_event, unique, wait_for
 
 USER, PASSWORD = "alice", "alice-pa55-" + "s3cr3t"
@@ -232,19 +230,17 @@ async def test_events_are_delivered_end_to_end_through_sasl_ssl(
         kafka_bootstrap_servers=sasl_broker["bootstrap"], kafka=secured(sasl_broker),
         events_topics=[events_topic], group_id=unique("sasl-group"), data_dir=tmp_path,
         retry_tiers=["1s", "2s"], allow_private_networks=LOOPBACK, ca_bundle=ca_file,
-        admin_listen=f"127.0.0.1:{free_port()}", endpoints_file=endpoints,
+        admin_listen=f"127.0.0.1:{free_port()}", deliver_admin_listen=f"127.0.0.1:{free_port()}",
+        history_group_id=unique("sasl-history"), endpoints_file=endpoints,
         history_flush_interval_s=0.2, commit_interval_s=0.2, drain_timeout_s=5.0,
     )
     specs, _ = plan(settings, partitions=2, retention_hours=None)
     await asyncio.to_thread(kafka_io.ensure_topics, settings,
                             [(s.name, s.partitions, s.config) for s in specs])
-    app = build(settings, store=store, metrics=Metrics())
-    task = asyncio.create_task(serve(app, install_signals=False))
+    # Both roles, each of their clients (consumers, producers, the registry followers) over
+    # the secured listener.
+    app = await asyncio.wait_for(start_roles(settings, store), 90)
     try:
-        await wait_for(lambda: app.service.assigned_once or task.done(), timeout=60,
-                       what="assignment over SASL_SSL")
-        if task.done():
-            task.result()
         producer = Producer({**kafka_io.client_config(settings), "enable.idempotence": True})
         events = [make_event(space) for _ in range(3)]
         for event in events:
@@ -263,9 +259,8 @@ async def test_events_are_delivered_end_to_end_through_sasl_ssl(
         assert app.registry.loaded
         assert read_all(settings, ENDPOINTS_TOPIC, 30) is not None
     finally:
-        app.service.stop()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 30)
+            await stop_roles(app)
     for record in caplog.records:
         assert PASSWORD not in record.getMessage()
 
