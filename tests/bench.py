@@ -16,7 +16,8 @@ ceiling is a bare aiohttp client in a subprocess (tests/bench_client.py). Phases
     2 e2e        N pre-published events, 6 partitions, one Space: one deliver role with a history
                  role running; deliveries/s, ratio to the ceiling, CPU per delivery (per thread),
                  metrics on and off; then the history role's catch-up (attempts-topic lag 0)
-    3 latency    fixed produce rate; receiver takes arrival - data.context.sent_ns
+    3 latency    fixed produce rate (at most half of phase 2's deliveries/s); receiver takes
+                 arrival - data.context.sent_ns
     4 memory     deliver role peak RSS (VmHWM) with 5,000 deliveries in flight (answers after 8 s)
     5 isolation  healthy deliveries/s while 20 % of events go to a hanging endpoint, vs without
     6 retry      lateness of tier attempts (tiers 1s,2s,4s, an endpoint answering 500), read from
@@ -1070,6 +1071,8 @@ class Bench:
                 "cpu_s": round(role.samples[-1][1], 2) if role.samples else None,
                 "cpu_s_window": round(cpu, 2),
                 "peak_rss_mb": round(kb / 1024, 1) if kb else None,
+                # the role's own GC pause counter (whole life, wall clock), where it has one
+                "gc_pause_metric_s": round(metric_sum(text, "perkamo_webhook_gc_pause_seconds_total"), 3),
                 "event_partitions": len(event_partitions) if counted else None,
                 "exit_code": role.exit_code,
                 "killed": role.killed,
@@ -1167,6 +1170,11 @@ class Bench:
         hist = self.start_history("latency-history", topic, DEFAULT_TIERS)
         cons = self.start_deliver("latency", topic, group, DEFAULT_TIERS)
         rate_per_s, seconds = self.sizes.latency_rate, self.sizes.latency_seconds
+        # Latency is a figure below saturation: at most half of what phase 2 measured.
+        capacity = self.results.get("phases", {}).get("e2e", {}).get("deliveries_per_s")
+        rate_from = "fixed"
+        if capacity and capacity / 2 < rate_per_s:
+            rate_per_s, rate_from = max(50, int(capacity / 2 / 50) * 50), "half of phase 2's deliveries/s"
         total = int(rate_per_s * seconds)
         try:
             self.wait_up([hist, cons])
@@ -1190,6 +1198,7 @@ class Bench:
         window = (lat["last_ns"] - lat["first_ns"]) / 1e9 if lat["count"] > 1 else None
         return {
             "rate_per_s": rate_per_s,
+            "rate_from": rate_from,
             "seconds": seconds,
             "produced": total,
             "achieved_produce_rate": round(total / produce_s, 1),
