@@ -31,6 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from consumer import constants as c
+from consumer.addresses import AddressPolicy, host_problem
 from consumer.admin import build_app, start_admin
 from consumer.config import load_settings
 from consumer.endpoints import EndpointRegistry, parse_record
@@ -41,7 +42,7 @@ from consumer.intake import REASONS, parse_event
 from consumer.kafka_io import AsyncProducer
 from consumer.metrics import Metrics
 from consumer.models import host_of
-from consumer.netguard import AddressPolicy, GuardedSocketFactory, host_problem
+from consumer.netguard import GuardedSocketFactory
 from tests.support import free_port, make_event, unique
 from tests.test_admin_auth import ADMIN, READ, Context
 from tests.test_queries import attempt
