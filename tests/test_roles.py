@@ -43,9 +43,9 @@ async def test_the_deliver_role_has_no_clickhouse_in_its_address_space(harness, 
         await wait_for(lambda: receiver.to("/roles"), timeout=60, what="a delivery by the deliver role")
         maps = _modules_of(proc.pid)
         assert "chdb" not in maps and "libclickhouse" not in maps
-        code = ("import sys; sys.path.insert(0, %r); import consumer.deliver_role, consumer.cli; "
-                "print(sorted(m for m in sys.modules if m.startswith(('chdb', 'clickhouse_connect', "
-                "'pandas', 'consumer.history'))))" % str(REPO))
+        code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import consumer.deliver_role, "
+                "consumer.cli; print(sorted(m for m in sys.modules if m.startswith(('chdb', "
+                "'clickhouse_connect', 'pandas', 'consumer.history'))))")
         loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         assert loaded.stdout.strip() == "[]"
     finally:
