@@ -19,9 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
-import orjson
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from consumer import attempts
@@ -30,7 +28,7 @@ from consumer.constants import ATTEMPTS_TOPIC
 from consumer.kafka_io import consumer_config
 from consumer.metrics import Metrics
 from consumer.models import AttemptRow
-from consumer.partitions import partition_lag
+from consumer.partitions import record_lag
 
 log = logging.getLogger(__name__)
 
@@ -237,14 +235,4 @@ class HistoryIngest:
 
     def _on_stats(self, stats_json: str) -> None:
         """History lag: the history group's lag on the attempts topic, per partition."""
-        try:
-            stats: dict[str, Any] = orjson.loads(stats_json)
-        except orjson.JSONDecodeError:
-            return
-        for topic, tstats in stats.get("topics", {}).items():
-            for pid, pstats in tstats.get("partitions", {}).items():
-                if pid == "-1" or (topic, int(pid)) not in self._assigned:
-                    continue
-                lag = partition_lag(pstats)
-                if lag is not None:
-                    self._metrics.consumer_lag.labels(topic, pid).set(lag)
+        record_lag(stats_json, self._assigned, self._metrics.consumer_lag)

@@ -14,9 +14,11 @@ offset below which every message is done (docs/architecture.md, "Offsets").
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from consumer.offsets import OffsetTracker
 
@@ -153,6 +155,22 @@ def _set(st: PartitionState, reason: str, on: bool) -> bool:
     else:
         st.reasons.discard(reason)
     return st.paused and not before and not st.revoked
+
+
+def record_lag(stats_json: str, assigned: Container[TP], gauge: Any) -> None:
+    """librdkafka statistics (`stats_cb`) -> `gauge.labels(topic, partition).set(lag)` for each
+    partition of `assigned`: high watermark minus committed offset."""
+    try:
+        stats: dict[str, Any] = orjson.loads(stats_json)
+    except orjson.JSONDecodeError:
+        return
+    for topic, tstats in stats.get("topics", {}).items():
+        for pid, pstats in tstats.get("partitions", {}).items():
+            if pid == "-1" or (topic, int(pid)) not in assigned:
+                continue
+            lag = partition_lag(pstats)
+            if lag is not None:
+                gauge.labels(topic, pid).set(lag)
 
 
 def partition_lag(pstats: dict[str, Any]) -> int | None:

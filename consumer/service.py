@@ -21,7 +21,6 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-import orjson
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from consumer import constants as c
@@ -36,7 +35,7 @@ from consumer.gate import GateLimits, Gates
 from consumer.headers import due_ms
 from consumer.health import HealthPolicy
 from consumer.kafka_io import AsyncProducer, consumer_config, header_map, position
-from consumer.partitions import TP, Partitions, PartitionState, partition_lag
+from consumer.partitions import TP, Partitions, PartitionState, record_lag
 from consumer.pipeline import Pipeline, now_ms
 
 log = logging.getLogger(__name__)
@@ -351,17 +350,7 @@ class DeliveryService:
 
     def _on_stats(self, stats_json: str) -> None:
         """librdkafka statistics: consumer lag per assigned partition (committed vs high watermark)."""
-        try:
-            stats = orjson.loads(stats_json)
-        except orjson.JSONDecodeError:
-            return
-        for topic, tstats in stats.get("topics", {}).items():
-            for pid, pstats in tstats.get("partitions", {}).items():
-                if pid == "-1" or (topic, int(pid)) not in self._parts:
-                    continue
-                lag = partition_lag(pstats)
-                if lag is not None:
-                    self.metrics.consumer_lag.labels(topic, pid).set(lag)
+        record_lag(stats_json, self._parts, self.metrics.consumer_lag)
 
     # Helpers -------------------------------------------------------------------------
 

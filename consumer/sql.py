@@ -22,10 +22,10 @@ from typing import Final
 
 # The API's SQL -------------------------------------------------------------------------
 
-# One row per delivery of the window, newest first, after a keyset cursor. `attempted_at >=
-# since` prunes partitions; the HAVING on the first row drops deliveries whose first row is
-# older than `since` (only their later rows passed the WHERE).
-DELIVERIES: Final = """
+# One row per delivery: what the delivery list shows, over the rows of a Space (or every
+# Space), an event type and a window; the HAVING on the first row drops deliveries whose first
+# row is older than `since` (only their later rows passed the WHERE).
+_DELIVERY_ROWS = """
 SELECT
     delivery_id,
     any(space_slug) AS space,
@@ -45,46 +45,30 @@ FROM perkamo.webhook_attempts FINAL
 WHERE ({space:String} = '' OR space_slug = {space:String})
   AND ({event_type:String} = '' OR webhook_attempts.event_type = {event_type:String})
   AND attempted_at >= {since:DateTime64(3, 'UTC')}
-GROUP BY delivery_id
-HAVING min(if(attempt = 0, pending_attempt, attempt)) = 1
+"""
+_FIRST_IN_WINDOW = """HAVING min(if(attempt = 0, pending_attempt, attempt)) = 1
   AND first_attempted_at < {until:DateTime64(3, 'UTC')}
   AND ({status:String} = '' OR status = {status:String})
+"""
+
+# One row per delivery of the window, newest first, after a keyset cursor (`attempted_at >=
+# since` prunes partitions).
+_AFTER_CURSOR = """\
   AND (first_attempted_at, delivery_id) < ({after_at:DateTime64(3, 'UTC')}, {after_id:String})
+"""
+DELIVERIES: Final = _DELIVERY_ROWS + "GROUP BY delivery_id\n" + _FIRST_IN_WINDOW + _AFTER_CURSOR + """\
 ORDER BY first_attempted_at DESC, delivery_id DESC
 LIMIT {limit:UInt32}
 """
 
 # The console's search: deliveries with this delivery id, event id or transaction id, in a
 # bounded window (search_deliveries never leaves `since` open), newest first.
-DELIVERY_SEARCH: Final = """
-SELECT
-    delivery_id,
-    any(space_slug) AS space,
-    argMin(event_id, attempt) AS event_id,
-    argMin(event_type, attempt) AS event_type,
-    argMax(status, (attempted_at, attempt)) AS status,
-    countIf(attempt > 0) AS attempts,
-    max(attempt) AS last_attempt,
-    argMax(trigger, attempt) AS last_trigger,
-    argMax(status_code, attempt) AS last_status_code,
-    argMax(error_kind, attempt) AS last_error_kind,
-    argMax(endpoint_host, attempt) AS endpoint_host,
-    argMax(tuple(next_attempt_at), attempt).1 AS next_attempt_at,
-    min(attempted_at) AS first_attempted_at,
-    max(attempted_at) AS last_attempted_at
-FROM perkamo.webhook_attempts FINAL
-WHERE ({space:String} = '' OR space_slug = {space:String})
-  AND ({event_type:String} = '' OR webhook_attempts.event_type = {event_type:String})
-  AND attempted_at >= {since:DateTime64(3, 'UTC')}
-  AND space_slug IN {candidate_spaces:Array(String)}
+DELIVERY_SEARCH: Final = _DELIVERY_ROWS + """  AND space_slug IN {candidate_spaces:Array(String)}
   AND delivery_id IN {candidates:Array(String)}
   AND (delivery_id = {q:String} OR webhook_attempts.event_id = {q:String}
        OR transaction_id = {q:String})
 GROUP BY delivery_id
-HAVING min(if(attempt = 0, pending_attempt, attempt)) = 1
-  AND first_attempted_at < {until:DateTime64(3, 'UTC')}
-  AND ({status:String} = '' OR status = {status:String})
-ORDER BY first_attempted_at DESC, delivery_id DESC
+""" + _FIRST_IN_WINDOW + """ORDER BY first_attempted_at DESC, delivery_id DESC
 LIMIT {limit:UInt32}
 """
 

@@ -30,7 +30,8 @@ from consumer.config import Settings
 from consumer.history import TABLE, HistoryStore, HistoryWriter
 from consumer.metrics import Metrics
 from consumer.models import AttemptRow, delivery_id_for
-from consumer.queries import REPLAY_SELECTION, DeliveryFilter, delivery_attempts, list_deliveries
+from consumer.queries import DeliveryFilter, delivery_attempts, list_deliveries
+from consumer.sql import REPLAY_SELECTION
 
 SPACES = [f"space-{n:02d}" for n in range(50)]
 TARGET = SPACES[7]

@@ -36,8 +36,9 @@ async def test_the_deliver_role_has_no_clickhouse_in_its_address_space(harness, 
         "PERKAMO_CA_BUNDLE": str(harness.ca_file),
         "PERKAMO_DELIVER_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
     }
+    log_path = harness.tmp_path / "deliver.log"  # a file: an unread pipe would fill and block it
     proc = subprocess.Popen([sys.executable, "-m", "consumer", "run", "--role", "deliver"],
-                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log_path.open("wb"))
     try:
         produce(harness.kafka, harness.events_topic, [orjson.dumps(make_event(space))])
         await wait_for(lambda: receiver.to("/roles"), timeout=60, what="a delivery by the deliver role")
@@ -50,7 +51,7 @@ async def test_the_deliver_role_has_no_clickhouse_in_its_address_space(harness, 
         assert loaded.stdout.strip() == "[]"
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+        assert proc.wait(30) == 0, log_path.read_text(errors="replace")[-2000:]
     assert not (harness.tmp_path / "deliver" / "history").exists()
 
 
@@ -65,8 +66,9 @@ def test_all_runs_both_roles_and_drains_them_on_sigterm(kafka, tmp_path):
         "PERKAMO_ADMIN_LISTEN": f"127.0.0.1:{history}",
         "PERKAMO_DELIVER_ADMIN_LISTEN": f"127.0.0.1:{deliver}",
     }
+    log_path = tmp_path / "all.log"
     proc = subprocess.Popen([sys.executable, "-m", "consumer", "run", "--role", "all", "--workers", "2"],
-                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log_path.open("wb"))
     try:
         deadline = time.monotonic() + 90
         pending = {history, deliver, deliver + 1}
@@ -83,4 +85,4 @@ def test_all_runs_both_roles_and_drains_them_on_sigterm(kafka, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
-    assert code == 0, proc.stderr.read().decode()[-3000:] if proc.stderr else ""
+    assert code == 0, log_path.read_text(errors="replace")[-3000:]
