@@ -99,15 +99,23 @@ def _settings(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _health(args: argparse.Namespace, settings: Settings) -> int:
-    host, port = settings.admin_host_port
+    """GET /healthz (or /readyz) on the role's own listener: the history role (and `all`) on
+    PERKAMO_ADMIN_LISTEN, a deliver worker on PERKAMO_DELIVER_ADMIN_LISTEN (port + worker), so
+    one image's HEALTHCHECK serves either role."""
+    if args.role == "deliver":
+        host, port = settings.deliver_host_port(args.worker)
+    else:
+        host, port = settings.admin_host_port
     if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard bind is probed on loopback
         host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
     path = "/readyz" if args.ready else "/healthz"
     url = f"http://{host}:{port}{path}"
     try:
         with urllib.request.urlopen(url, timeout=args.timeout) as response:
             ok = response.status == 200
-    except (urllib.error.URLError, OSError):
+    except (urllib.error.URLError, OSError, ValueError):
         ok = False
     print("ok" if ok else "not ok")
     return 0 if ok else 1
@@ -191,8 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("settings", help="print every setting (secrets masked)").set_defaults(fn=_settings)
 
-    health = sub.add_parser("health", help="probe the running consumer's admin API; exit 0 if healthy")
+    health = sub.add_parser(
+        "health",
+        help="probe a running role's /healthz (or /readyz); exit 0 if healthy",
+        description="history (the default, also `run --role all`): PERKAMO_ADMIN_LISTEN; "
+        "deliver: PERKAMO_DELIVER_ADMIN_LISTEN, port + --worker. A wildcard address is probed "
+        "on loopback.",
+    )
     health.add_argument("--ready", action="store_true", help="probe /readyz instead of /healthz")
+    health.add_argument("--role", choices=("deliver", "history"), default="history",
+                        help="whose listener to probe (default history)")
+    health.add_argument("--worker", type=int, default=0,
+                        help="deliver worker index of `run --workers N` (default 0)")
     health.add_argument("--timeout", type=float, default=3.0)
     health.set_defaults(fn=_health)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from consumer import tracing
+from consumer import gctune, tracing
 from consumer.admin import build_app, start_admin
 from consumer.config import Settings
 from consumer.endpoints import EndpointRegistry, load_file
@@ -43,6 +43,9 @@ class DeliverRole:
     follower: RegistryFollower | None = None
     worker: int = 0
     admin: web.AppRunner | None = None
+    # Freeze the start-up heap and raise the GC thresholds (consumer.gctune); off where several
+    # roles share one process (tests).
+    tune_gc: bool = True
 
     async def readiness(self) -> dict[str, bool]:
         return {
@@ -62,7 +65,9 @@ class DeliverRole:
 def build_deliver(settings: Settings, metrics: Metrics | None = None, worker: int = 0) -> DeliverRole:
     """Everything the deliver role needs, ready to start; raises PerkamoError on bad set-up."""
     use_settings(settings)  # every Kafka client made from the bootstrap string gets PERKAMO_KAFKA_*
-    metrics = metrics or Metrics(enabled=settings.metrics_enabled)
+    if metrics is None:
+        metrics = Metrics(enabled=settings.metrics_enabled)
+        gctune.watch(metrics)
     metrics.limit_labels(settings.metrics_max_label_values, settings.metrics_event_types)
     file_endpoints = load_file(settings.endpoints_file) if settings.endpoints_file else []
     registry = EndpointRegistry(file_endpoints)
@@ -94,6 +99,8 @@ async def serve_deliver(role: DeliverRole, install_signals: bool = True) -> None
         if role.follower is not None:
             role.follower.start()
             await wait_for_registry(role.follower, lambda: role.stopping)
+        if role.tune_gc:
+            gctune.tune()
         await role.service.run()
     finally:
         if role.follower is not None:

@@ -13,8 +13,10 @@ import logging
 import ssl
 import time
 from collections.abc import Mapping
+from functools import lru_cache
 
 import aiohttp
+import yarl
 
 from consumer import constants as c
 from consumer import metrics as m
@@ -108,6 +110,8 @@ class Deliverer:
             skip_auto_headers=_SKIP_AUTO_HEADERS,
             auto_decompress=False,
             trust_env=False,
+            # Webhook receivers set no cookies we would send back: no jar to update per answer.
+            cookie_jar=aiohttp.DummyCookieJar(),
             trace_configs=[nettiming.trace_config()] if self._settings.network_timings else None,
         )
 
@@ -170,7 +174,7 @@ class Deliverer:
         try:
             self._vet_literal(host)
             async with self._session.post(
-                endpoint.url,
+                _target(endpoint.url),
                 data=body,
                 headers=headers,
                 allow_redirects=False,
@@ -215,6 +219,12 @@ class Deliverer:
 def _proxy_host(proxy: str | None) -> str:
     """The proxy's host as aiohttp dials it (yarl's normalised form), '' without a proxy."""
     return url_host(proxy) if proxy else ""
+
+
+@lru_cache(maxsize=65_536)
+def _target(url: str) -> yarl.URL:
+    """The endpoint URL parsed once (aiohttp would parse the string on every request)."""
+    return yarl.URL(url)
 
 
 def _ms_since(started: float) -> int:

@@ -12,6 +12,8 @@ Secret properties never reach a log line: `describe_config` masks them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import threading
 import time
@@ -133,12 +135,19 @@ def producer_config(source: Source) -> dict[str, Any]:
 class AsyncProducer:
     """Idempotent producer whose `publish()` returns when Kafka acknowledged the message.
 
-    A background thread serves delivery callbacks; a delivery error fails that one future.
+    A background thread serves delivery reports; a delivery error fails that one future.
+    Reports are handed to the event loop in bursts: the first report of a burst schedules one
+    callback on the loop, which settles every report that arrived meanwhile, so thousands of
+    acknowledgements per second cost the loop a few wake-ups, not one each. One loop per
+    producer.
     """
 
     def __init__(self, source: Source, extra: dict[str, Any] | None = None) -> None:
         self._producer: Producer = make_client(Producer, {**producer_config(source), **(extra or {})})
         self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reports: list[tuple[asyncio.Future[Message], Any, Message]] = []
+        self._reports_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="kafka-producer", daemon=True)
         self._thread.start()
@@ -153,11 +162,12 @@ class AsyncProducer:
         if self._closed:
             raise KafkaError("producer is closed")
         loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise KafkaError("an AsyncProducer serves one event loop")
         future: asyncio.Future[Message] = loop.create_future()
-
-        def on_delivery(err: Any, msg: Message) -> None:
-            loop.call_soon_threadsafe(_settle, future, err, msg)
-
+        report = functools.partial(self._reported, future)
         while True:
             try:
                 self._producer.produce(
@@ -165,12 +175,27 @@ class AsyncProducer:
                     value=value,
                     key=key,
                     headers=headers,  # type: ignore[arg-type]  # the stub's list is invariant
-                    on_delivery=on_delivery,
+                    on_delivery=report,
                 )
                 break
             except BufferError:  # local queue full: let the background thread drain it
                 await asyncio.sleep(0.01)
         return await future
+
+    def _reported(self, future: asyncio.Future[Message], err: Any, msg: Message) -> None:
+        """librdkafka's delivery report, on whichever thread polled (ours, or a flush)."""
+        with self._reports_lock:
+            first = not self._reports
+            self._reports.append((future, err, msg))
+        if first and self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                self._loop.call_soon_threadsafe(self._settle_reports)
+
+    def _settle_reports(self) -> None:
+        with self._reports_lock:
+            reports, self._reports = self._reports, []
+        for future, err, msg in reports:
+            _settle(future, err, msg)
 
     def flush(self, timeout: float) -> int:
         return int(self._producer.flush(timeout))

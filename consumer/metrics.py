@@ -171,6 +171,11 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Endpoint records ignored as invalid, by reason.",
         ("reason",),
     ),
+    "gc_pause_seconds_total": (
+        "counter",
+        "Time spent in Python's cyclic garbage collector, by generation (0, 1, 2).",
+        ("generation",),
+    ),
     "republished_total": (
         "counter",
         "Deliveries re-published by an operator, by trigger (resend, replay).",
@@ -354,6 +359,7 @@ class Metrics:
         self.endpoints_loaded: Any = made["endpoints_loaded"]
         self.endpoint_records_invalid: Any = made["endpoint_records_invalid_total"]
         self.republished: Any = made["republished_total"]
+        self.gc_pause: Any = made["gc_pause_seconds_total"]
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def child(self, metric: Any, *labels: str) -> Any:

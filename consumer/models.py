@@ -12,9 +12,12 @@ import yarl
 
 
 def stable_id(prefix: str, *parts: str) -> str:
-    """A deterministic, readable id: `prefix_` + 26 base32 chars of SHA-256 over the parts."""
+    """A deterministic, readable id: `prefix_` + 26 base32 chars of SHA-256 over the parts.
+
+    26 characters are 130 bits: base32 encodes 5 bytes at a time, so the first 20 bytes of
+    the digest give exactly the characters the whole digest would (and cost less)."""
     digest = hashlib.sha256("\x00".join(parts).encode()).digest()
-    return prefix + "_" + b32encode(digest).decode()[:26].lower()
+    return prefix + "_" + b32encode(digest[:20]).decode()[:26].lower()
 
 
 def delivery_id_for(event_id: str, endpoint_id: str) -> str:

@@ -211,7 +211,7 @@ class DeliveryService:
         now = now_ms()
         retry_topics = self.pipeline.retry_topics
         max_ahead = self.pipeline.max_due_ahead_ms
-        consumed = self.metrics.events_consumed
+        taken: dict[str, int] = {}  # per topic, counted into the metric once per batch
         for msg in msgs:
             if msg.error() is not None:
                 log.warning("consume error: %s", msg.error())
@@ -232,12 +232,14 @@ class DeliveryService:
                     consumer.seek(TopicPartition(topic, partition, offset))
                     halted.add(tp)
                     continue
-            self.metrics.child(consumed, topic).inc()
+            taken[topic] = taken.get(topic, 0) + 1
             st.tracker.add(offset)
             self._in_flight += 1
             task = asyncio.create_task(self._process(msg, st, offset))
             st.tasks.add(task)
             task.add_done_callback(st.tasks.discard)
+        for topic, count in taken.items():
+            self.metrics.child(self.metrics.events_consumed, topic).inc(count)
 
     def _apply_pauses(self) -> None:
         changes = self._parts.changes(now_ms())

@@ -169,6 +169,7 @@ async def start_roles(settings: Settings, store: HistoryStore) -> App:
     """Start the history role and the deliver role; returns once both are assigned."""
     history = build_history(settings, store=store, metrics=Metrics())
     deliver = build_deliver(settings, metrics=Metrics())
+    deliver.tune_gc = False  # one process for both roles and the test: leave its GC alone
     tasks = [
         asyncio.create_task(serve_history(history, install_signals=False)),
         asyncio.create_task(serve_deliver(deliver, install_signals=False)),

@@ -17,7 +17,8 @@ from tests.support import fast_forward_group, produce, unique, wait_for
 
 def _row(n: int, space: str) -> AttemptRow:
     return AttemptRow(
-        delivery_id=f"dlv_ingest_{space}_{n}", attempt=1, event_id=f"evt_{n}", event_type="purchase.completed",
+        delivery_id=f"dlv_ingest_{space}_{n}", attempt=1, event_id=f"evt_{n}",
+        event_type="purchase.completed",
         space_slug=space, environment="live", endpoint_id="ep_x", endpoint_host="example.com",
         user_id="u", transaction_id="", trigger="initial", status="delivered", status_code=204,
         status_text="No Content", duration_ms=3, error="", attempted_at=datetime.now(UTC),

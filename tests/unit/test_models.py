@@ -89,3 +89,15 @@ def test_endpoint_in_log_line_has_no_url(
 def test_endpoint_host(endpoint: Endpoint) -> None:
     assert endpoint.host == "hooks.acme.example"
     assert Endpoint(id="ep_x", space="s", url="https://[2001:db8::1]:8443/x").host == "2001:db8::1"
+
+
+def test_delivery_ids_are_those_of_every_earlier_version() -> None:
+    """x-perkamo-delivery is the receivers' idempotency key: a cheaper encoding must give
+    exactly the ids earlier versions gave (base32 of the whole SHA-256, first 26 characters)."""
+    import hashlib
+    from base64 import b32encode
+
+    assert delivery_id_for("evt_01J8Z3", "ep_abc") == "dlv_iyavmsv73fctfqh732n7o4p72a"
+    for n in range(500):
+        digest = hashlib.sha256(f"evt_{n}\x00ep_{n % 7}".encode()).digest()
+        assert delivery_id_for(f"evt_{n}", f"ep_{n % 7}") == "dlv_" + b32encode(digest).decode()[:26].lower()
