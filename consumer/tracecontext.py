@@ -20,7 +20,9 @@ TRACESTATE: Final = "tracestate"
 
 _PARENT_RE: Final = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 # A future version may append fields after the four of version 00 (W3C: read the first four).
-_FUTURE_RE: Final = re.compile(rb"(?!ff)[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(?:-[ -~]*)?")
+_FUTURE_RE: Final = re.compile(
+    rb"(?!ff|00)[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(?:-[ -~]*)?"
+)
 _STATE_RE: Final = re.compile(rb"[ -~]{1,512}")  # printable ASCII, the recommended 512 bytes
 _ZERO_TRACE: Final = "0" * 32
 _ZERO_SPAN: Final = "0" * 16
