@@ -713,7 +713,7 @@ class Bench:
         return RoleProc(name, role, proc, admin, data_dir, log_path, now_ns(), group)
 
     def start_deliver(self, name: str, topic: str, group: str, tiers: str, env: dict[str, str] | None = None,
-                      worker: int = 0, gc_out: Path | None = None) -> RoleProc:
+                      worker: int = 0, gc_out: Path | None = None, launcher: str = "") -> RoleProc:
         """`run --role deliver --worker I`: its /metrics on a free port (the base port minus I, as
         the role listens on base + worker index)."""
         port = free_port()
@@ -725,6 +725,8 @@ class Bench:
         if gc_out is not None:
             full["BENCH_GC_OUT"] = str(gc_out)
             cmd = [PYTHON, "-c", GC_LAUNCHER, *args]
+        elif launcher:  # a module wrapping consumer.cli.main (tests/bench_tracing.py)
+            cmd = [PYTHON, "-m", launcher, *args]
         else:
             cmd = [PYTHON, "-m", "consumer", *args]
         return self._spawn(name, "deliver", cmd, full, f"127.0.0.1:{port}", data_dir, group)
@@ -996,7 +998,7 @@ class Bench:
     def run_throughput(self, label: str, processes: int, hist: RoleProc | None,
                        env: dict[str, str] | None = None, profile: bool = False, gc_timed: bool = False,
                        topic: str = "bench.e2e",
-                       assigned_first: bool = False) -> dict[str, Any]:
+                       assigned_first: bool = False, launcher: str = "") -> dict[str, Any]:
         """N events for one Space through a fresh group of `processes` deliver roles, with the
         history role `hist` running beside them; then the history role's catch-up.
 
@@ -1016,7 +1018,8 @@ class Bench:
         group = self.new_group(DEFAULT_TIERS)
         cpu_broker = self.broker.cpu_s()
         gc_out = self.workdir / f"{label}-gc.json" if gc_timed else None
-        roles = [self.start_deliver(f"{label}-{i}", topic, group, DEFAULT_TIERS, env, worker=i, gc_out=gc_out)
+        roles = [self.start_deliver(f"{label}-{i}", topic, group, DEFAULT_TIERS, env, worker=i, gc_out=gc_out,
+                                    launcher=launcher)
                  for i in range(processes)]
         watch = [hist] if hist is not None else []
         names: dict[int, str] = {}
@@ -1128,6 +1131,11 @@ class Bench:
             on = self.run_throughput("e2e-metrics-on", 1, hist, gc_timed=True)
             off = (self.run_throughput("e2e-metrics-off", 1, hist, {"PERKAMO_METRICS_ENABLED": "false"})
                    if self.sizes.metrics_off else None)
+            # Issue 17: the baseline `on` has tracing off (no exporter) and network timings on.
+            traced = (self.run_throughput("e2e-tracing-on", 1, hist, launcher="tests.bench_tracing")
+                      if self.sizes.metrics_off else None)
+            untimed = (self.run_throughput("e2e-timings-off", 1, hist, {"PERKAMO_NETWORK_TIMINGS": "false"})
+                       if self.sizes.metrics_off else None)
             if self.args.profile:
                 self.results["profile_run"] = self.run_throughput("e2e-profiled", 1, hist, profile=True)
                 self.results["profile"]["gc"] = on.get("gc")  # timed in the unprofiled run
@@ -1154,6 +1162,13 @@ class Bench:
             on_cpu, off_cpu = on["cpu_s_per_1k_steady"], off["cpu_s_per_1k_steady"]
             doc["metrics_cpu_share"] = (None if not on_cpu or off_cpu is None
                                         else round(1 - off_cpu / on_cpu, 3))
+        for key, run, what in (("tracing_on", traced, "tracing_on_over_off"),
+                               ("timings_off", untimed, "timings_off_over_on")):
+            if run is None:
+                continue
+            doc[key] = run
+            doc[what] = ratio(run["deliveries_per_s"], on["deliveries_per_s"])
+            doc[key + "_cpu_us_per_delivery"] = run["cpu_us_per_delivery"]
         if "profile_run" in self.results:
             doc["profiled"] = {k: self.results["profile_run"][k]
                                for k in ("deliveries_per_s", "cpu_us_per_delivery", "exit_ok")}
@@ -1840,7 +1855,23 @@ def table_rows(phases: dict[str, Any]) -> list[dict[str, Any]]:  # noqa: C901, P
                 row("2 e2e", "deliveries/s, metrics off", off["deliveries_per_s"], unit="/s", digits=0)
                 row("2 e2e", "metrics off / on (throughput)", doc["metrics_off_over_on"], digits=2)
                 row("2 e2e", "CPU per delivery spent on metrics", doc["metrics_cpu_share"], digits=3)
-            runs = [on, *([doc["metrics_off"]] if "metrics_off" in doc else [])]
+            if "tracing_on" in doc:
+                traced = doc["tracing_on"]
+                row("2 e2e", "deliveries/s, tracing on (SDK, batch processor, counting exporter)",
+                    traced["deliveries_per_s"], unit="/s", digits=0)
+                row("2 e2e", "tracing on / off (throughput)", doc["tracing_on_over_off"], digits=2)
+                row("2 e2e", "CPU per delivery, tracing on ; off",
+                    f"{_fmt(traced['cpu_us_per_delivery'], ' µs', 0)} ; "
+                    f"{_fmt(on['cpu_us_per_delivery'], ' µs', 0)}")
+            if "timings_off" in doc:
+                untimed = doc["timings_off"]
+                row("2 e2e", "deliveries/s, network timings off", untimed["deliveries_per_s"], unit="/s",
+                    digits=0)
+                row("2 e2e", "timings off / on (throughput)", doc["timings_off_over_on"], digits=2)
+                row("2 e2e", "CPU per delivery, timings off ; on",
+                    f"{_fmt(untimed['cpu_us_per_delivery'], ' µs', 0)} ; "
+                    f"{_fmt(on['cpu_us_per_delivery'], ' µs', 0)}")
+            runs = [on, *(doc[k] for k in ("metrics_off", "tracing_on", "timings_off") if k in doc)]
             clean = all(r["all_committed"] and r["exit_ok"] for r in runs) and doc["history_exit_ok"]
             row("2 e2e", "all offsets committed, every role exit 0", clean, "yes", clean)
             receiver_row("2 e2e", on)
