@@ -83,6 +83,7 @@ async def test_attempts_are_spans_of_the_events_trace_across_a_503_then_a_204(ha
     assert second.parent.span_id == first.context.span_id
     assert first.attributes["error.type"] == "503" and first.attributes["perkamo.outcome"] == "http_status"
     assert second.attributes["perkamo.outcome"] == "delivered" and "error.type" not in second.attributes
+    assert second.attributes["perkamo.connection_reused"] is True  # the 503 left the connection open
     assert (second.attributes["perkamo.space"], second.attributes["perkamo.attempt"]) == (space, 2)
     assert second.attributes["server.address"] == "localhost"
     assert second.attributes["server.port"] == receiver.port

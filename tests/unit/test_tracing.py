@@ -202,6 +202,8 @@ def test_without_a_parent_a_new_trace_starts_and_a_success_is_not_an_error(expor
     tracing, exporter = exported
     ctx = _attempt(tracing, None, AttemptResult("delivered", 204, "No Content", 5), Phases(0, 0, 0, 4, True))
     (span,) = exporter.get_finished_spans()
+    assert span.attributes["perkamo.connection_reused"] is True and span.attributes["perkamo.ttfb_ms"] == 4
+    assert "perkamo.tls_ms" not in span.attributes  # a kept-alive connection skipped it
     assert span.parent is None and f"{span.context.trace_id:032x}" == ctx.trace_id
     assert span.status.status_code.name == "UNSET" and "error.type" not in span.attributes
     timeout = _attempt(tracing, ctx, AttemptResult("timeout", 0, "", 2000, "timed out"),
