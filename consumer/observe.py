@@ -15,9 +15,10 @@ trace and the chain reads in order.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Final, Protocol
+from typing import Protocol
 
 from consumer import nettiming
 from consumer import tracing as tracing_mod
@@ -30,7 +31,8 @@ from consumer.nettiming import NOT_MEASURED, NetTiming, Phases
 from consumer.tracecontext import TRACEPARENT, TraceContext
 from consumer.tracing import AttemptSpan, Tracing
 
-PHASES: Final = ("dns", "connect", "tls", "ttfb")
+log = logging.getLogger(__name__)
+
 
 
 class JobLike(Protocol):
@@ -108,14 +110,18 @@ class Observation:
         return self._span.context
 
     def done(self, result: AttemptResult, gate: EndpointGate) -> None:
-        """The call returned: end the span, observe the timings, keep the certificate's expiry."""
-        timing = self._timing
-        if timing is not None:
-            self.phases = timing.phases()
-            if timing.cert_not_after is not None:
-                gate.health.saw_certificate(timing.cert_not_after)
-        self._span.end(result, self.phases)
-        self._observer._observed(self.phases)
+        """The call returned: end the span, observe the timings, keep the certificate's expiry.
+        Never raises: what only observes a delivery must not stop it."""
+        try:
+            timing = self._timing
+            if timing is not None:
+                self.phases = timing.phases()
+                if timing.cert_not_after is not None:
+                    gate.health.saw_certificate(timing.cert_not_after)
+            self._span.end(result, self.phases)
+            self._observer._observed(self.phases)
+        except Exception:
+            log.exception("attempt observation failed (span or timings lost; the delivery goes on)")
 
     def carry(self, meta: DeliveryMeta) -> DeliveryMeta:
         """The delivery's headers from here on: its next attempt is this one's child."""

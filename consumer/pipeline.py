@@ -212,9 +212,9 @@ class Pipeline:
         except BaseException:
             gate.leave(ticket, None)
             raise
-        seen.done(result, gate)
         verdict = verdict_for(result.delivered, result.status_code) if result.called else None
         gate.leave(ticket, verdict, result.outcome)
+        seen.done(result, gate)
         metrics = self._metrics
         metrics.child(metrics.attempt_duration, event.space_slug).observe(result.duration_ms / 1000)
         metrics.child(metrics.attempts, event.space_slug, event.type, result.outcome).inc()
