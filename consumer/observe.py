@@ -34,7 +34,6 @@ from consumer.tracing import AttemptSpan, Tracing
 log = logging.getLogger(__name__)
 
 
-
 class JobLike(Protocol):
     """What of the pipeline's Job an attempt's observation reads."""
 
