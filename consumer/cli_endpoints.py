@@ -29,12 +29,12 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from consumer.addresses import AddressPolicy
 from consumer.config import Settings
 from consumer.constants import ENDPOINTS_TOPIC
 from consumer.endpoints import EndpointRegistry, load_file, mask_url, parse_record, record_of
 from consumer.errors import BlockedAddress, InvalidEndpoint
 from consumer.models import Endpoint
-from consumer.netguard import AddressPolicy
 from consumer.registry_publish import check_registry_topic, publish_registry_record
 from consumer.registry_topic import read_all
 from consumer.schemas import schema_path

@@ -21,19 +21,11 @@ import yarl
 from consumer import constants as c
 from consumer import metrics as m
 from consumer import nettiming
+from consumer.addresses import AddressPolicy, TrustedAddresses, url_host
 from consumer.config import Settings
 from consumer.errors import BlockedAddress
 from consumer.models import AttemptResult, Endpoint, Event
-from consumer.netguard import (
-    AddressPolicy,
-    GuardedResolver,
-    GuardedSocketFactory,
-    TrustedAddresses,
-    blocked_cause,
-    dialling,
-    take_dial,
-    url_host,
-)
+from consumer.netguard import GuardedResolver, GuardedSocketFactory, blocked_cause, dialling, take_dial
 from consumer.retry_policy import parse_retry_after
 from consumer.signing import signature_headers
 

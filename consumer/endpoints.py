@@ -19,9 +19,9 @@ from urllib.parse import urlsplit
 import fastjsonschema
 import orjson
 
+from consumer.addresses import host_problem
 from consumer.errors import InvalidEndpoint
 from consumer.models import Endpoint, stable_id
-from consumer.netguard import host_problem
 from consumer.schemas import validator
 from consumer.signing import decode_secret
 

@@ -98,6 +98,9 @@ class EndpointGate:
     _calls: deque[_Call] = field(default_factory=deque)
     _timer: asyncio.TimerHandle | None = None
     _closed: bool = False
+    # The loop the gate serves, from its first `enter()` (asking asyncio each time costs a
+    # getpid system call): its clock is the gate's, so timers and the breaker's times agree.
+    _loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def waiting(self) -> int:
@@ -108,10 +111,10 @@ class EndpointGate:
         return self.breaker.state
 
     def health_state(self) -> HealthState:
-        return self.health.state(_now(), self.breaker.state)
+        return self.health.state(self._clock(), self.breaker.state)
 
     def snapshot(self) -> dict[str, Any]:
-        return self.health.snapshot(_now(), self.breaker.state, self.held)
+        return self.health.snapshot(self._clock(), self.breaker.state, self.held)
 
     # Entering and leaving ---------------------------------------------------------------
 
@@ -119,7 +122,9 @@ class EndpointGate:
         """A place for one call. `deadline` (loop time) applies to held deliveries only."""
         if self._closed:
             raise EndpointGone(self.key)
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
         now = loop.time()
         if not self._live:
             ticket = self._try_take(now)
@@ -160,7 +165,7 @@ class EndpointGate:
         calls = self._calls
         while calls and not calls[0].running:
             calls.popleft()
-        now = _now()
+        now = self._clock()
         if verdict is not None:
             self.health.record(now, time.time(), verdict, error_kind)
             before = self.breaker.state
@@ -172,7 +177,7 @@ class EndpointGate:
     def tick(self) -> None:
         """Apply time-based circuit changes (called about once a second)."""
         before = self.breaker.state
-        changed = self.breaker.settle(_now())
+        changed = self.breaker.settle(self._clock())
         if changed is not None:
             self._changed(before, changed)
 
@@ -214,8 +219,13 @@ class EndpointGate:
         queue = self._queue
         while queue:
             waiter = queue[0]
-            if not waiter.queued:
+            if not waiter.queued or waiter.future.done():
+                # Gone, or cancelled and its task not resumed yet (a shutdown cancels many at
+                # once): its place goes to the next one.
                 queue.popleft()
+                if waiter.queued:
+                    waiter.queued = False
+                    self._live -= 1
                 continue
             ticket = self._try_take(now)
             if ticket is None:
@@ -245,12 +255,15 @@ class EndpointGate:
             return
         if self._timer is not None:
             self._timer.cancel()
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         self._timer = loop.call_at(when, self._wake)
 
     def _wake(self) -> None:
         self._timer = None
-        self._pump(_now())
+        self._pump(self._clock())
+
+    def _clock(self) -> float:
+        return self._loop.time() if self._loop is not None else _now()
 
     def _expire(self, waiter: _Waiter) -> None:
         if not waiter.future.done():

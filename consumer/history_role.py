@@ -19,12 +19,13 @@ from typing import Any
 
 from aiohttp import web
 
-from consumer.admin import build_app, start_admin
+from consumer.admin import start_admin
 from consumer.config import Settings
 from consumer.deliver_role import wait_for_registry
 from consumer.endpoints import EndpointRegistry, load_file
 from consumer.health import HealthBook, HealthPolicy
 from consumer.history import HistoryStore
+from consumer.history_api import history_app
 from consumer.ingest import HistoryIngest
 from consumer.kafka_io import AsyncProducer, use_settings, wait_for_broker
 from consumer.metrics import Metrics
@@ -56,7 +57,7 @@ class HistoryRole:
             "history": self.ingest.healthy,
         }
 
-    # What the history API (consumer.admin.AdminContext) and the console
+    # What the history API (consumer.history_api.AdminContext) and the console
     # (consumer.console.ConsoleContext) use ------------------------------------------------------
 
     @property
@@ -126,8 +127,7 @@ async def serve_history(role: HistoryRole, install_signals: bool = True) -> None
     await asyncio.to_thread(wait_for_broker, role.settings, 30.0)
     role.producer = AsyncProducer(role.settings)
     host, port = role.settings.admin_host_port
-    app = build_app(role.metrics, role.readiness, role.settings, context=role,
-                    health=role.endpoints_health, console=role)
+    app = history_app(role.metrics, role.readiness, role, health=role.endpoints_health, console=role)
     role.admin = await start_admin(app, host, port)
     try:
         role.ingest.start()

@@ -161,11 +161,9 @@ class AsyncProducer:
     ) -> Message:
         if self._closed:
             raise KafkaError("producer is closed")
-        loop = asyncio.get_running_loop()
-        if self._loop is None:
-            self._loop = loop
-        elif self._loop is not loop:
-            raise KafkaError("an AsyncProducer serves one event loop")
+        loop = self._loop
+        if loop is None:  # the first publish names the loop (get_running_loop() costs a getpid)
+            loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[Message] = loop.create_future()
         report = functools.partial(self._reported, future)
         while True:

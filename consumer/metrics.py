@@ -365,19 +365,22 @@ class Metrics:
     def child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, cached: label lookups cost a lock and a dict per call.
 
-        Input-driven labels are bounded before the cache, so the cache is bounded too."""
-        if isinstance(metric, _Bounded):
-            labels = metric.bound(labels)
-            metric.created.add(labels)
-            key = (id(metric), labels)
-            found = self._children.get(key)
-            if found is None:
-                found = self._children[key] = metric.metric.labels(*labels)
-            return found
+        Input-driven labels are bounded first. Only label values that pass unchanged are
+        cached under what was asked, so the cache is bounded by the bounded values too (a
+        value folded into `_other` takes the slow way, and unfolds when its Space is known)."""
         key = (id(metric), labels)
         found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = metric.labels(*labels)
+        if found is not None:
+            return found
+        if isinstance(metric, _Bounded):
+            bounded = metric.bound(labels)
+            metric.created.add(bounded)
+            found = metric.metric.labels(*bounded)
+            if bounded != labels:
+                return found
+        else:
+            found = metric.labels(*labels)
+        self._children[key] = found
         return found
 
     def limit_labels(self, max_label_values: int, event_types: Iterable[str] = ()) -> None:

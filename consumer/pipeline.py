@@ -209,8 +209,11 @@ class Pipeline:
             result = await self._deliverer.call(
                 job.endpoint, event, job.delivery_id, job.meta.attempt, seen.request_headers
             )
-        except BaseException:
-            gate.leave(ticket, None)
+        except BaseException:  # cancelled (a drain deadline, a revoke): give the place back
+            try:
+                gate.leave(ticket, None)
+            except Exception:  # never let it replace the cancellation: the offset must stay uncommitted
+                log.exception("giving back a place of space %s's endpoint failed", event.space_slug)
             raise
         verdict = verdict_for(result.delivered, result.status_code) if result.called else None
         gate.leave(ticket, verdict, result.outcome)

@@ -36,11 +36,7 @@ from consumer.kafka_io import AsyncProducer
 from consumer.metrics import Metrics
 from consumer.models import stable_id
 from consumer.queries import (
-    BODIES,
     LATEST,
-    REPLAY_ROWS,
-    REPLAY_SELECTION,
-    REPUBLISH_ONE,
     STUCK_AFTER,
     BadRequest,
     Reader,
@@ -49,6 +45,7 @@ from consumer.queries import (
     check_text,
     iso,
 )
+from consumer.sql import BODIES, REPLAY_ROWS, REPLAY_SELECTION, REPUBLISH_ONE
 from consumer.tracecontext import TraceContext, of_ids
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,8 @@
 
     python -m tests.bench [--quick | --smoke] [--events N] [--only e2e,outage] [--out-dir DIR]
     python -m tests.bench --profile [FILE]        # phases raw,e2e plus a py-spy profile of the
-                                                  # deliver role (pip install py-spy into the venv)
+                                                  # deliver role (pip install py-spy into the venv);
+                                                  # add --only all for every phase
 
 Everything is real and on loopback: an Apache Kafka broker started for the run
 (deploy/kafka/kafka.sh, free ports, a temp KAFKA_DIR, stopped at the end); the service as its
@@ -14,9 +15,11 @@ ceiling is a bare aiohttp client in a subprocess (tests/bench_client.py). Phases
 
     1 raw        aiohttp client -> receiver, deliveries/s and CPU per request (the ceiling)
     2 e2e        N pre-published events, 6 partitions, one Space: one deliver role with a history
-                 role running; deliveries/s, ratio to the ceiling, CPU per delivery (per thread),
+                 role running, after an unmeasured warm-up run (the broker's JIT, first inserts);
+                 deliveries/s, ratio to the ceiling, CPU per delivery (per thread), GC time,
                  metrics on and off; then the history role's catch-up (attempts-topic lag 0)
-    3 latency    fixed produce rate; receiver takes arrival - data.context.sent_ns
+    3 latency    fixed produce rate (at most half of phase 2's deliveries/s); receiver takes
+                 arrival - data.context.sent_ns
     4 memory     deliver role peak RSS (VmHWM) with 5,000 deliveries in flight (answers after 8 s)
     5 isolation  healthy deliveries/s while 20 % of events go to a hanging endpoint, vs without
     6 retry      lateness of tier attempts (tiers 1s,2s,4s, an endpoint answering 500), read from
@@ -27,10 +30,11 @@ ceiling is a bare aiohttp client in a subprocess (tests/bench_client.py). Phases
                  during vs before, and rows lost (receiver's attempts vs history rows, FINAL)
 
 Sizes: default (what `make bench` runs: 30k events, 1,000/s for 15 s, a 60 s outage, ...; about
-12 minutes), `--quick` (5k events, 10 s outages; for development), `--smoke` (phases 1,2,3,6,8
-tiny, about a minute; for CI, not timed). Every phase has a time limit and stops by itself.
-Results: a table on stdout (figure, target, met) and a JSON file bench-results/bench-<UTC>.json.
-Exit status 0 when every phase ran (targets met or not), 1 when a phase failed to run.
+15 minutes on 2 cores), `--quick` (5k events, 10 s outages; about 5 minutes, for development),
+`--smoke` (phases 1,2,3,6,8 tiny, 80-90 s; for CI, not timed). Every phase has a time limit and
+stops by itself. Results: a table on stdout (figure, target, met) and a JSON file
+bench-results/bench-<UTC>.json. Exit status 0 when every phase ran (targets met or not), 1 when
+a phase failed to run.
 
 `--profile` runs phase 2 once more under py-spy (native frames, so C code and the cyclic GC show;
 the measured runs stay unprofiled), from the first deliveries to the last commit, and prints the
@@ -89,7 +93,7 @@ PARTITIONS = 6
 DEFAULT_TIERS = "10s,1m,10m,1h,6h,24h"
 ISOLATION_TIERS = "1h"
 RETRY_TIERS = "1s,2s,4s"
-EVENT_TOPICS = ("e2e", "latency", "memory", "iso.base", "iso.mix", "retry", "scale.one", "scale.two",
+EVENT_TOPICS = ("warm", "e2e", "latency", "memory", "iso.base", "iso.mix", "retry", "scale.one", "scale.two",
                 "stream")
 
 # Spaces (one endpoint each) and the receiver path each one's endpoint points at.
@@ -167,18 +171,19 @@ class Sizes:
     stream_after_s: float  # ...and this long after the history role is back
     store_fault: bool  # phase 8 also with the store failing, not only the role stopped
     metrics_off: bool  # phase 2 also with metrics off
+    warm_up_events: int  # phase 2 first runs this many, unmeasured (0: none)
 
 
 def sizes_for(args: argparse.Namespace) -> Sizes:
     if args.smoke:
         sizes = Sizes("smoke", 500, 100, 1000, 100, 3.0, 15_000, 5000, 500, 50, 1,
-                      150, 3.0, 4.0, 3.0, False, False)
+                      150, 2.0, 3.0, 2.0, False, False, 0)
     elif args.quick:
         sizes = Sizes("quick", 5_000, 100, 1000, 300, 5.0, 15_000, 5000, 5_000, 200, 1,
-                      300, 6.0, 10.0, 6.0, True, True)
+                      300, 6.0, 10.0, 6.0, True, True, 3_000)
     else:
         sizes = Sizes("full", 30_000, 100, 1000, 1000, 15.0, 20_000, 5000, 30_000, 200, 1,
-                      500, 20.0, 60.0, 20.0, True, True)
+                      500, 20.0, 60.0, 20.0, True, True, 10_000)
     if args.events:
         sizes.events = args.events
         sizes.isolation_events = min(args.events, 50_000)
@@ -869,8 +874,14 @@ class Bench:
             role.sample()
         return {"delivered_ns": delivered_ns, "committed_ns": committed_ns, "timed_out": timed_out}
 
+    def history_mark(self, hist: RoleProc) -> tuple[int, int]:
+        """(attempt records on the topic, rows the history role wrote) now: a run's starting point."""
+        rows = int(metric_sum(hist.metrics(), "perkamo_webhook_history_rows_written_total"))
+        return sum(self.ends([ATTEMPTS_TOPIC]).values()), rows
+
     def history_catch_up(self, hist: RoleProc, from_ns: int, limit_s: float = 120.0,
-                         others: list[RoleProc] | None = None) -> dict[str, Any]:
+                         others: list[RoleProc] | None = None,
+                         mark: tuple[int, int] | None = None) -> dict[str, Any]:
         """Once every attempt record is on the topic (the deliver group committed): until the
         history group's committed offsets on the attempts topic reach the end offsets (the role
         commits after each insert), timed from `from_ns`; then until its lag gauge reads 0."""
@@ -905,11 +916,13 @@ class Bench:
         text = hist.metrics()
         flush = "perkamo_webhook_history_flush_duration_seconds"
         return {
-            "attempt_records": sum(ends.values()) - hist.base_records,
+            # this run's records and rows: since `mark`, else since the role's group was made
+            "attempt_records": sum(ends.values()) - (mark[0] if mark else hist.base_records),
             "behind_when_deliveries_committed": behind_at_start,
             "caught_up_s": round((caught_ns - from_ns) / 1e9, 2) if caught_ns else None,
             "lag_metric_zero_s": round((gauge_zero_ns - from_ns) / 1e9, 2) if gauge_zero_ns else None,
-            "rows_written": int(metric_sum(text, "perkamo_webhook_history_rows_written_total")),
+            "rows_written": (int(metric_sum(text, "perkamo_webhook_history_rows_written_total"))
+                             - (mark[1] if mark else 0)),
             "flushes": int(metric_sum(text, f"{flush}_count")),
             "flush_avg_s": r3(ratio(metric_sum(text, f"{flush}_sum"), metric_sum(text, f"{flush}_count"))),
             "write_errors": int(metric_sum(text, "perkamo_webhook_history_write_errors_total")),
@@ -1003,8 +1016,8 @@ class Bench:
 
     def run_throughput(self, label: str, processes: int, hist: RoleProc | None,
                        env: dict[str, str] | None = None, profile: bool = False, gc_timed: bool = False,
-                       topic: str = "bench.e2e",
-                       assigned_first: bool = False, launcher: str = "") -> dict[str, Any]:
+                       topic: str = "bench.e2e", assigned_first: bool = False,
+                       events: int | None = None, launcher: str = "") -> dict[str, Any]:
         """N events for one Space through a fresh group of `processes` deliver roles, with the
         history role `hist` running beside them; then the history role's catch-up.
 
@@ -1013,7 +1026,7 @@ class Bench:
         the producer goes) once the group's assignment is complete: a group of two then shares
         the work from the first event instead of one member taking all of it while the other
         joins (phase 7)."""
-        n = self.sizes.events
+        n = events or self.sizes.events
         bodies: list[bytes] = []
         if assigned_first:
             bodies = [payload(SPACE_OK, i) for i in range(n)]
@@ -1022,6 +1035,7 @@ class Bench:
         rec = self.main_receiver()
         rec.reset()
         group = self.new_group(DEFAULT_TIERS)
+        mark = self.history_mark(hist) if hist is not None else None
         cpu_broker = self.broker.cpu_s()
         gc_out = self.workdir / f"{label}-gc.json" if gc_timed else None
         roles = [self.start_deliver(f"{label}-{i}", topic, group, DEFAULT_TIERS, env, worker=i, gc_out=gc_out,
@@ -1056,7 +1070,7 @@ class Bench:
             names = names or python_thread_names(roles[0].pid)
             stats = rec.stats()
             ok = stats["paths"].get("/ok", {"count": 0, "first_ns": 0, "last_ns": 0})
-            catch_up = (self.history_catch_up(hist, ok["last_ns"], others=roles)
+            catch_up = (self.history_catch_up(hist, ok["last_ns"], others=roles, mark=mark)
                         if hist is not None and run["committed_ns"] else None)
         finally:
             self.stop_roles(roles)
@@ -1072,13 +1086,19 @@ class Bench:
             # partitions of the events topic this member held at the end (lag series, every 5 s)
             event_partitions = {m.group(1) for m in _LAG_SERIES.finditer(text)
                                 if f'topic="{topic}"' in m.group(0)}
+            calls = metric_sum(text, "perkamo_webhook_attempt_duration_seconds_count")
             per_process.append({
                 "name": role.name,
+                # at a fixed per-endpoint in-flight cap, deliveries/s = cap / call time
+                "http_call_ms_avg": (round(metric_sum(text, "perkamo_webhook_attempt_duration_seconds_sum")
+                                           / calls * 1000, 1) if calls else None),
                 "delivered": delivered if counted else None,
                 "deliveries_per_s": delivered / window if counted and window else None,
                 "cpu_s": round(role.samples[-1][1], 2) if role.samples else None,
                 "cpu_s_window": round(cpu, 2),
                 "peak_rss_mb": round(kb / 1024, 1) if kb else None,
+                # the role's own GC pause counter (whole life, wall clock), where it has one
+                "gc_pause_metric_s": round(metric_sum(text, "perkamo_webhook_gc_pause_seconds_total"), 3),
                 "event_partitions": len(event_partitions) if counted else None,
                 "exit_code": role.exit_code,
                 "killed": role.killed,
@@ -1132,9 +1152,16 @@ class Bench:
         """2. End-to-end throughput of one deliver role with the history role running: metrics on
         (and off), and the history role's catch-up after each burst."""
         hist = self.start_history("e2e-history", "bench.e2e", DEFAULT_TIERS)
+        warm: dict[str, Any] | None = None
         try:
             self.wait_up([hist])
-            on = self.run_throughput("e2e-metrics-on", 1, hist, gc_timed=True)
+            if self.sizes.warm_up_events:
+                # Not measured: the broker's JVM compiles its hot paths (about a core for tens of
+                # seconds) and the history role makes its first inserts; the measured runs then
+                # start on a warm machine, as the later phases do.
+                warm = self.run_throughput("e2e-warm-up", 1, hist, topic="bench.warm",
+                                           events=self.sizes.warm_up_events)
+            on = self.run_throughput("e2e-metrics-on", 1, hist, gc_timed=not self.args.no_gc_launcher)
             off = (self.run_throughput("e2e-metrics-off", 1, hist, {"PERKAMO_METRICS_ENABLED": "false"})
                    if self.sizes.metrics_off else None)
             # Issue 17: tracing on and timings off, bracketed by two baseline runs (tracing off,
@@ -1164,6 +1191,8 @@ class Bench:
             "raw_cpu_us_per_request": raw_doc.get("cpu_us_per_request"),
             "cpu_over_raw": ratio(on["cpu_us_per_delivery"], raw_doc.get("cpu_us_per_request")),
             "history_caught_up_s": catch.get("caught_up_s"),
+            "warm_up": None if warm is None else {k: warm[k] for k in ("events", "deliveries_per_s",
+                                                                       "broker_cpu_s", "exit_ok")},
             "gc_us_per_delivery": (on.get("gc") or {}).get("us_per_delivery"),
             "history_exit_ok": hist.exit_ok(),
             "history_stop_s": hist.stop_s,
@@ -1198,6 +1227,11 @@ class Bench:
         hist = self.start_history("latency-history", topic, DEFAULT_TIERS)
         cons = self.start_deliver("latency", topic, group, DEFAULT_TIERS)
         rate_per_s, seconds = self.sizes.latency_rate, self.sizes.latency_seconds
+        # Latency is a figure below saturation: at most half of what phase 2 measured.
+        capacity = self.results.get("phases", {}).get("e2e", {}).get("deliveries_per_s")
+        rate_from = "fixed"
+        if capacity and capacity / 2 < rate_per_s:
+            rate_per_s, rate_from = max(50, int(capacity / 2 / 50) * 50), "half of phase 2's deliveries/s"
         total = int(rate_per_s * seconds)
         try:
             self.wait_up([hist, cons])
@@ -1221,6 +1255,7 @@ class Bench:
         window = (lat["last_ns"] - lat["first_ns"]) / 1e9 if lat["count"] > 1 else None
         return {
             "rate_per_s": rate_per_s,
+            "rate_from": rate_from,
             "seconds": seconds,
             "produced": total,
             "achieved_produce_rate": round(total / produce_s, 1),
@@ -1855,6 +1890,8 @@ def table_rows(phases: dict[str, Any]) -> list[dict[str, Any]]:  # noqa: C901, P
                 f"{_fmt(gc.get('us_per_delivery'), ' µs', 0)} "
                 f"({_fmt(None if share is None else 100 * share, '%', 0)})")
             row("2 e2e", "deliver role CPU, share of one core", on["consumer_core_share"], digits=2)
+            row("2 e2e", "HTTP call, average (deliver role; 100 in flight per endpoint)",
+                on["per_process"][0]["http_call_ms_avg"], unit=" ms")
             hist = on.get("history_role") or {}
             row("2 e2e", "history role CPU per attempt (share of one core)",
                 f"{_fmt(hist.get('cpu_us_per_attempt'), ' µs', 0)} "
@@ -2043,6 +2080,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="py-spy samples per second (50: each native sample pauses the process)")
     parser.add_argument("--profile-python-only", action="store_true",
                         help="Python frames only (py-spy --nonblocking: lighter, but no C frames and no GC)")
+    parser.add_argument("--no-gc-launcher", action="store_true",
+                        help="start phase 2's metrics-on deliver role as `python -m consumer` (no GC timing)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, data) afterwards")
     return parser
 

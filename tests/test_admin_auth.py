@@ -24,11 +24,11 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from consumer.admin import build_app
 from consumer.config import TOKEN_PLACEHOLDERS, Settings, load_settings
 from consumer.endpoints import EndpointRegistry
 from consumer.errors import ConfigError
 from consumer.history import HistoryStore
+from consumer.history_api import history_app
 from consumer.metrics import Metrics
 from consumer.republish import Republisher
 from tests.support import unique
@@ -46,7 +46,7 @@ class _Producers:
 
 @dataclass
 class Context:
-    """What build_app needs of the running service (consumer.admin.AdminContext)."""
+    """What history_app needs of the running service (consumer.history_api.AdminContext)."""
 
     settings: Settings
     store: Any
@@ -79,7 +79,7 @@ async def admin_api(store: HistoryStore) -> AsyncIterator[MakeClient]:
         async def ready() -> dict[str, bool]:
             return {"history": True}
 
-        app = build_app(Metrics(), ready, settings, context=Context(settings, reader or store))
+        app = history_app(Metrics(), ready, Context(settings, reader or store))
         client: TestClient[Any, Any] = TestClient(TestServer(app, host="127.0.0.1"))
         await client.start_server()
         clients.append(client)

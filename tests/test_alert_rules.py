@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from consumer.constants import ATTEMPTS_TOPIC, EVENTS_TOPIC, HELD_TOPIC, RETRY_TOPIC_PREFIX
 from consumer.metrics import Metrics, metric_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,14 +82,20 @@ def test_promtool_check_config(promtool: str, tmp_path: Path) -> None:
     assert "SUCCESS: 1 rule files found" in result.stdout
 
 
-def test_config_scrapes_both_consumers_and_loads_the_rules() -> None:
+def test_config_scrapes_every_role_and_loads_the_rules() -> None:
+    """One job (the rules match job="perkamo-webhooks"), a `role` label per target group."""
     config = _load(CONFIG)
     assert config["rule_files"] == [CONFIG_RULES_PATH]
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     job = jobs[JOB]
     assert job.get("metrics_path", "/metrics") == "/metrics"
-    targets = [t for sc in job["static_configs"] for t in sc["targets"]]
-    assert sorted(targets) == ["consumer-1:9464", "consumer-2:9464"]
+    by_role: dict[str, list[str]] = {}
+    for static in job["static_configs"]:
+        by_role.setdefault(static["labels"]["role"], []).extend(static["targets"])
+    assert {role: sorted(t) for role, t in by_role.items()} == {
+        "history": ["history:9464"],
+        "deliver": ["deliver-1:9465", "deliver-2:9465"],
+    }
 
 
 def test_one_group_named_after_the_job() -> None:
@@ -125,6 +132,40 @@ def test_required_alerts_are_there() -> None:
     assert using("perkamo_webhook_history_buffer_rows")
     assert using(f'up{{job="{JOB}"}} == 0')
     assert using(f'absent(up{{job="{JOB}"}})')
+    assert using(f'sum(perkamo_webhook_consumer_lag{{topic="{ATTEMPTS_TOPIC}"}}) > 10000')
+
+
+_LAG_SELECTOR = re.compile(r"perkamo_webhook_consumer_lag\{([^}]*)\}")
+_TOPIC_NOT_REGEX = re.compile(r'topic!~"((?:[^"\\]|\\.)*)"')
+
+
+def test_input_lag_alerts_leave_out_retry_held_and_attempts_topics() -> None:
+    """Lag on a retry tier (due later), the held topic (an open circuit) or the attempts topic
+    (the history role's input, its own alert) is no input lag."""
+    input_lag = [
+        rule for rule in _rules()
+        if "perkamo_webhook_consumer_lag" in rule["expr"] and ATTEMPTS_TOPIC not in rule["expr"]
+    ]
+    assert {r["alert"] for r in input_lag} >= {
+        "PerkamoWebhookConsumerLagHigh", "PerkamoWebhookConsumerLagGrowing",
+        "PerkamoWebhookConsumerStalled",
+    }
+    for rule in input_lag:
+        selectors = _LAG_SELECTOR.findall(rule["expr"])
+        assert selectors, rule["alert"]
+        for selector in selectors:
+            match = _TOPIC_NOT_REGEX.search(selector)
+            assert match, f"{rule['alert']}: {selector} excludes no topics"
+            # the PromQL string literal turns \\ into \; PromQL regexes are anchored (fullmatch)
+            pattern = re.compile(match.group(1).replace("\\\\", "\\"))
+            for topic in (RETRY_TOPIC_PREFIX + "1h", RETRY_TOPIC_PREFIX + "24h", HELD_TOPIC,
+                          ATTEMPTS_TOPIC):
+                assert pattern.fullmatch(topic), f"{rule['alert']} counts lag on {topic}"
+            for topic in (EVENTS_TOPIC, "perkamo.events.eu"):
+                assert not pattern.fullmatch(topic), f"{rule['alert']} ignores {topic}"
+    (history,) = [r for r in _rules() if r["alert"] == "PerkamoWebhookHistoryLagging"]
+    assert history["labels"]["severity"] == "warning" and history["for"] == "10m"
+    assert "no resend needed" in history["annotations"]["runbook"]
 
 
 def test_every_metric_in_the_rules_is_exported() -> None:

@@ -1,9 +1,12 @@
 """Static validation of the deployment files: no Docker engine and no cluster needed.
 
 Covers deploy/Dockerfile, .dockerignore, docker-compose.yml, deploy/k8s/ and their agreement
-with the code (`consumer.config.setting_names()`), with each other (the admin port, service
-names, paths) and with deploy/prometheus/prometheus.yml and deploy/grafana/provisioning/ (the
-promtool checks of those are in tests/test_alert_rules.py, not here).
+with the code (`consumer.config.setting_names()`, the CLI's parser), with each other (each
+role's listener and port, service names, paths) and with deploy/prometheus/prometheus.yml and
+deploy/grafana/provisioning/ (the promtool checks of those are in tests/test_alert_rules.py, not
+here). Two roles run from one image: `run --role history` (PERKAMO_ADMIN_LISTEN, 9464: history
+API, console) and `run --role deliver` (PERKAMO_DELIVER_ADMIN_LISTEN, 9465: metrics, probes; no
+history store, so no ClickHouse settings); `perkamo-webhooks health [--role R]` probes either.
 
 Tools (dev extras):
 - the Compose Specification JSON schema: the official compose-spec schema as vendored by the
@@ -27,11 +30,14 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from fnmatch import fnmatch
 from functools import cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -39,6 +45,7 @@ import jsonschema
 import pytest
 import yaml
 
+from consumer import cli
 from consumer.config import Settings, is_setting_name, load_settings, setting_names
 from consumer.errors import ConfigError
 
@@ -50,8 +57,20 @@ K8S_DIR = ROOT / "deploy" / "k8s"
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 GRAFANA_PROVISIONING = ROOT / "deploy" / "grafana" / "provisioning"
 
-ADMIN_PORT = 9464
-CONSUMERS = ("consumer-1", "consumer-2")
+ADMIN_PORT = 9464  # the history role (and `run`, role all): PERKAMO_ADMIN_LISTEN
+DELIVER_PORT = 9465  # the deliver role: PERKAMO_DELIVER_ADMIN_LISTEN
+ROLE_PORTS = {"history": ADMIN_PORT, "deliver": DELIVER_PORT, "all": ADMIN_PORT}
+ROLE_LISTEN = {
+    "history": "PERKAMO_ADMIN_LISTEN",
+    "all": "PERKAMO_ADMIN_LISTEN",
+    "deliver": "PERKAMO_DELIVER_ADMIN_LISTEN",
+}
+HISTORY_SERVICE = "history"
+DELIVER_SERVICES = ("deliver-1", "deliver-2")
+ROLE_SERVICES = (HISTORY_SERVICE, *DELIVER_SERVICES)
+# Settings of the history store: a deliver process must get none of them (nor the admin
+# tokens, which guard the history API it does not serve).
+STORE_SETTING = re.compile(r"^PERKAMO_(HISTORY_|ADMIN_(READ_)?TOKEN)")
 PROJECT_IMAGE = "perkamo-webhooks"
 KAFKA_IMAGE = "apache/kafka:4.1.1"
 # Ports the third-party services listen on inside the compose network.
@@ -153,6 +172,31 @@ def _service_env(name: str) -> dict[str, str]:
 def _is_project_service(service: dict[str, Any]) -> bool:
     image = str(service.get("image", ""))
     return image.split(":", 1)[0] == PROJECT_IMAGE
+
+
+def _parse_cli(argv: list[str]) -> Any:
+    """argv as the service's own parser reads it (a typo or unknown role fails the test)."""
+    try:
+        return cli.build_parser().parse_args(argv)
+    except SystemExit:
+        pytest.fail(f"perkamo-webhooks rejects {argv}")
+
+
+def _run_role(argv: list[str]) -> str | None:
+    """The role of `run ...` (`all` by default); None for any other subcommand."""
+    args = _parse_cli(argv)
+    return str(args.role) if args.command == "run" else None
+
+
+def _compose_role(name: str) -> str | None:
+    service = _services()[name]
+    if not _is_project_service(service) or "entrypoint" in service:
+        return None
+    command = service.get("command")
+    if command is None:  # the image's CMD
+        (cmd,) = _instructions("CMD")
+        command = json.loads(cmd)
+    return _run_role([str(c) for c in command])
 
 
 def _duration_s(text: str | int | float) -> float:
@@ -271,23 +315,89 @@ def _containers(pod_spec: dict[str, Any]) -> list[dict[str, Any]]:
     return list(pod_spec.get("initContainers", [])) + list(pod_spec["containers"])
 
 
+def _k8s_all(kind: str) -> dict[str, dict[str, Any]]:
+    return {r["metadata"]["name"]: r for r in _k8s_resources() if r.get("kind") == kind}
+
+
+def _configmaps() -> dict[str, dict[str, str]]:
+    return {name: {k: str(v) for k, v in (cm.get("data") or {}).items()}
+            for name, cm in _k8s_all("ConfigMap").items()}
+
+
+def _secrets() -> dict[str, dict[str, str]]:
+    out = {}
+    for name, secret in _k8s_all("Secret").items():
+        keys = {k: str(v) for k, v in (secret.get("stringData") or {}).items()}
+        keys.update({k: "<base64>" for k in (secret.get("data") or {})})
+        out[name] = keys
+    return out
+
+
 def _configmap_data() -> dict[str, str]:
-    return {k: str(v) for k, v in (_k8s_one("ConfigMap").get("data") or {}).items()}
+    """Every ConfigMap's keys (names are unique across them: test_k8s_config_keys_are_unique)."""
+    return {k: v for data in _configmaps().values() for k, v in data.items()}
 
 
 def _secret_keys() -> dict[str, str]:
-    secret = _k8s_one("Secret")
-    keys = {k: str(v) for k, v in (secret.get("stringData") or {}).items()}
-    keys.update({k: "<base64>" for k in (secret.get("data") or {})})
-    return keys
+    return {k: v for data in _secrets().values() for k, v in data.items()}
 
 
-def _consumer_deployment() -> dict[str, Any]:
-    return _k8s_one("Deployment")
+def _container_env(container: dict[str, Any]) -> dict[str, str]:
+    """The PERKAMO_* env a container gets: its envFrom ConfigMaps and Secrets (a required one
+    must be in deploy/k8s; an optional one, created by the operator, is left out), then env."""
+    env: dict[str, str] = {}
+    configmaps, secrets = _configmaps(), _secrets()
+    for ref in container.get("envFrom", []):
+        kind, source = ("configMapRef", configmaps) if "configMapRef" in ref else ("secretRef", secrets)
+        name = ref[kind]["name"]
+        if name not in source:
+            assert ref[kind].get("optional") is True, (
+                f"{container['name']}: {kind} {name} is not in deploy/k8s and not optional"
+            )
+            continue
+        env.update({ref.get("prefix", "") + k: v for k, v in source[name].items()})
+    env.update({e["name"]: str(e.get("value", "")) for e in container.get("env", [])})
+    return env
+
+
+def _deployments() -> dict[str, dict[str, Any]]:
+    """The Deployments by role (label app.kubernetes.io/component)."""
+    out = {}
+    for deployment in _k8s_all("Deployment").values():
+        role = deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+        assert role not in out, f"two Deployments for role {role}"
+        out[role] = deployment
+    return out
+
+
+def _role_container(role: str) -> dict[str, Any]:
+    (container,) = _deployments()[role]["spec"]["template"]["spec"]["containers"]
+    return container
 
 
 def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A LabelSelector (matchLabels and matchExpressions) against a pod's labels."""
+    if not _matches(selector.get("matchLabels") or {}, labels):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def _pod_labels(role: str) -> dict[str, str]:
+    return dict(_deployments()[role]["spec"]["template"]["metadata"]["labels"])
 
 
 # Settings -----------------------------------------------------------------------------------
@@ -417,14 +527,27 @@ def test_compose_go_loader_accepts_the_file(resolved_compose: dict[str, Any]) ->
         assert not unknown, f"{name}: {unknown}"
 
 
-def test_compose_go_resolves_the_consumers_identically(resolved_compose: dict[str, Any]) -> None:
-    """The YAML anchors/merge keys give both replicas the same config in compose's own loader."""
-    first, second = (resolved_compose["services"][c] for c in CONSUMERS)
+def test_compose_go_resolves_the_roles(resolved_compose: dict[str, Any]) -> None:
+    """The YAML anchors/merge keys, as compose's own loader resolves them: both deliver
+    services alike, each role with its own listener and healthcheck, deliver without the store."""
+    services = resolved_compose["services"]
+    first, second = (services[c] for c in DELIVER_SERVICES)
     differ = {k for k in first.keys() | second.keys() if first.get(k) != second.get(k)}
-    assert differ <= {"ports", "volumes"}, f"consumer-1/consumer-2 differ in {sorted(differ)}"
-    assert first["environment"]["PERKAMO_ADMIN_LISTEN"].endswith(f":{ADMIN_PORT}")
-    assert first["stop_grace_period"] == _services()["consumer-1"]["stop_grace_period"]
-    assert first["depends_on"]["init"]["condition"] == "service_completed_successfully"
+    assert differ <= {"ports"}, f"{'/'.join(DELIVER_SERVICES)} differ in {sorted(differ)}"
+    assert first["command"] == ["run", "--role", "deliver"]
+    assert first["environment"]["PERKAMO_DELIVER_ADMIN_LISTEN"] == f"0.0.0.0:{DELIVER_PORT}"
+    assert not [k for k in first["environment"] if STORE_SETTING.match(k)]
+    assert "clickhouse" not in first["depends_on"]
+    assert first["healthcheck"]["test"][-2:] == ["--role", "deliver"]
+    history = services[HISTORY_SERVICE]
+    assert history["command"] == ["run", "--role", "history"]
+    assert history["environment"]["PERKAMO_ADMIN_LISTEN"] == f"0.0.0.0:{ADMIN_PORT}"
+    assert history["environment"]["PERKAMO_HISTORY_DSN"].startswith("http://")
+    assert history["healthcheck"]["test"][-2:] == ["--role", "history"]
+    for name in ROLE_SERVICES:
+        assert _duration_s(services[name]["stop_grace_period"]) == _duration_s(
+            _services()[name]["stop_grace_period"])
+        assert services[name]["depends_on"]["init"]["condition"] == "service_completed_successfully"
 
 
 # --- settings names and values -----------------------------------------------------------------
@@ -462,21 +585,58 @@ def test_dockerfile_sets_only_known_settings() -> None:
     assert not unknown, f"not settings of consumer/config.py: {unknown}"
 
 
-@pytest.mark.parametrize("service", ["init", "receiver", *CONSUMERS])
+@pytest.mark.parametrize("service", ["init", "receiver", *ROLE_SERVICES])
 def test_compose_setting_values_are_valid(service: str, monkeypatch: pytest.MonkeyPatch) -> None:
     env = {**_dockerfile_env(), **_service_env(service)}
     settings = _load_with_env(env, monkeypatch)
-    if service in CONSUMERS:
-        assert settings.history_dsn.startswith("http://"), "consumers use the ClickHouse server"
+    if service in ("init", HISTORY_SERVICE):
+        assert settings.history_dsn.startswith("http://"), "history uses the ClickHouse server"
+    if service in ROLE_SERVICES:
         assert settings.kafka_bootstrap_servers == "kafka:9092"
+    if service == HISTORY_SERVICE:
+        assert settings.history_group_id == "perkamo-webhooks-history"
+    if service in DELIVER_SERVICES:
+        assert settings.group_id == "perkamo-webhooks"
 
 
-def test_k8s_setting_values_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("service", DELIVER_SERVICES)
+def test_compose_deliver_gets_no_history_store_settings(service: str) -> None:
+    # The deliver role holds no store: a ClickHouse DSN or password there is a secret spread
+    # where nothing reads it (and would wrongly suggest deliveries depend on ClickHouse).
+    leaked = sorted(k for k in _service_env(service) if STORE_SETTING.match(k))
+    assert not leaked, f"{service} gets history settings: {leaked}"
+    assert "clickhouse" not in (_services()[service].get("depends_on") or {})
+
+
+def _k8s_containers() -> list[tuple[str, dict[str, Any]]]:
+    return [(f"{workload}/{c['name']}", c) for workload, template in _pod_templates()
+            for c in _containers(template["spec"])]
+
+
+@pytest.mark.parametrize("container", [name for name, _ in _k8s_containers()])
+def test_k8s_setting_values_are_valid(container: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = dict(_k8s_containers())[container]
+    env = _container_env(spec)
     # The Secret's tokens are placeholders the service refuses (tested below): stand in real ones.
-    secrets = {k: (secrets_token_hex() if "TOKEN" in k else v) for k, v in _secret_keys().items()}
-    env = {**_dockerfile_env(), **_configmap_data(), **secrets}
-    settings = _load_with_env(env, monkeypatch)
-    assert settings.history_dsn, "the k8s Secret must set PERKAMO_HISTORY_DSN (a ClickHouse server)"
+    env = {k: (secrets_token_hex() if "TOKEN" in k else v) for k, v in env.items()}
+    settings = _load_with_env({**_dockerfile_env(), **env}, monkeypatch)
+    role = _run_role([str(a) for a in spec.get("args", ["run"])])
+    if role == "deliver":
+        leaked = sorted(k for k in env if STORE_SETTING.match(k))
+        assert not leaked, f"{container}: the deliver role gets history settings {leaked}"
+    else:
+        # history, and the Job's topics/migrate
+        assert settings.history_dsn, f"{container}: PERKAMO_HISTORY_DSN (a ClickHouse server) unset"
+
+
+def test_k8s_config_keys_are_unique() -> None:
+    """A setting lives in one ConfigMap or Secret, so no envFrom order decides its value."""
+    seen: dict[str, str] = {}
+    for kind, sources in (("ConfigMap", _configmaps()), ("Secret", _secrets())):
+        for name, data in sources.items():
+            for key in data:
+                assert key not in seen, f"{key} in {seen.get(key)} and {kind}/{name}"
+                seen[key] = f"{kind}/{name}"
 
 
 def secrets_token_hex() -> str:
@@ -513,30 +673,72 @@ def test_shipped_token_placeholders_are_refused_at_start_up(monkeypatch: pytest.
         with pytest.raises(ConfigError, match=f"{name} is a placeholder"):
             _load_with_env({**_configmap_data(), name: value}, monkeypatch)
     # compose ships no default token at all (the API answers 403 until .env sets one)
-    for consumer in CONSUMERS:
-        env = _service_env(consumer)
-        assert env["PERKAMO_ADMIN_TOKEN"] == "" and env["PERKAMO_ADMIN_READ_TOKEN"] == ""
+    env = _service_env(HISTORY_SERVICE)
+    assert env["PERKAMO_ADMIN_TOKEN"] == "" and env["PERKAMO_ADMIN_READ_TOKEN"] == ""
 
 
 # --- the admin / metrics port ------------------------------------------------------------------
 
 
-def test_dockerfile_exposes_admin_port_on_all_interfaces() -> None:
+def test_dockerfile_exposes_both_role_ports_on_all_interfaces() -> None:
     exposed = {int(p.split("/")[0]) for rest in _instructions("EXPOSE") for p in rest.split()}
-    assert ADMIN_PORT in exposed
-    listen = _dockerfile_env()["PERKAMO_ADMIN_LISTEN"]
-    assert _listen_port(listen) == ADMIN_PORT
-    assert _listen_host(listen) == "0.0.0.0", "in a container the admin API must not be loopback"
+    assert {ADMIN_PORT, DELIVER_PORT} <= exposed
+    for role in ("history", "deliver"):
+        listen = _dockerfile_env()[ROLE_LISTEN[role]]
+        assert _listen_port(listen) == ROLE_PORTS[role], role
+        assert _listen_host(listen) == "0.0.0.0", "in a container the listener must not be loopback"
 
 
-@pytest.mark.parametrize("service", CONSUMERS)
-def test_compose_consumer_admin_port(service: str) -> None:
-    listen = {**_dockerfile_env(), **_service_env(service)}["PERKAMO_ADMIN_LISTEN"]
-    assert _listen_port(listen) == ADMIN_PORT
+def test_dockerfile_healthcheck_probes_the_default_commands_role() -> None:
+    """`CMD ["run"]` is role all, whose history process serves PERKAMO_ADMIN_LISTEN: the
+    listener `health` (role history by default) probes."""
+    (cmd,) = _instructions("CMD")
+    assert _run_role(json.loads(cmd)) == "all"
+    (healthcheck,) = _instructions("HEALTHCHECK")
+    command = _exec_form(healthcheck.split(" CMD ", 1)[1].strip())
+    assert command is not None and command[0] == PROJECT_IMAGE
+    args = _parse_cli(command[1:])
+    assert args.command == "health" and args.role == "history"
+
+
+@pytest.mark.parametrize("service", ROLE_SERVICES)
+def test_compose_role_listens_where_it_is_published(service: str) -> None:
+    role = _compose_role(service)
+    assert role == ("history" if service == HISTORY_SERVICE else "deliver")
+    listen = {**_dockerfile_env(), **_service_env(service)}[ROLE_LISTEN[role]]
+    assert _listen_port(listen) == ROLE_PORTS[role]
     assert _listen_host(listen) == "0.0.0.0"
-    for mapping in _services()[service].get("ports", []):
+    mappings = _services()[service].get("ports", [])
+    assert mappings, f"{service}: publish its port on the host (127.0.0.1)"
+    for mapping in mappings:
         container_port = str(mapping).rsplit(":", 1)[-1].split("/")[0]
-        assert int(container_port) == ADMIN_PORT, f"{service} publishes {mapping}"
+        assert int(container_port) == ROLE_PORTS[role], f"{service} publishes {mapping}"
+
+
+def test_compose_host_ports_of_the_roles() -> None:
+    published = {
+        name: [_interpolate(str(m)) for m in _services()[name].get("ports", [])]
+        for name in ROLE_SERVICES
+    }
+    assert published == {
+        "history": [f"127.0.0.1:{ADMIN_PORT}:{ADMIN_PORT}"],
+        "deliver-1": [f"127.0.0.1:{DELIVER_PORT}:{DELIVER_PORT}"],
+        "deliver-2": [f"127.0.0.1:{DELIVER_PORT + 1}:{DELIVER_PORT}"],
+    }
+
+
+@pytest.mark.parametrize("service", ROLE_SERVICES)
+def test_compose_healthcheck_probes_its_own_role(service: str) -> None:
+    """One image, two listeners: each service's healthcheck is `health --role R` for the role
+    it runs, in a form the CLI accepts."""
+    check = _services()[service].get("healthcheck")
+    assert check and not check.get("disable"), f"{service}: no healthcheck"
+    test = [str(t) for t in check["test"]]
+    assert test[0] == "CMD" and test[1] == PROJECT_IMAGE, f"{service}: exec form, {test}"
+    args = _parse_cli(test[2:])
+    assert args.command == "health"
+    assert args.role == _compose_role(service), f"{service} probes the {args.role} listener"
+    assert _duration_s(check["timeout"]) > args.timeout, "compose must not cut the probe short"
 
 
 def test_compose_host_ports_are_loopback_and_distinct() -> None:
@@ -554,44 +756,133 @@ def test_compose_host_ports_are_loopback_and_distinct() -> None:
             seen[parts[1]] = name
 
 
-def test_k8s_admin_port_agrees_everywhere() -> None:
-    listen = _configmap_data()["PERKAMO_ADMIN_LISTEN"]
-    assert _listen_port(listen) == ADMIN_PORT
+@pytest.mark.parametrize("role", ["deliver", "history"])
+def test_k8s_role_port_agrees_everywhere(role: str) -> None:
+    container = _role_container(role)
+    listen = _container_env(container)[ROLE_LISTEN[role]]
+    assert _listen_port(listen) == ROLE_PORTS[role]
     assert _listen_host(listen) == "0.0.0.0", "kubelet probes and Prometheus reach the pod IP"
-
-    pod = _consumer_deployment()["spec"]["template"]
-    (container,) = pod["spec"]["containers"]
+    assert _run_role([str(a) for a in container["args"]]) == role
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"admin": ADMIN_PORT}
+    assert ports == {"admin": ROLE_PORTS[role]}
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
         if probe in container:
-            assert container[probe]["httpGet"]["port"] in ("admin", ADMIN_PORT), probe
+            assert container[probe]["httpGet"]["port"] in ("admin", ROLE_PORTS[role]), probe
 
+
+def test_k8s_service_fronts_the_history_admin_port_only() -> None:
     service = _k8s_one("Service")
     (svc_port,) = service["spec"]["ports"]
     assert svc_port["port"] == ADMIN_PORT and svc_port["name"] == "admin"
     assert svc_port["targetPort"] in ("admin", ADMIN_PORT)
-    assert _matches(service["spec"]["selector"], pod["metadata"]["labels"])
+    assert _matches(service["spec"]["selector"], _pod_labels("history"))
+    assert not _matches(service["spec"]["selector"], _pod_labels("deliver")), (
+        "the history API is on the history pods only"
+    )
 
+
+def test_k8s_monitor_scrapes_both_roles_as_one_job() -> None:
     monitors = [r for r in _k8s_resources() if r["apiVersion"] == "monitoring.coreos.com/v1"]
-    assert len(monitors) == 1 and monitors[0]["kind"] in ("PodMonitor", "ServiceMonitor")
+    assert len(monitors) == 1 and monitors[0]["kind"] == "PodMonitor", "scrape pods"
     monitor = monitors[0]
-    if monitor["kind"] == "PodMonitor":
-        endpoints = monitor["spec"]["podMetricsEndpoints"]
-        target_labels = pod["metadata"]["labels"]
-    else:
-        endpoints = monitor["spec"]["endpoints"]
-        target_labels = service["metadata"]["labels"]
-    assert _matches(monitor["spec"]["selector"]["matchLabels"], target_labels)
-    assert [e["port"] for e in endpoints] == ["admin"]
-    assert all(e.get("path", "/metrics") == "/metrics" for e in endpoints)
+    for role in ("deliver", "history"):
+        assert _selects(monitor["spec"]["selector"], _pod_labels(role)), f"{role} not scraped"
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == "admin" and endpoint.get("path", "/metrics") == "/metrics"
+    relabel = {r["targetLabel"]: r for r in endpoint.get("relabelings", [])}
+    assert relabel["job"]["replacement"] == "perkamo-webhooks", "the alert rules match this job"
+    assert relabel["role"]["sourceLabels"] == [
+        "__meta_kubernetes_pod_label_app_kubernetes_io_component"
+    ]
 
 
-def test_k8s_job_pods_are_not_selected_by_service_or_monitor() -> None:
+def test_k8s_job_pods_are_not_selected_by_service_monitor_or_budget() -> None:
     job = _k8s_one("Job")["spec"]["template"]["metadata"]["labels"]
     assert not _matches(_k8s_one("Service")["spec"]["selector"], job)
     for monitor in (r for r in _k8s_resources() if r["apiVersion"] == "monitoring.coreos.com/v1"):
-        assert not _matches(monitor["spec"]["selector"]["matchLabels"], job)
+        assert not _selects(monitor["spec"]["selector"], job)
+    for pdb in _k8s_all("PodDisruptionBudget").values():
+        assert not _selects(pdb["spec"]["selector"], job)
+
+
+# --- `perkamo-webhooks health`: the command behind every healthcheck ----------------------------
+
+
+class _Probe(BaseHTTPRequestHandler):
+    answers: dict[str, int] = {}
+
+    def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        self.send_response(self.answers.get(self.path, 404))
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the http.server API
+        pass
+
+
+@pytest.fixture
+def role_listeners() -> Iterator[dict[str, int]]:
+    """A fake history listener (healthy, not ready) and a fake deliver listener (healthy and
+    ready) on loopback, plus a port nothing listens on."""
+    servers = {}
+    for role, ready in (("history", 503), ("deliver", 200)):
+        handler = type(f"{role}Probe", (_Probe,), {"answers": {"/healthz": 200, "/readyz": ready}})
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers[role] = server
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    try:
+        yield {role: server.server_address[1] for role, server in servers.items()} | {"closed": closed}
+    finally:
+        for server in servers.values():
+            server.shutdown()
+            server.server_close()
+
+
+def _health(argv: list[str], env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> int:
+    for name in list(os.environ):
+        if name.startswith("PERKAMO_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return cli.main(["health", "--timeout", "2", *argv])
+
+
+def test_health_probes_the_listener_of_the_role_asked_for(
+    role_listeners: dict[str, int], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ports = role_listeners
+    env = {
+        # wildcard binds, as in the image: probed on loopback
+        "PERKAMO_ADMIN_LISTEN": f"0.0.0.0:{ports['history']}",
+        "PERKAMO_DELIVER_ADMIN_LISTEN": f"0.0.0.0:{ports['deliver']}",
+    }
+    assert _health([], env, monkeypatch) == 0  # history by default (the image's HEALTHCHECK)
+    assert _health(["--role", "history", "--ready"], env, monkeypatch) == 1  # history not ready
+    assert _health(["--role", "deliver", "--ready"], env, monkeypatch) == 0  # deliver is
+    assert capsys.readouterr().out.splitlines() == ["ok", "not ok", "ok"]
+    # each role probes only its own listener
+    only_deliver = {**env, "PERKAMO_ADMIN_LISTEN": f"127.0.0.1:{ports['closed']}"}
+    assert _health([], only_deliver, monkeypatch) == 1
+    assert _health(["--role", "deliver"], only_deliver, monkeypatch) == 0
+    only_history = {**env, "PERKAMO_DELIVER_ADMIN_LISTEN": f"127.0.0.1:{ports['closed']}"}
+    assert _health(["--role", "deliver"], only_history, monkeypatch) == 1
+    assert _health(["--role", "history"], only_history, monkeypatch) == 0
+
+
+def test_health_probes_deliver_worker_i_on_port_plus_i(
+    role_listeners: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = role_listeners["deliver"] - 1  # worker 1 of `run --workers 2` listens on base + 1
+    env = {"PERKAMO_DELIVER_ADMIN_LISTEN": f"127.0.0.1:{base}"}
+    assert _health(["--role", "deliver", "--worker", "1"], env, monkeypatch) == 0
+    assert _health(["--role", "deliver", "--worker", "1", "--ready"], env, monkeypatch) == 0
+
+
+def test_health_rejects_a_role_it_cannot_probe() -> None:
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["health", "--role", "all"])
 
 
 # --- Prometheus and Grafana files vs. compose --------------------------------------------------
@@ -612,8 +903,11 @@ def _prometheus_targets(config: dict[str, Any]) -> set[tuple[str, int]]:
 def _container_port_of(service: str) -> set[int]:
     if service in THIRD_PARTY_PORTS:
         return THIRD_PARTY_PORTS[service]
+    role = _compose_role(service)
+    if role is None:
+        return set()
     env = {**_dockerfile_env(), **_service_env(service)}
-    return {_listen_port(env["PERKAMO_ADMIN_LISTEN"])}
+    return {_listen_port(env[ROLE_LISTEN[role]])}
 
 
 def _mounts(service: str) -> dict[str, str]:
@@ -631,11 +925,21 @@ def _mounts(service: str) -> dict[str, str]:
 @pytest.mark.skipif(
     not PROMETHEUS_CONFIG.is_file(), reason="deploy/prometheus/prometheus.yml absent"
 )
-def test_prometheus_scrapes_the_compose_consumers() -> None:
+def test_prometheus_scrapes_every_role_service_with_its_role_label() -> None:
     config = _load_yaml(PROMETHEUS_CONFIG)
     targets = _prometheus_targets(config)
-    for consumer in CONSUMERS:
-        assert (consumer, ADMIN_PORT) in targets, f"Prometheus does not scrape {consumer}"
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "perkamo-webhooks"]
+    role_of_target = {
+        str(target): static.get("labels", {}).get("role")
+        for static in job.get("static_configs") or []
+        for target in static.get("targets") or []
+    }
+    for service in ROLE_SERVICES:
+        role = _compose_role(service)
+        assert role is not None
+        target = f"{service}:{ROLE_PORTS[role]}"
+        assert target in role_of_target, f"Prometheus does not scrape {target}"
+        assert role_of_target[target] == role, f"{target}: label role={role_of_target[target]}"
     for host, port in targets:
         if host in ("localhost", "127.0.0.1"):
             continue
@@ -746,8 +1050,9 @@ def test_compose_start_order_has_no_races() -> None:
                     f"{dependency} is one-shot: it must not restart"
                 )
     for name, service in services.items():
-        # The image's HEALTHCHECK probes the admin API, which only `run` serves.
-        if _is_project_service(service) and service.get("command") != ["run"]:
+        # The image's HEALTHCHECK probes the history listener, which only `run` with role
+        # history or all serves.
+        if _is_project_service(service) and _compose_role(name) not in ("history", "all"):
             assert "healthcheck" in service, f"{name} must override the image's HEALTHCHECK"
     init = services["init"]
     assert {k: v["condition"] for k, v in init["depends_on"].items()} == {
@@ -755,11 +1060,19 @@ def test_compose_start_order_has_no_races() -> None:
         "clickhouse": "service_healthy",
     }
     assert not _healthcheck_enabled(init), "the one-shot init has no admin API to probe"
-    for consumer in CONSUMERS:
-        conditions = {k: v["condition"] for k, v in services[consumer]["depends_on"].items()}
+    for name in ROLE_SERVICES:
+        conditions = {k: v["condition"] for k, v in services[name]["depends_on"].items()}
         assert conditions.get("init") == "service_completed_successfully"
+        assert conditions.get("kafka") == "service_healthy"
+        assert _healthcheck_enabled(services[name])
+    history = {k: v["condition"] for k, v in services[HISTORY_SERVICE]["depends_on"].items()}
+    assert history.get("clickhouse") == "service_healthy", "history writes to ClickHouse"
+    assert "receiver" not in history, "history makes no HTTP calls"
+    for name in DELIVER_SERVICES:
+        conditions = {k: v["condition"] for k, v in services[name]["depends_on"].items()}
         assert conditions.get("receiver") == "service_healthy"
-        assert _healthcheck_enabled(services[consumer])
+        # Deliveries do not wait for the store or for history: the records wait on the topic.
+        assert "clickhouse" not in conditions and HISTORY_SERVICE not in conditions
     assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
 
 
@@ -772,27 +1085,40 @@ def test_compose_init_creates_topics_then_schema() -> None:
     assert "&&" in script[topics:migrate], "migrate must not run when topics failed"
 
 
-def test_compose_consumers_are_two_replicas_of_one_group() -> None:
-    first, second = (_services()[c] for c in CONSUMERS)
+def test_compose_deliver_services_are_two_members_of_one_group() -> None:
+    first, second = (_services()[c] for c in DELIVER_SERVICES)
     differ = {k for k in first.keys() | second.keys() if first.get(k) != second.get(k)}
-    assert differ <= {"ports", "volumes"}, f"consumer-1/consumer-2 differ in {sorted(differ)}"
-    assert first.get("command") == ["run"]
-    data = [_mounts(c)[_dockerfile_env()["PERKAMO_DATA_DIR"]] for c in CONSUMERS]
-    assert data[0] != data[1], "each replica needs its own data volume"
-    groups = {_service_env(c).get("PERKAMO_GROUP_ID") for c in CONSUMERS}
+    assert differ <= {"ports"}, f"{'/'.join(DELIVER_SERVICES)} differ in {sorted(differ)}"
+    assert first.get("command") == ["run", "--role", "deliver"]
+    assert {_compose_role(c) for c in DELIVER_SERVICES} == {"deliver"}
+    groups = {_service_env(c).get("PERKAMO_GROUP_ID") for c in DELIVER_SERVICES}
     assert len(groups) == 1
 
 
-@pytest.mark.parametrize("service", CONSUMERS)
+def test_compose_history_service_has_its_own_group_and_data_volume() -> None:
+    assert _compose_role(HISTORY_SERVICE) == "history"
+    env = _service_env(HISTORY_SERVICE)
+    assert env["PERKAMO_HISTORY_GROUP_ID"] != _service_env(DELIVER_SERVICES[0])["PERKAMO_GROUP_ID"]
+    data_dir = _dockerfile_env()["PERKAMO_DATA_DIR"]
+    volume = _mounts(HISTORY_SERVICE).get(data_dir)
+    assert volume and not volume.startswith((".", "/")), "a named volume at the data dir"
+    others = [n for n in _services() if n != HISTORY_SERVICE and volume in _mounts(n).values()]
+    assert not others, f"{volume} is shared with {others}"
+
+
+@pytest.mark.parametrize("service", ROLE_SERVICES)
 def test_compose_stop_grace_exceeds_drain_timeout(service: str) -> None:
     spec = _services()[service]
     drain = float(_service_env(service).get("PERKAMO_DRAIN_TIMEOUT_S", DEFAULT_DRAIN_TIMEOUT_S))
     assert spec.get("stop_signal", "SIGTERM") == "SIGTERM"
-    assert _duration_s(spec["stop_grace_period"]) > drain + 5
+    # as in k8s: history's last insert gets the drain + 5 s, then the producer's close
+    margin = 15 if service == HISTORY_SERVICE else 5
+    assert _duration_s(spec["stop_grace_period"]) > drain + margin
 
 
 def test_compose_receiver_is_reachable_and_trusted() -> None:
-    """The consumers may reach the receiver's private address, and only it, and trust its CA."""
+    """The deliver services may reach the receiver's private address, and only it, and trust
+    its CA; history makes no HTTP calls and gets neither."""
     subnets = [
         ipaddress.ip_network(c["subnet"])
         for c in _interpolated(_compose()["networks"]["default"]["ipam"]["config"])
@@ -803,7 +1129,9 @@ def test_compose_receiver_is_reachable_and_trusted() -> None:
     hostnames = [command[i + 1] for i, arg in enumerate(command) if arg == "--hostname"]
     assert "receiver" in hostnames, "the receiver's certificate must name its compose host"
     receiver_volume = _mounts("receiver")[cert_dir]
-    for consumer in CONSUMERS:
+    history = _service_env(HISTORY_SERVICE)
+    assert "PERKAMO_ALLOW_PRIVATE_NETWORKS" not in history and "PERKAMO_CA_BUNDLE" not in history
+    for consumer in DELIVER_SERVICES:
         env = _service_env(consumer)
         allowed = [
             ipaddress.ip_network(c.strip())
@@ -904,29 +1232,68 @@ def test_kubectl_kustomize_builds() -> None:
         assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "perkamo"
 
 
-def test_k8s_grace_period_exceeds_drain_timeout() -> None:
-    drain = float(_configmap_data().get("PERKAMO_DRAIN_TIMEOUT_S", DEFAULT_DRAIN_TIMEOUT_S))
-    pod = _consumer_deployment()["spec"]["template"]["spec"]
-    assert pod["terminationGracePeriodSeconds"] > drain + 5, (
-        "terminationGracePeriodSeconds must exceed PERKAMO_DRAIN_TIMEOUT_S with a margin "
-        "for the history flush and the final commit"
+@pytest.mark.parametrize("role", ["deliver", "history"])
+def test_k8s_grace_period_exceeds_drain_timeout(role: str) -> None:
+    env = _container_env(_role_container(role))
+    drain = float(env.get("PERKAMO_DRAIN_TIMEOUT_S", DEFAULT_DRAIN_TIMEOUT_S))
+    pod = _deployments()[role]["spec"]["template"]["spec"]
+    # deliver: the drain, then the last acknowledgements and the commit; history: the last
+    # insert gets the drain + 5 s, then the producer closes (up to 10 s).
+    margin = 5 if role == "deliver" else 15
+    assert pod["terminationGracePeriodSeconds"] > drain + margin, (
+        f"{role}: terminationGracePeriodSeconds must exceed PERKAMO_DRAIN_TIMEOUT_S + {margin}"
     )
 
 
-def test_k8s_probe_paths() -> None:
-    (container,) = _consumer_deployment()["spec"]["template"]["spec"]["containers"]
+@pytest.mark.parametrize("role", ["deliver", "history"])
+def test_k8s_probe_paths(role: str) -> None:
+    container = _role_container(role)
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     if "startupProbe" in container:
         assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
 
 
-def test_k8s_deployment_runs_two_hardened_replicas() -> None:
-    deployment = _consumer_deployment()
-    assert deployment["spec"]["replicas"] == 2
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    assert container.get("args", ["run"])[0] == "run"
-    assert "preStop" not in container.get("lifecycle", {}), "SIGTERM drains; no preStop sleep"
+def test_k8s_two_deployments_one_per_role() -> None:
+    deployments = _deployments()
+    assert set(deployments) == {"deliver", "history"}
+    for role, deployment in deployments.items():
+        assert deployment["metadata"]["name"] == f"perkamo-webhooks-{role}"
+        labels = {"app.kubernetes.io/name": PROJECT_IMAGE, "app.kubernetes.io/component": role}
+        assert _matches(labels, deployment["metadata"]["labels"])
+        assert deployment["spec"]["selector"]["matchLabels"] == labels
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        assert _run_role([str(a) for a in container["args"]]) == role
+        assert "preStop" not in container.get("lifecycle", {}), "SIGTERM drains; no preStop sleep"
+    assert deployments["deliver"]["spec"]["replicas"] == 2
+    # Embedded store: one history process per data directory. A server DSN allows more; the
+    # manifest says so where an operator would change replicas.
+    assert deployments["history"]["spec"]["replicas"] == 1
+    text = (K8S_DIR / "deployment-history.yaml").read_text(encoding="utf-8")
+    assert re.search(r"several\s+replicas\s+may\s+run", text) and "server DSN" in text
+
+
+def test_k8s_deliver_pods_get_no_clickhouse_secret() -> None:
+    container = _role_container("deliver")
+    history_secrets = {name for name, keys in _secrets().items() if any(
+        STORE_SETTING.match(k) for k in keys)}
+    assert history_secrets, "the history DSN and tokens live in a Secret"
+    refs = {ref["secretRef"]["name"] for ref in container.get("envFrom", []) if "secretRef" in ref}
+    assert not refs & history_secrets, f"deliver reads {sorted(refs & history_secrets)}"
+    leaked = sorted(k for k in _container_env(container) if STORE_SETTING.match(k))
+    assert not leaked, f"deliver pods get {leaked}"
+    volumes = _deployments()["deliver"]["spec"]["template"]["spec"].get("volumes", [])
+    mounted = {v["secret"]["secretName"] for v in volumes if "secret" in v}
+    assert not mounted & history_secrets, "no history Secret as a volume either"
+
+
+def test_k8s_disruption_budget_covers_the_deliver_pods() -> None:
+    (pdb,) = _k8s_all("PodDisruptionBudget").values()
+    assert _selects(pdb["spec"]["selector"], _pod_labels("deliver"))
+    assert not _selects(pdb["spec"]["selector"], _pod_labels("history")), (
+        "a budget on the single history pod blocks node drains"
+    )
+    assert pdb["spec"].get("maxUnavailable") == 1
 
 
 @pytest.mark.parametrize("workload", [name for name, _ in _pod_templates()])
@@ -939,11 +1306,10 @@ def test_k8s_pods_are_non_root_read_only_with_a_data_volume(workload: str) -> No
     assert uid not in (None, 0)
     assert str(uid) == _final_user(), "runAsUser must be the Dockerfile's USER"
     assert pod.get("automountServiceAccountToken") is False
-    data_dir = _configmap_data().get("PERKAMO_DATA_DIR") or _dockerfile_env()["PERKAMO_DATA_DIR"]
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
-    config_map = _k8s_one("ConfigMap")["metadata"]["name"]
-    secret = _k8s_one("Secret")["metadata"]["name"]
     for container in _containers(pod):
+        env = _container_env(container)  # every required envFrom reference exists
+        data_dir = env.get("PERKAMO_DATA_DIR") or _dockerfile_env()["PERKAMO_DATA_DIR"]
         security = container.get("securityContext", {})
         assert security.get("readOnlyRootFilesystem") is True, container["name"]
         assert security.get("allowPrivilegeEscalation") is False, container["name"]
@@ -951,9 +1317,9 @@ def test_k8s_pods_are_non_root_read_only_with_a_data_volume(workload: str) -> No
         mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
         assert data_dir in mounts, f"{container['name']}: no volume at {data_dir}"
         assert "emptyDir" in volumes[mounts[data_dir]], "the data dir is an emptyDir"
-        refs = container.get("envFrom", [])
-        assert {"configMapRef": {"name": config_map}} in refs
-        assert {"secretRef": {"name": secret}} in refs
+        configmaps = [r["configMapRef"]["name"] for r in container.get("envFrom", [])
+                      if "configMapRef" in r]
+        assert PROJECT_IMAGE in configmaps, "every container reads the shared ConfigMap"
         assert str(container["image"]).split(":")[0] == PROJECT_IMAGE
 
 
@@ -965,36 +1331,44 @@ def test_k8s_job_runs_topics_then_migrate() -> None:
     assert init_args == ["topics"] and main_args == ["migrate"]
 
 
-def test_k8s_network_policy_limits_the_admin_port_to_prometheus_and_admin_clients() -> None:
+def test_k8s_network_policy_limits_the_admin_ports_to_prometheus_and_admin_clients() -> None:
     # Measured: the shipped manifests bound the admin listener to 0.0.0.0:9464 for anyone.
     policy = _k8s_one("NetworkPolicy")
-    deployment = _k8s_one("Deployment")
-    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
-    assert _matches(policy["spec"]["podSelector"]["matchLabels"], pod_labels)
+    for role in ("deliver", "history"):
+        assert _selects(policy["spec"]["podSelector"], _pod_labels(role)), f"{role} pods open"
+    job = _k8s_one("Job")["spec"]["template"]["metadata"]["labels"]
+    assert not _selects(policy["spec"]["podSelector"], job)
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     rules = policy["spec"]["ingress"]
     assert rules, "an empty ingress list would refuse Prometheus too"
+    ports_for: dict[str, set[int]] = {}
     for rule in rules:
         assert rule.get("from"), "every rule names who may connect (no open rule)"
-        assert [p["port"] for p in rule["ports"]] == [ADMIN_PORT]
-    peers = [peer for rule in rules for peer in rule["from"]]
-    assert any(p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name")
-               == "prometheus" for p in peers)
-    assert all("ipBlock" not in p for p in peers), "no address ranges: pods by label only"
+        ports = {int(p["port"]) for p in rule["ports"]}
+        assert ports <= {ADMIN_PORT, DELIVER_PORT}, f"only the admin ports: {ports}"
+        for peer in rule["from"]:
+            assert "ipBlock" not in peer, "no address ranges: pods by label only"
+            name = peer.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/name")
+            client = peer.get("podSelector", {}).get("matchLabels", {}).get(
+                "perkamo.example/admin-client")
+            key = "prometheus" if name == "prometheus" else "admin-client" if client else "other"
+            ports_for.setdefault(key, set()).update(ports)
+    assert ports_for.get("prometheus") == {ADMIN_PORT, DELIVER_PORT}, "Prometheus scrapes both roles"
+    assert ports_for.get("admin-client") == {ADMIN_PORT}, "the API and the console: history only"
+    assert "other" not in ports_for
 
 
 def test_k8s_admin_api_answers_the_service_name() -> None:
-    allowed = _configmap_data()["PERKAMO_ADMIN_ALLOWED_HOSTS"].split(",")
+    allowed = _container_env(_role_container("history"))["PERKAMO_ADMIN_ALLOWED_HOSTS"].split(",")
     assert _k8s_one("Service")["metadata"]["name"] in allowed
 
 
 def test_k8s_secrets_are_placeholders_and_not_in_the_configmap() -> None:
-    secret = _k8s_one("Secret")
-    assert "data" not in secret, "use stringData with CHANGE-ME placeholders"
-    values = secret["stringData"]
-    assert {"PERKAMO_ADMIN_TOKEN", "PERKAMO_HISTORY_DSN"} <= set(values)
-    for name, value in values.items():
-        assert SECRET_PLACEHOLDER in str(value), f"{name} must be a marked placeholder"
+    for name, secret in _k8s_all("Secret").items():
+        assert "data" not in secret, f"{name}: use stringData with CHANGE-ME placeholders"
+        for key, value in secret["stringData"].items():
+            assert SECRET_PLACEHOLDER in str(value), f"{key} must be a marked placeholder"
+    assert {"PERKAMO_ADMIN_TOKEN", "PERKAMO_HISTORY_DSN"} <= set(_secret_keys())
     leaked = [k for k in _configmap_data() if re.search(r"TOKEN|PASSWORD|DSN|SECRET", k)]
     assert not leaked, f"secret settings in the ConfigMap: {leaked}"
 

@@ -23,6 +23,7 @@ import pytest
 import yarl
 from aiohttp import web
 
+from consumer.addresses import AddressPolicy, TrustedAddresses, host_problem, url_host
 from consumer.config import load_settings
 from consumer.delivery import Deliverer
 from consumer.endpoints import REASON_SCHEMA, EndpointRegistry, load_file, parse_record
@@ -30,17 +31,7 @@ from consumer.errors import BlockedAddress, InvalidEndpoint
 from consumer.history import TABLE
 from consumer.metrics import Metrics
 from consumer.models import Endpoint, Event, host_of
-from consumer.netguard import (
-    AddressPolicy,
-    GuardedResolver,
-    GuardedSocketFactory,
-    PoolResolver,
-    TrustedAddresses,
-    blocked_cause,
-    dialling,
-    host_problem,
-    url_host,
-)
+from consumer.netguard import GuardedResolver, GuardedSocketFactory, PoolResolver, blocked_cause, dialling
 from tests.support import make_event, produce, unique, wait_for
 from tests.test_registry import follow_fixture  # noqa: F401 - fixture
 from tests.test_security import publish_record

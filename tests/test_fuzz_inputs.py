@@ -31,17 +31,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from consumer import constants as c
-from consumer.admin import build_app, start_admin
+from consumer.addresses import AddressPolicy, host_problem
+from consumer.admin import start_admin
 from consumer.config import load_settings
 from consumer.endpoints import EndpointRegistry, parse_record
 from consumer.errors import BlockedAddress, InvalidEndpoint, InvalidEvent
 from consumer.headers import DeliveryMeta, due_ms, read_meta
 from consumer.history import HistoryStore
+from consumer.history_api import history_app
 from consumer.intake import REASONS, parse_event
 from consumer.kafka_io import AsyncProducer
 from consumer.metrics import Metrics
 from consumer.models import host_of
-from consumer.netguard import AddressPolicy, GuardedSocketFactory, host_problem
+from consumer.netguard import GuardedSocketFactory
 from tests.support import free_port, make_event, unique
 from tests.test_admin_auth import ADMIN, READ, Context
 from tests.test_queries import attempt
@@ -217,7 +219,7 @@ class AdminServer:
         async def ready() -> dict[str, bool]:
             return {"history": True}
 
-        app = build_app(Metrics(), ready, settings, context=context)
+        app = history_app(Metrics(), ready, context)
         runner = await start_admin(app, "127.0.0.1", self.port)
         self._ready.set()
         await self._stop.wait()

@@ -15,8 +15,9 @@ import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from consumer.addresses import AddressPolicy
 from consumer.errors import BlockedAddress, ConfigError
-from consumer.netguard import AddressPolicy, GuardedResolver, blocked_cause
+from consumer.netguard import GuardedResolver, blocked_cause
 
 LOOPBACK = ["127.0.0.0/8", "::1/128"]
 PUBLIC_V4 = "93.184.216.34"

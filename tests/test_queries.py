@@ -1,4 +1,4 @@
-"""The analysts' SQL (consumer.queries.README_QUERIES, README.md) on seeded history,
+"""The analysts' SQL (consumer.sql.README_QUERIES, README.md) on seeded history,
 duplicates included, and `migrate` upgrading an older table in place."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import pytest
 
 from consumer import constants as c
 from consumer.models import AttemptRow
-from consumer.queries import README_QUERIES, DeliveryFilter, list_deliveries
+from consumer.queries import DeliveryFilter, list_deliveries
+from consumer.sql import README_QUERIES
 from tests.support import unique
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,9 +53,9 @@ def test_every_readme_query_is_in_the_analysts_doc_word_for_word():
 
 
 def test_every_query_reads_with_final():
-    from consumer import queries
+    from consumer import sql as module
 
-    sqls = [v for k, v in vars(queries).items() if k.isupper() and isinstance(v, str) and "SELECT" in v]
+    sqls = [v for k, v in vars(module).items() if k.isupper() and isinstance(v, str) and "SELECT" in v]
     assert len(sqls) >= 10
     for sql in sqls:  # or says why duplicates cannot change its answer
         assert "webhook_attempts FINAL" in sql or "-- No FINAL needed" in sql, sql

@@ -14,8 +14,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from consumer.console.auth import Keys
+from consumer.console.base import PREFIX
 from consumer.console.context import ConsoleContext, ConsoleSettings, EndpointDirectory, Republishing
-from consumer.console.views import PREFIX, Console
+from consumer.console.views import Console
 
 __all__ = ["ConsoleContext", "ConsoleSettings", "EndpointDirectory", "Keys", "Republishing",
            "console_link", "mount"]

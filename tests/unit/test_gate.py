@@ -189,3 +189,22 @@ async def test_a_saturated_failing_endpoint_parks_the_excess():
     gate.leave(running, Verdict.SUCCESS)
     for task in queued:
         gate.leave(await task, Verdict.SUCCESS)
+
+
+async def test_a_place_freed_while_a_cancelled_waiter_has_not_resumed_goes_to_the_next():
+    """A drain deadline cancels many tasks at once: a call giving its place back must skip a
+    waiter whose future is cancelled but whose task has not run its handler yet (found by the
+    benchmark: InvalidStateError, and the cancelled delivery dead-lettered)."""
+    gate = gates(cap=1).get("ep", "s")
+    running = await gate.enter()
+    first = asyncio.create_task(gate.enter())
+    second = asyncio.create_task(gate.enter())
+    await asyncio.sleep(0.01)
+    first.cancel()  # its future is cancelled now, its except-block runs later
+    gate.leave(running, None)  # must not set_result on the cancelled future
+    ticket = await second
+    assert gate.in_flight == 1
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    gate.leave(ticket, None)
+    assert gate.in_flight == 0 and gate.waiting == 0

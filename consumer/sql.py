@@ -1,0 +1,288 @@
+"""The history SQL the project offers: the API's, the console's and the analysts' queries.
+
+Every query here deduplicates: a crash or a replay of the same Kafka offset can write an
+attempt row twice, and ReplacingMergeTree keeps one per (space_slug, delivery_id, attempt)
+only when parts merge, so each SELECT reads the table with FINAL (docs/analysts.md). The one
+exception says so in a comment (a first step whose every result is read again with FINAL).
+
+A *delivery* is all rows with one delivery id: its attempts (attempt >= 1, one per call made)
+and at most one hold record (attempt 0: `held` while an open circuit holds it, `failed` if its
+schedule's span ran out while held; `pending_attempt` is the attempt it waits to make). Its
+status is the status of its newest row (by attempted_at, then attempt), and it belongs to the
+time window of its FIRST row: the window of a delivery never moves when it is retried, resent
+or replayed, so paging and replay selections stay stable while new attempts arrive. A row's
+place in the run is `if(attempt = 0, pending_attempt, attempt)`; 1 marks the first row.
+
+`README_QUERIES` are the analysts' queries of docs/analysts.md, word for word; tests run them.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# The API's SQL -------------------------------------------------------------------------
+
+# One row per delivery of the window, newest first, after a keyset cursor. `attempted_at >=
+# since` prunes partitions; the HAVING on the first row drops deliveries whose first row is
+# older than `since` (only their later rows passed the WHERE).
+DELIVERIES: Final = """
+SELECT
+    delivery_id,
+    any(space_slug) AS space,
+    argMin(event_id, attempt) AS event_id,
+    argMin(event_type, attempt) AS event_type,
+    argMax(status, (attempted_at, attempt)) AS status,
+    countIf(attempt > 0) AS attempts,
+    max(attempt) AS last_attempt,
+    argMax(trigger, attempt) AS last_trigger,
+    argMax(status_code, attempt) AS last_status_code,
+    argMax(error_kind, attempt) AS last_error_kind,
+    argMax(endpoint_host, attempt) AS endpoint_host,
+    argMax(tuple(next_attempt_at), attempt).1 AS next_attempt_at,
+    min(attempted_at) AS first_attempted_at,
+    max(attempted_at) AS last_attempted_at
+FROM perkamo.webhook_attempts FINAL
+WHERE ({space:String} = '' OR space_slug = {space:String})
+  AND ({event_type:String} = '' OR webhook_attempts.event_type = {event_type:String})
+  AND attempted_at >= {since:DateTime64(3, 'UTC')}
+GROUP BY delivery_id
+HAVING min(if(attempt = 0, pending_attempt, attempt)) = 1
+  AND first_attempted_at < {until:DateTime64(3, 'UTC')}
+  AND ({status:String} = '' OR status = {status:String})
+  AND (first_attempted_at, delivery_id) < ({after_at:DateTime64(3, 'UTC')}, {after_id:String})
+ORDER BY first_attempted_at DESC, delivery_id DESC
+LIMIT {limit:UInt32}
+"""
+
+# The console's search: deliveries with this delivery id, event id or transaction id, in a
+# bounded window (search_deliveries never leaves `since` open), newest first.
+DELIVERY_SEARCH: Final = """
+SELECT
+    delivery_id,
+    any(space_slug) AS space,
+    argMin(event_id, attempt) AS event_id,
+    argMin(event_type, attempt) AS event_type,
+    argMax(status, (attempted_at, attempt)) AS status,
+    countIf(attempt > 0) AS attempts,
+    max(attempt) AS last_attempt,
+    argMax(trigger, attempt) AS last_trigger,
+    argMax(status_code, attempt) AS last_status_code,
+    argMax(error_kind, attempt) AS last_error_kind,
+    argMax(endpoint_host, attempt) AS endpoint_host,
+    argMax(tuple(next_attempt_at), attempt).1 AS next_attempt_at,
+    min(attempted_at) AS first_attempted_at,
+    max(attempted_at) AS last_attempted_at
+FROM perkamo.webhook_attempts FINAL
+WHERE ({space:String} = '' OR space_slug = {space:String})
+  AND ({event_type:String} = '' OR webhook_attempts.event_type = {event_type:String})
+  AND attempted_at >= {since:DateTime64(3, 'UTC')}
+  AND space_slug IN {candidate_spaces:Array(String)}
+  AND delivery_id IN {candidates:Array(String)}
+  AND (delivery_id = {q:String} OR webhook_attempts.event_id = {q:String}
+       OR transaction_id = {q:String})
+GROUP BY delivery_id
+HAVING min(if(attempt = 0, pending_attempt, attempt)) = 1
+  AND first_attempted_at < {until:DateTime64(3, 'UTC')}
+  AND ({status:String} = '' OR status = {status:String})
+ORDER BY first_attempted_at DESC, delivery_id DESC
+LIMIT {limit:UInt32}
+"""
+
+# The search's first step: which deliveries have a matching row. Without FINAL the bloom
+# filters skip granules (FINAL's exact mode widens them to whole key ranges again).
+SEARCH_CANDIDATES: Final = """
+-- No FINAL needed: a duplicate row names the same delivery, and DELIVERY_SEARCH checks
+-- every candidate again with FINAL.
+SELECT DISTINCT space_slug, delivery_id
+FROM perkamo.webhook_attempts
+WHERE ({space:String} = '' OR space_slug = {space:String})
+  AND attempted_at >= {since:DateTime64(3, 'UTC')}
+  AND attempted_at < {until:DateTime64(3, 'UTC')}
+  AND (delivery_id = {q:String} OR event_id = {q:String} OR transaction_id = {q:String})
+LIMIT 1000
+"""
+
+# Per Space: HTTP calls made in the last hour and day, and how many were delivered (attempts
+# recorded without a call -- circuit open, endpoint saturated -- are not calls).
+SUCCESS_RATES: Final = """
+SELECT
+    space_slug AS space,
+    countIf(attempted_at >= {hour_ago:DateTime64(3, 'UTC')}) AS calls_1h,
+    countIf(attempted_at >= {hour_ago:DateTime64(3, 'UTC')} AND status = 'delivered') AS delivered_1h,
+    count() AS calls_24h,
+    countIf(status = 'delivered') AS delivered_24h
+FROM perkamo.webhook_attempts FINAL
+WHERE attempted_at >= {day_ago:DateTime64(3, 'UTC')}
+  AND ({space:String} = '' OR space_slug = {space:String})
+  AND error_kind NOT IN ('circuit_open', 'endpoint_saturated')
+GROUP BY space_slug
+ORDER BY space_slug
+"""
+
+# Every attempt of one delivery; the bloom filter on delivery_id finds its granules.
+DELIVERY_ATTEMPTS: Final = """
+SELECT
+    attempt, trigger, status, status_code, status_text, duration_ms, error_kind, error,
+    attempted_at, next_attempt_at, event_id, event_type, space_slug, environment,
+    endpoint_id, endpoint_host, user_id, transaction_id, response_excerpt, replay_id,
+    source_topic, source_partition, source_offset, pending_attempt,
+    trace_id, span_id, dns_ms, connect_ms, tls_ms, ttfb_ms, connection_reused, cert_not_after
+FROM perkamo.webhook_attempts FINAL
+WHERE delivery_id = {delivery_id:String}
+ORDER BY attempt
+"""
+
+DELIVERY_ATTEMPTS_WITH_BODY: Final = """
+SELECT
+    attempt, trigger, status, status_code, status_text, duration_ms, error_kind, error,
+    attempted_at, next_attempt_at, event_id, event_type, space_slug, environment,
+    endpoint_id, endpoint_host, user_id, transaction_id, response_excerpt, replay_id,
+    source_topic, source_partition, source_offset, pending_attempt,
+    trace_id, span_id, dns_ms, connect_ms, tls_ms, ttfb_ms, connection_reused, cert_not_after,
+    request_body
+FROM perkamo.webhook_attempts FINAL
+WHERE delivery_id = {delivery_id:String}
+ORDER BY attempt
+"""
+
+# What a re-publish needs of a delivery: where it stands and where it first came from.
+_REPUBLISH_SELECT = """
+SELECT
+    delivery_id,
+    any(space_slug) AS space,
+    greatest(max(attempt), max(pending_attempt)) AS last_attempt,
+    argMax(status, (attempted_at, attempt)) AS last_status,
+    argMax(tuple(next_attempt_at), attempt).1 AS next_attempt_at,
+    argMax(replay_id, attempt) AS last_replay_id,
+    argMin(source_topic, attempt) AS source_topic,
+    argMin(source_partition, attempt) AS source_partition,
+    argMin(source_offset, attempt) AS source_offset,
+    min(attempted_at) AS first_attempted_at,
+    argMax(tuple(trace_id, span_id), (attempted_at, attempt)) AS last_trace
+FROM perkamo.webhook_attempts FINAL"""
+
+# The deliveries of one Space whose first attempt is in [since, until), optionally only those
+# whose latest attempt has `status`; oldest first, so a replay re-publishes in order.
+REPLAY_SELECTION: Final = _REPUBLISH_SELECT + """
+WHERE space_slug = {space:String}
+  AND attempted_at >= {since:DateTime64(3, 'UTC')}
+GROUP BY delivery_id
+HAVING min(if(attempt = 0, pending_attempt, attempt)) = 1
+  AND first_attempted_at < {until:DateTime64(3, 'UTC')}
+  AND ({status:String} = '' OR last_status = {status:String})
+ORDER BY first_attempted_at, delivery_id
+"""
+
+REPUBLISH_ONE: Final = _REPUBLISH_SELECT + """
+WHERE delivery_id = {delivery_id:String}
+GROUP BY delivery_id
+"""
+
+# The payload to re-publish: the body recorded with the first attempt, base64 so the bytes
+# come back exactly as they were sent.
+BODIES: Final = """
+SELECT delivery_id, base64Encode(argMin(request_body, attempt)) AS body
+FROM perkamo.webhook_attempts FINAL
+WHERE space_slug = {space:String} AND delivery_id IN {delivery_ids:Array(String)}
+GROUP BY delivery_id
+"""
+
+# Whether a replay id reached history (a replay of the same selection already ran).
+REPLAY_ROWS: Final = """
+SELECT count() AS attempts, uniqExact(delivery_id) AS deliveries
+FROM perkamo.webhook_attempts FINAL
+WHERE space_slug = {space:String} AND replay_id = {replay_id:String}
+"""
+
+
+# The analysts' queries (docs/analysts.md) ------------------------------------------------
+# Parameters: {space:String} ('' = every Space), {since:…}/{until:…} a half-open time range.
+
+FAILURE_RATE_PER_SPACE_PER_HOUR: Final = """
+SELECT
+    space_slug,
+    toStartOfHour(attempted_at) AS hour,
+    count() AS attempts,
+    countIf(status != 'delivered') AS failed_attempts,
+    round(failed_attempts / attempts, 4) AS failure_rate
+FROM perkamo.webhook_attempts FINAL
+WHERE attempt > 0
+  AND attempted_at >= {since:DateTime64(3, 'UTC')}
+  AND attempted_at < {until:DateTime64(3, 'UTC')}
+  AND ({space:String} = '' OR space_slug = {space:String})
+GROUP BY space_slug, hour
+ORDER BY space_slug, hour
+"""
+
+P95_DURATION_PER_SPACE: Final = """
+SELECT
+    space_slug,
+    count() AS attempts,
+    quantileExact(0.95)(duration_ms) AS p95_ms,
+    max(duration_ms) AS max_ms
+FROM perkamo.webhook_attempts FINAL
+WHERE attempted_at >= {since:DateTime64(3, 'UTC')}
+  AND attempted_at < {until:DateTime64(3, 'UTC')}
+  AND ({space:String} = '' OR space_slug = {space:String})
+  AND attempt > 0
+  AND error_kind NOT IN ('circuit_open', 'endpoint_saturated')
+GROUP BY space_slug
+ORDER BY p95_ms DESC
+"""
+
+STUCK_IN_RETRYING: Final = """
+SELECT
+    delivery_id,
+    any(space_slug) AS space,
+    max(attempt) AS last_attempt,
+    argMax(status, (attempted_at, attempt)) AS last_status,
+    argMax(tuple(next_attempt_at), attempt).1 AS next_attempt_at,
+    argMax(error_kind, attempt) AS last_error_kind
+FROM perkamo.webhook_attempts FINAL
+WHERE ({space:String} = '' OR space_slug = {space:String})
+GROUP BY delivery_id
+HAVING last_status = 'retrying'
+   AND next_attempt_at < now64(3) - INTERVAL {stuck_minutes:UInt32} MINUTE
+ORDER BY next_attempt_at
+"""
+
+TOP_ERROR_KINDS: Final = """
+SELECT
+    if(error_kind = '', 'unknown', error_kind) AS kind,
+    count() AS attempts,
+    uniqExact(delivery_id) AS deliveries,
+    uniqExact(space_slug) AS spaces
+FROM perkamo.webhook_attempts FINAL
+WHERE status != 'delivered'
+  AND attempt > 0
+  AND attempted_at >= {since:DateTime64(3, 'UTC')}
+  AND attempted_at < {until:DateTime64(3, 'UTC')}
+  AND ({space:String} = '' OR space_slug = {space:String})
+GROUP BY kind
+ORDER BY attempts DESC, kind
+LIMIT 10
+"""
+
+REPLAY_OUTCOMES: Final = """
+SELECT
+    replay_id,
+    uniqExact(delivery_id) AS deliveries,
+    countIf(status = 'delivered') AS delivered,
+    countIf(status = 'failed') AS failed,
+    min(attempted_at) AS started_at
+FROM perkamo.webhook_attempts FINAL
+WHERE replay_id != ''
+  AND attempted_at >= {since:DateTime64(3, 'UTC')}
+  AND ({space:String} = '' OR space_slug = {space:String})
+GROUP BY replay_id
+ORDER BY started_at DESC
+"""
+
+README_QUERIES: Final[dict[str, str]] = {
+    "failure_rate_per_space_per_hour": FAILURE_RATE_PER_SPACE_PER_HOUR,
+    "p95_duration_per_space": P95_DURATION_PER_SPACE,
+    "stuck_in_retrying": STUCK_IN_RETRYING,
+    "top_error_kinds": TOP_ERROR_KINDS,
+    "delivery_history": DELIVERY_ATTEMPTS,
+    "replay_outcomes": REPLAY_OUTCOMES,
+}

@@ -1,0 +1,86 @@
+"""The roles as processes: the deliver role holds no history store, `all` supervises both."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import orjson
+
+from tests.support import free_port, make_event, produce, unique, wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _modules_of(pid: int) -> str:
+    """The shared objects mapped into a process (what is in its address space)."""
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+async def test_the_deliver_role_has_no_clickhouse_in_its_address_space(harness, receiver):
+    space = unique("roles")
+    endpoints = harness.endpoints_file([{"space": space, "url": receiver.url("/roles")}])
+    env = {
+        **os.environ,
+        "PERKAMO_KAFKA_BOOTSTRAP_SERVERS": harness.kafka,
+        "PERKAMO_EVENTS_TOPICS": harness.events_topic,
+        "PERKAMO_GROUP_ID": harness.group,
+        "PERKAMO_DATA_DIR": str(harness.tmp_path / "deliver"),
+        "PERKAMO_ENDPOINTS_FILE": str(endpoints),
+        "PERKAMO_ALLOW_PRIVATE_NETWORKS": "127.0.0.0/8,::1/128",
+        "PERKAMO_CA_BUNDLE": str(harness.ca_file),
+        "PERKAMO_DELIVER_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "consumer", "run", "--role", "deliver"],
+                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        produce(harness.kafka, harness.events_topic, [orjson.dumps(make_event(space))])
+        await wait_for(lambda: receiver.to("/roles"), timeout=60, what="a delivery by the deliver role")
+        maps = _modules_of(proc.pid)
+        assert "chdb" not in maps and "libclickhouse" not in maps
+        code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import consumer.deliver_role, "
+                "consumer.cli; print(sorted(m for m in sys.modules if m.startswith(('chdb', "
+                "'clickhouse_connect', 'pandas', 'consumer.history'))))")
+        loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert loaded.stdout.strip() == "[]"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+    assert not (harness.tmp_path / "deliver" / "history").exists()
+
+
+def test_all_runs_both_roles_and_drains_them_on_sigterm(kafka, tmp_path):
+    history, deliver = free_port(), free_port()
+    env = {
+        **os.environ,
+        "PERKAMO_KAFKA_BOOTSTRAP_SERVERS": kafka,
+        "PERKAMO_DATA_DIR": str(tmp_path),
+        "PERKAMO_GROUP_ID": unique("all"),
+        "PERKAMO_HISTORY_GROUP_ID": unique("all-history"),
+        "PERKAMO_ADMIN_LISTEN": f"127.0.0.1:{history}",
+        "PERKAMO_DELIVER_ADMIN_LISTEN": f"127.0.0.1:{deliver}",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "consumer", "run", "--role", "all", "--workers", "2"],
+                            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        pending = {history, deliver, deliver + 1}
+        while pending and time.monotonic() < deadline:
+            for port in list(pending):
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                        if r.status == 200:
+                            pending.discard(port)
+                except OSError:
+                    pass
+            time.sleep(0.5)
+        assert not pending, f"not ready: {sorted(pending)}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    assert code == 0, proc.stderr.read().decode()[-3000:] if proc.stderr else ""
