@@ -24,8 +24,13 @@ from consumer.models import AttemptRow
 
 VERSION: Final = 1
 COLUMNS: Final[tuple[str, ...]] = tuple(f.name for f in fields(AttemptRow))
-_REQUIRED: Final = frozenset(COLUMNS) - {"error_kind", "replay_id", "pending_attempt"}
-_TIMES: Final = ("attempted_at", "next_attempt_at")
+# Fields added after version 1 was first published: optional, so older records still read.
+OPTIONAL: Final = frozenset({
+    "error_kind", "replay_id", "pending_attempt", "trace_id", "span_id", "dns_ms", "connect_ms",
+    "tls_ms", "ttfb_ms", "connection_reused", "cert_not_after",
+})
+_REQUIRED: Final = frozenset(COLUMNS) - OPTIONAL
+_TIMES: Final = ("attempted_at", "next_attempt_at", "cert_not_after")
 _OPTIONS: Final = orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
 
 

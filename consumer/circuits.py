@@ -61,6 +61,7 @@ class CircuitReporter:
         metrics = self._metrics
         most = 0
         now = asyncio.get_running_loop().time()
+        wall = time.time()
         for gate in gates:
             gate.tick()
             health, space = gate.health, gate.space
@@ -70,6 +71,8 @@ class CircuitReporter:
             metrics.endpoint_last_success.labels(space).set(health.last_success_at or 0)
             metrics.endpoint_last_failure.labels(space).set(health.last_failure_at or 0)
             metrics.held_deliveries.labels(space).set(gate.held)
+            if health.cert_not_after is not None:
+                metrics.endpoint_cert_expiry.labels(space).set(health.cert_not_after - wall)
             most = max(most, gate.in_flight)
         metrics.in_flight_max_per_endpoint.set(most)
 

@@ -8,6 +8,11 @@ consumers follow the topic and apply a change within seconds.
 A record is validated here exactly as the consumer validates it (`endpoints.parse_record`),
 so what the CLI accepts the consumer applies. Endpoint URLs are secrets: `list` shows
 `https://host/…` unless asked for `--show-urls`; signing secrets are never shown.
+
+`list` also shows when each endpoint's TLS certificate expires, as the deliver role saw it on
+its latest new connection: it asks the history role's admin API (`/api/v1/endpoints/health`,
+PERKAMO_ADMIN_LISTEN and the read token), which learns it from the attempt records of every
+deliver process. Without an answer the column says `?` and a note on stderr says why.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from consumer.registry_topic import read_all
 from consumer.schemas import schema_path
 
 EXIT_INVALID: Final = 2  # same as argparse's usage errors: nothing was published
+_HEALTH_TIMEOUT_S: Final = 3.0
+_CERT_WARN_DAYS: Final = 14  # as the alert PerkamoWebhookEndpointCertExpiring
 _SCHEMA: Final = "endpoint.schema.json"
 
 
@@ -85,6 +92,8 @@ def add_subcommands(sub: Any) -> None:
                           help="show full URLs (they are secrets)")
     list_cmd.add_argument("--json", action="store_true", help="one JSON array on stdout")
     list_cmd.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for Kafka")
+    list_cmd.add_argument("--no-health", action="store_true",
+                          help="do not ask the history role for certificate expiry (Kafka only)")
     list_cmd.set_defaults(fn=_list)
 
     remove_cmd = commands.add_parser(
@@ -151,16 +160,26 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
         print(f"warning: {ignored} invalid record(s) on {ENDPOINTS_TOPIC} ignored "
               "(consumers ignore them too)", file=sys.stderr)
     rows = _rows(topic_registry.all(), _file_endpoints(settings), args.show_urls)
+    health, why = ({}, "") if args.no_health else _health(settings)
+    if why:
+        print(f"note: certificate expiry unknown: {why}", file=sys.stderr)
+    for row in rows:
+        seen = health.get(row["space"]) or {}
+        row["cert_not_after"] = seen.get("cert_not_after")
+        row["cert_expires_in_s"] = seen.get("cert_expires_in_s")
     if args.json:
         sys.stdout.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
     if not rows:
         print("no endpoints")
         return 0
-    table = Table("space", "endpoint id", "active", "url", "signing secrets", "source")
+    table = Table("space", "endpoint id", "active", "url", "signing secrets", "source",
+                  "certificate expires")
+    unknown = "?" if why else "—"
     for row in rows:
         table.add_row(row["space"], row["id"], "yes" if row["active"] else "no", row["url"],
-                      str(row["signing_secret_count"]), row["source"])
+                      str(row["signing_secret_count"]), row["source"],
+                      _expiry(row["cert_not_after"], row["cert_expires_in_s"]) or unknown)
     # Not a terminal: never wrap or crop (scripts grep this), however wide it gets.
     Console(width=None if sys.stdout.isatty() else 10_000).print(table)
     return 0
@@ -193,6 +212,34 @@ def _rows(
             "source": source,
         })
     return rows
+
+
+def _health(settings: Settings) -> tuple[dict[str, dict[str, Any]], str]:
+    """Per Space, the history role's view of its endpoint (certificate expiry included), or
+    ({}, why not)."""
+    from consumer.cli_history import AdminClient, ApiFailure
+    from consumer.errors import PerkamoError
+
+    client = AdminClient(settings, timeout=_HEALTH_TIMEOUT_S)
+    try:
+        doc = client.get("/endpoints/health")
+    except ApiFailure as exc:
+        hint = " (set PERKAMO_ADMIN_READ_TOKEN)" if exc.status in (401, 403) else ""
+        return {}, f"the history role's admin API at {client.base} answered {exc.status}{hint}"
+    except PerkamoError:
+        return {}, f"the history role's admin API at {client.base} did not answer (PERKAMO_ADMIN_LISTEN)"
+    endpoints = doc.get("endpoints")
+    return (endpoints if isinstance(endpoints, dict) else {}), ""
+
+
+def _expiry(not_after: str | None, left_s: float | None) -> str:
+    """`2026-07-01 (in 42 days)`; '' when no new TLS connection was seen since start."""
+    if not not_after or left_s is None:
+        return ""
+    days = left_s / 86400
+    when = f"in {days:.0f} days" if days >= 0 else f"EXPIRED {-days:.0f} days ago"
+    warn = "  RENEW" if 0 <= days < _CERT_WARN_DAYS else ""
+    return f"{not_after[:10]} ({when}){warn}"
 
 
 def _file_endpoints(settings: Settings) -> list[Endpoint]:

@@ -392,6 +392,15 @@ def _plain(value: Any) -> Text:
     return Text("" if value is None else str(value))
 
 
+# History columns of the network timings (consumer.nettiming) -> their column headings.
+_TIMINGS: Final = {"dns_ms": "dns", "connect_ms": "connect", "tls_ms": "tls", "ttfb_ms": "ttfb"}
+
+
+def _maybe(value: Any) -> str:
+    """A timing: '' when not measured (an older row, or a step not reached)."""
+    return "" if value is None else str(value)
+
+
 def _console() -> Console:
     from rich.console import Console
 
@@ -430,15 +439,23 @@ def _print_detail(doc: dict[str, Any]) -> None:
         "delivery ", (str(doc["delivery_id"]), "bold"), f"  space {doc['space']}  ",
         f"event {doc['event_id']} ({doc['event_type']})  status ", _status(doc["status"]),
     ), soft_wrap=True)
-    table = Table(title="attempts (times UTC)", title_justify="left")
-    for name in ("#", "trigger", "status", "code", "error kind", "ms", "attempted at",
-                 "next attempt", "replay id", "error"):
+    traces = sorted({str(a.get("trace_id") or "") for a in doc["attempts"]} - {""})
+    if traces:
+        console.print(f"trace {', '.join(traces)}", soft_wrap=True)
+    table = Table(title="attempts (times UTC; ms = the whole attempt, then dns, connect, tls and "
+                  "time to first byte; 0 = skipped on a kept-alive connection)", title_justify="left")
+    for name in ("#", "trigger", "status", "code", "error kind", "ms", *_TIMINGS.values(), "conn",
+                 "attempted at", "next attempt", "replay id", "error"):
         table.add_column(name)
     for a in doc["attempts"]:
+        reused = a.get("connection_reused")
         table.add_row(
             str(a["attempt"]), _plain(a["trigger"]), _status(a["status"]),
             _plain(f"{a['status_code'] or ''} {a.get('status_text') or ''}".strip()),
-            _plain(a["error_kind"]), str(a["duration_ms"]), _when(a["attempted_at"]),
-            _when(a["next_attempt_at"]), _plain(a["replay_id"]), _plain(str(a["error"])[:120]),
+            _plain(a["error_kind"]), str(a["duration_ms"]),
+            *(_maybe(a.get(column)) for column in _TIMINGS),
+            "" if reused is None else ("reused" if reused else "new"),
+            _when(a["attempted_at"]), _when(a["next_attempt_at"]), _plain(a["replay_id"]),
+            _plain(str(a["error"])[:120]),
         )
     console.print(table)

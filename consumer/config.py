@@ -188,6 +188,10 @@ class Settings(BaseSettings):
     metrics_enabled: bool = True
     metrics_max_label_values: int = Field(100, ge=1, le=100_000)
     metrics_event_types: CommaList = Field(default_factory=list)
+    # Send the attempt span's `traceparent` to the receiver (off: exactly the v1 contract's headers).
+    trace_propagation: bool = False
+    # DNS/connect/TLS/first-byte timings per attempt from aiohttp's hooks (consumer.nettiming).
+    network_timings: bool = True
 
     @model_validator(mode="before")
     @classmethod

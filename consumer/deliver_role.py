@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from consumer import gctune
+from consumer import gctune, tracing
 from consumer.admin import build_app, start_admin
 from consumer.config import Settings
 from consumer.endpoints import EndpointRegistry, load_file
@@ -106,6 +106,7 @@ async def serve_deliver(role: DeliverRole, install_signals: bool = True) -> None
         if role.follower is not None:
             await asyncio.to_thread(role.follower.stop)
         await role.admin.cleanup()
+        await asyncio.to_thread(tracing.current().flush)  # the batch processor's last spans
 
 
 def endpoint_changed(

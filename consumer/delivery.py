@@ -20,6 +20,7 @@ import yarl
 
 from consumer import constants as c
 from consumer import metrics as m
+from consumer import nettiming
 from consumer.addresses import AddressPolicy, TrustedAddresses, url_host
 from consumer.config import Settings
 from consumer.errors import BlockedAddress
@@ -87,7 +88,7 @@ class Deliverer:
             # Per-endpoint caps are the gates' (consumer.gate); aiohttp's limit_per_host would
             # couple different customers' endpoints that share a host name.
             limit_per_host=0,
-            ssl=make_ssl_context(str(self._settings.ca_bundle) if self._settings.ca_bundle else None),
+            ssl=self._tls_context(),
             # With an egress proxy aiohttp resolves only the proxy's host, which the operator
             # chose (often a private address); the proxy must enforce egress rules itself.
             resolver=self._resolver,
@@ -103,7 +104,13 @@ class Deliverer:
             trust_env=False,
             # Webhook receivers set no cookies we would send back: no jar to update per answer.
             cookie_jar=aiohttp.DummyCookieJar(),
+            trace_configs=[nettiming.trace_config()] if self._settings.network_timings else None,
         )
+
+    def _tls_context(self) -> ssl.SSLContext:
+        context = make_ssl_context(str(self._settings.ca_bundle) if self._settings.ca_bundle else None)
+        # Marks TLS handshakes and reads the certificate's notAfter (verification unchanged).
+        return nettiming.instrument(context) if self._settings.network_timings else context
 
     async def close(self) -> None:
         if self._session is not None:
@@ -114,10 +121,14 @@ class Deliverer:
             self._resolver = None
 
     async def call(
-        self, endpoint: Endpoint, event: Event, delivery_id: str, attempt: int
+        self, endpoint: Endpoint, event: Event, delivery_id: str, attempt: int,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> AttemptResult:
-        """POST the event to the endpoint once; never raises for network or HTTP failures."""
+        """POST the event to the endpoint once; never raises for network or HTTP failures.
+        `extra_headers`: the opt-in `traceparent` (PERKAMO_TRACE_PROPAGATION)."""
         headers = contract_headers(event, delivery_id, attempt)
+        if extra_headers:
+            headers.update(extra_headers)
         if endpoint.signing_secrets:
             headers.update(
                 signature_headers(endpoint.signing_secrets, delivery_id, int(time.time()), event.body)

@@ -8,6 +8,11 @@ store, a due time years ahead that would pause a tier partition until then).
 
 Every message the service writes gets its header list built from scratch here, one value
 per name, from the `DeliveryMeta` it read and what happened since.
+
+The W3C `traceparent`/`tracestate` headers are read too (consumer.tracecontext) and carried on
+every retry, held and DLQ message, so the delivery's later attempts stay in its trace. Unlike
+the perkamo-* headers, a malformed trace header is ignored (a new trace starts): the event's
+producer's tracing must never stop a delivery.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ import re
 from dataclasses import dataclass, replace
 
 from consumer import constants as c
+from consumer import tracecontext
 from consumer.errors import InvalidEvent
 from consumer.intake import REASON_BAD_HEADER
+from consumer.tracecontext import TraceContext
 
 Headers = list[tuple[str, bytes]]
 
@@ -44,6 +51,8 @@ class DeliveryMeta:
     run_started_ms: int | None = None
     held_since_ms: int | None = None
     hold_reason: str = ""
+    # The delivery's trace: the event's own context, then the latest attempt's span.
+    trace: TraceContext | None = None
 
     def started(self, now_ms: int) -> DeliveryMeta:
         """The meta with the run's start filled in (now, for the run's first message)."""
@@ -78,7 +87,15 @@ def read_meta(headers: dict[str, bytes]) -> DeliveryMeta:
         run_started_ms=_int(headers, c.K_RUN_STARTED_MS, 0, _MAX_INT64),
         held_since_ms=_int(headers, c.K_HELD_SINCE_MS, 0, _MAX_INT64),
         hold_reason=_text(headers, c.K_HOLD_REASON, _ID_RE),
+        trace=_trace(headers),
     )
+
+
+def _trace(headers: dict[str, bytes]) -> TraceContext | None:
+    parent = headers.get(tracecontext.TRACEPARENT)
+    if parent is None:
+        return None
+    return tracecontext.parse(parent, headers.get(tracecontext.TRACESTATE))
 
 
 def due_ms(headers: dict[str, bytes]) -> int | None:
@@ -124,6 +141,8 @@ def _carried(
         out.append((c.K_FIRST_FAILED_MS, str(meta.first_failed_ms).encode()))
     if meta.replay_id:
         out.append((c.K_REPLAY_ID, meta.replay_id.encode()))
+    if meta.trace is not None:
+        out += meta.trace.headers()
     return out
 
 
@@ -207,10 +226,12 @@ def invalid_input_headers(
 
 
 def republish_headers(
-    delivery_id: str, origin: tuple[str, int, int], *, attempt: int, trigger: str, replay_id: str
+    delivery_id: str, origin: tuple[str, int, int], *, attempt: int, trigger: str, replay_id: str,
+    trace: TraceContext | None = None,
 ) -> Headers:
-    """A resend or replay: the next attempt number, and a fresh run through the tiers."""
-    return [
+    """A resend or replay: the next attempt number, and a fresh run through the tiers; `trace`
+    (the latest attempt's span, from history) keeps it in the delivery's trace."""
+    out: Headers = [
         (c.K_DELIVERY_ID, delivery_id.encode()),
         (c.K_ATTEMPT, str(attempt).encode()),
         (c.K_RUN_ATTEMPT, b"1"),  # a resend/replay walks the retry tiers afresh
@@ -220,6 +241,9 @@ def republish_headers(
         (c.K_ORIGIN_PARTITION, str(origin[1]).encode()),
         (c.K_ORIGIN_OFFSET, str(origin[2]).encode()),
     ]
+    if trace is not None:
+        out += trace.headers()
+    return out
 
 
 def _text(headers: dict[str, bytes], name: str, pattern: re.Pattern[bytes]) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 
 from consumer.breaker import CircuitState, SlidingWindow, Verdict
 from consumer.constants import STATUS_DELIVERED, STATUS_HELD
-from consumer.models import AttemptRow
+from consumer.models import AttemptRow, Endpoint
 
 FAILING_STREAK = 3
 # Below this many calls in the window a failure rate says little: only the streak counts.
@@ -69,6 +69,10 @@ class EndpointHealth:
     last_success_at: float | None = None  # epoch seconds
     last_failure_at: float | None = None
     last_error_kind: str = ""
+    # The endpoint certificate's notAfter (unix time) as last seen on a new TLS connection, and
+    # the time of the attempt that saw it (records arrive out of order: the latest wins).
+    cert_not_after: float | None = None
+    cert_seen_at: float = 0.0
 
     def __post_init__(self) -> None:
         self.window = SlidingWindow(self.policy.window_s)
@@ -84,6 +88,10 @@ class EndpointHealth:
             self.streak += 1
             self.last_failure_at = wall
             self.last_error_kind = error_kind
+
+    def saw_certificate(self, not_after: float, at: float = 0.0) -> None:
+        if at >= self.cert_seen_at:
+            self.cert_not_after, self.cert_seen_at = not_after, at
 
     def failure_rate(self, now: float) -> float:
         window = self.window.advance(now)
@@ -113,6 +121,9 @@ class EndpointHealth:
             "last_failure_at": _iso(self.last_failure_at),
             "last_error_kind": self.last_error_kind,
             "held": held,
+            "cert_not_after": _iso(self.cert_not_after),
+            "cert_expires_in_s": (None if self.cert_not_after is None
+                                  else round(self.cert_not_after - time.time())),
         }
 
 
@@ -151,6 +162,8 @@ class HealthBook:
         health = self._health.get(row.space_slug)
         if health is None:
             health = self._health[row.space_slug] = EndpointHealth(self._policy)
+        if row.cert_not_after is not None:
+            health.saw_certificate(row.cert_not_after.timestamp(), at)
         verdict = Verdict.SUCCESS if row.status == STATUS_DELIVERED else Verdict.FAILURE
         health.record(at, at, verdict, row.error_kind)
 
@@ -158,6 +171,19 @@ class HealthBook:
         with self._lock:
             self._health.pop(space, None)
             self._held.pop(space, None)
+
+    def endpoint_changed(self, space: str, before: Endpoint | None, after: Endpoint | None) -> None:
+        """The registry's listener: what was kept of an endpoint that went away is dropped; a
+        changed URL forgets the old one's certificate (the next new connection tells)."""
+        if before is None:
+            return
+        if after is None or after.id != before.id or not after.active:
+            self.forget(space)
+        elif after.url != before.url:
+            with self._lock:
+                health = self._health.get(space)
+                if health is not None:
+                    health.cert_not_after, health.cert_seen_at = None, 0.0
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         with self._lock:

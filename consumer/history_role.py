@@ -113,6 +113,7 @@ def build_history(
                                      degraded_rate=settings.health_degraded_rate,
                                      failing_rate=settings.breaker_failure_rate))
     ingest = HistoryIngest(settings, store.insert, metrics, on_rows=health.observe)
+    registry.add_listener(health.endpoint_changed)  # health and certificates of removed endpoints go
     follower = RegistryFollower(settings, registry, metrics)
     return HistoryRole(settings, metrics, store, registry, ingest, health, follower)
 

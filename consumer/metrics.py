@@ -53,6 +53,9 @@ BOUNDED_LABELS: Final = ("space", "event_type")
 _KEPT_ON_FORGET: Final = frozenset({"no_endpoint_total"})
 
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# Network steps are shorter than whole attempts: from 1 ms.
+_PHASE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+_BUCKETS: Final = {"attempt_phase_seconds": _PHASE_BUCKETS}
 
 # name -> (kind, help, labels); the single list the dashboard and alert tests check against.
 DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -65,6 +68,23 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "attempt_duration_seconds": (
         "histogram",
         "Duration of delivery attempts that made an HTTP call.",
+        ("space",),
+    ),
+    "attempt_phase_seconds": (
+        "histogram",
+        "Where attempts' time went, by step: dns, connect, tls (new connections only) and ttfb "
+        "(request sent to the response's head).",
+        ("phase",),
+    ),
+    "attempt_connections_total": (
+        "counter",
+        "Attempts by whether they reused a kept-alive connection (reused=true) or opened one.",
+        ("reused",),
+    ),
+    "endpoint_cert_expiry_seconds": (
+        "gauge",
+        "Seconds until the Space's endpoint TLS certificate expires (its notAfter, as seen on "
+        "this process's latest new connection); negative once expired.",
         ("space",),
     ),
     "in_flight": ("gauge", "Deliveries taken from Kafka and not yet finished.", ()),
@@ -300,7 +320,7 @@ class Metrics:
             elif kind == "gauge":
                 made[short] = Gauge(name, doc, labels, registry=self.registry)
             else:
-                buckets = _DURATION_BUCKETS
+                buckets = _BUCKETS.get(short, _DURATION_BUCKETS)
                 made[short] = Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
             if any(label in BOUNDED_LABELS for label in labels):
                 wrapped = _Bounded(made[short], tuple(bounders.get(label) for label in labels))
@@ -310,6 +330,9 @@ class Metrics:
         self.events_consumed: Any = made["events_consumed_total"]
         self.attempts: Any = made["attempts_total"]
         self.attempt_duration: Any = made["attempt_duration_seconds"]
+        self.attempt_phase: Any = made["attempt_phase_seconds"]
+        self.connections: Any = made["attempt_connections_total"]
+        self.endpoint_cert_expiry: Any = made["endpoint_cert_expiry_seconds"]
         self.in_flight: Any = made["in_flight"]
         self.in_flight_max_per_endpoint: Any = made["in_flight_max_per_endpoint"]
         self.retries_scheduled: Any = made["retries_scheduled_total"]

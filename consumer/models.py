@@ -125,3 +125,14 @@ class AttemptRow:
     replay_id: str = ""
     # Hold records only (attempt 0, status held or failed): the attempt the delivery waits to make.
     pending_attempt: int = 0
+    # The attempt's span (W3C ids, consumer.tracing); a hold record: the context it continues from.
+    trace_id: str = ""
+    span_id: str = ""
+    # Where the attempt's time went (consumer.nettiming); None = not measured or not reached.
+    dns_ms: int | None = None
+    connect_ms: int | None = None
+    tls_ms: int | None = None
+    ttfb_ms: int | None = None
+    connection_reused: bool | None = None
+    # The endpoint certificate's notAfter, when this attempt opened a new TLS connection.
+    cert_not_after: datetime | None = None

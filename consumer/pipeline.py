@@ -47,6 +47,7 @@ from consumer.headers import (
 from consumer.intake import parse_event
 from consumer.kafka_io import AsyncProducer, header_list, header_map, position
 from consumer.models import AttemptResult, AttemptRow, Endpoint, Event, delivery_id_for
+from consumer.observe import AttemptObserver, Observation
 from consumer.retry_policy import decide, max_due_ahead_s, schedule_span_s, tier_topic
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class Pipeline:
         self.retry_topics = {tier_topic(name): name for name, _ in self.tiers}
         self.span_ms = int(schedule_span_s(self.tiers) * 1000)
         self.max_due_ahead_ms = int(max_due_ahead_s(self.tiers) * 1000)
+        self._observe = AttemptObserver(settings, metrics)  # spans, network timings (issue 17)
 
     async def handle(self, msg: Message) -> None:
         """One message, start to end; returns once what it published is acknowledged."""
@@ -136,8 +138,9 @@ class Pipeline:
             except EndpointGone:  # removed or changed while it waited: look it up again
                 job = self._reroute(job)
                 continue
-            result = await self.call(job, gate, ticket)
-            await self.complete(job, result)
+            seen = self._observe.begin(job)
+            result = await self.call(job, gate, ticket, seen)
+            await self.complete(job, result, seen)
             return
 
     # 1. prepare ------------------------------------------------------------------------------
@@ -200,10 +203,12 @@ class Pipeline:
         finally:
             self._on_hold(False)
 
-    async def call(self, job: Job, gate: EndpointGate, ticket: Ticket) -> AttemptResult:
+    async def call(self, job: Job, gate: EndpointGate, ticket: Ticket, seen: Observation) -> AttemptResult:
         event = job.event
         try:
-            result = await self._deliverer.call(job.endpoint, event, job.delivery_id, job.meta.attempt)
+            result = await self._deliverer.call(
+                job.endpoint, event, job.delivery_id, job.meta.attempt, seen.request_headers
+            )
         except BaseException:  # cancelled (a drain deadline, a revoke): give the place back
             try:
                 gate.leave(ticket, None)
@@ -212,6 +217,7 @@ class Pipeline:
             raise
         verdict = verdict_for(result.delivered, result.status_code) if result.called else None
         gate.leave(ticket, verdict, result.outcome)
+        seen.done(result, gate)
         metrics = self._metrics
         metrics.child(metrics.attempt_duration, event.space_slug).observe(result.duration_ms / 1000)
         metrics.child(metrics.attempts, event.space_slug, event.type, result.outcome).inc()
@@ -219,7 +225,7 @@ class Pipeline:
 
     # 3. complete -------------------------------------------------------------------------------
 
-    async def complete(self, job: Job, result: AttemptResult) -> None:
+    async def complete(self, job: Job, result: AttemptResult, seen: Observation) -> None:
         """Publish what follows the attempt and its record; returns once Kafka has both."""
         now = now_ms()
         next_at: int | None = None
@@ -229,6 +235,7 @@ class Pipeline:
         if result.delivered:
             status = c.STATUS_DELIVERED
         else:
+            meta = seen.carry(meta)  # the next attempt is a child of this one's span
             decision = decide(meta.run_attempt, self.tiers, now, result.retry_after_s)
             if decision.tier is None:
                 status = c.STATUS_FAILED
@@ -249,7 +256,9 @@ class Pipeline:
                 topic = tier_topic(decision.tier)
                 publishes.append(producer.publish(topic, event.body, job.delivery_id, headers))
                 self._metrics.retries_scheduled.labels(decision.tier).inc()
-        publishes.append(self._record(self.row(job, result, status, now, next_at)))
+        row = self.row(job, result, status, now, next_at)
+        seen.fill(row)
+        publishes.append(self._record(row))
         await _all(publishes)
         # Successes at DEBUG: at thousands per second a line each would dominate the hot path.
         if not result.delivered or log.isEnabledFor(logging.DEBUG):
@@ -365,6 +374,7 @@ class Pipeline:
         row.pending_attempt = job.meta.attempt
         row.error_kind = error_kind
         row.error = error
+        self._observe.fill_hold(row, job.meta)
         return row
 
 

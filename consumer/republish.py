@@ -46,6 +46,7 @@ from consumer.queries import (
     iso,
 )
 from consumer.sql import BODIES, REPLAY_ROWS, REPLAY_SELECTION, REPUBLISH_ONE
+from consumer.tracecontext import TraceContext, of_ids
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +127,18 @@ class DeliveryState:
     source_topic: str
     source_partition: int
     source_offset: int
+    # The latest record's span: a re-published attempt is its child, in the delivery's trace.
+    trace: TraceContext | None = None
 
     @classmethod
     def of(cls, row: Sequence[Any]) -> DeliveryState:
         next_at = row[4]
         if next_at is not None and next_at.tzinfo is None:
             next_at = next_at.replace(tzinfo=UTC)
+        last_trace = row[10] if len(row) > 10 and row[10] else ("", "")
         return cls(str(row[0]), str(row[1]), int(row[2]), str(row[3]), next_at, str(row[5]),
-                   str(row[6]), int(row[7]), int(row[8]))
+                   str(row[6]), int(row[7]), int(row[8]),
+                   of_ids(str(last_trace[0]), str(last_trace[1])))
 
     def in_retry(self, now: datetime) -> bool:
         """Still waiting in a retry tier (and not stuck), or held for its endpoint's circuit:
@@ -423,7 +428,8 @@ class Republisher:
         attempt, trigger, replay_id = how
         origin = (state.source_topic, state.source_partition, state.source_offset)
         headers = republish_headers(
-            state.delivery_id, origin, attempt=attempt, trigger=trigger, replay_id=replay_id
+            state.delivery_id, origin, attempt=attempt, trigger=trigger, replay_id=replay_id,
+            trace=state.trace,
         )
         try:
             await producer.publish(self._topic, body, state.space, headers)

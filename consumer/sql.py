@@ -109,7 +109,8 @@ SELECT
     attempt, trigger, status, status_code, status_text, duration_ms, error_kind, error,
     attempted_at, next_attempt_at, event_id, event_type, space_slug, environment,
     endpoint_id, endpoint_host, user_id, transaction_id, response_excerpt, replay_id,
-    source_topic, source_partition, source_offset, pending_attempt
+    source_topic, source_partition, source_offset, pending_attempt,
+    trace_id, span_id, dns_ms, connect_ms, tls_ms, ttfb_ms, connection_reused, cert_not_after
 FROM perkamo.webhook_attempts FINAL
 WHERE delivery_id = {delivery_id:String}
 ORDER BY attempt
@@ -121,6 +122,7 @@ SELECT
     attempted_at, next_attempt_at, event_id, event_type, space_slug, environment,
     endpoint_id, endpoint_host, user_id, transaction_id, response_excerpt, replay_id,
     source_topic, source_partition, source_offset, pending_attempt,
+    trace_id, span_id, dns_ms, connect_ms, tls_ms, ttfb_ms, connection_reused, cert_not_after,
     request_body
 FROM perkamo.webhook_attempts FINAL
 WHERE delivery_id = {delivery_id:String}
@@ -139,7 +141,8 @@ SELECT
     argMin(source_topic, attempt) AS source_topic,
     argMin(source_partition, attempt) AS source_partition,
     argMin(source_offset, attempt) AS source_offset,
-    min(attempted_at) AS first_attempted_at
+    min(attempted_at) AS first_attempted_at,
+    argMax(tuple(trace_id, span_id), (attempted_at, attempt)) AS last_trace
 FROM perkamo.webhook_attempts FINAL"""
 
 # The deliveries of one Space whose first attempt is in [since, until), optionally only those

@@ -327,6 +327,12 @@ def rate(count: int, first_ns: int, last_ns: int) -> float | None:
     return count / ((last_ns - first_ns) / 1e9)
 
 
+def mean(values: list[float | None]) -> float | None:
+    """The mean of the figures that exist (None if none does)."""
+    known = [v for v in values if v is not None]
+    return round(sum(known) / len(known), 1) if known else None
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
@@ -718,7 +724,7 @@ class Bench:
         return RoleProc(name, role, proc, admin, data_dir, log_path, now_ns(), group)
 
     def start_deliver(self, name: str, topic: str, group: str, tiers: str, env: dict[str, str] | None = None,
-                      worker: int = 0, gc_out: Path | None = None) -> RoleProc:
+                      worker: int = 0, gc_out: Path | None = None, launcher: str = "") -> RoleProc:
         """`run --role deliver --worker I`: its /metrics on a free port (the base port minus I, as
         the role listens on base + worker index)."""
         port = free_port()
@@ -730,6 +736,8 @@ class Bench:
         if gc_out is not None:
             full["BENCH_GC_OUT"] = str(gc_out)
             cmd = [PYTHON, "-c", GC_LAUNCHER, *args]
+        elif launcher:  # a module wrapping consumer.cli.main (tests/bench_tracing.py)
+            cmd = [PYTHON, "-m", launcher, *args]
         else:
             cmd = [PYTHON, "-m", "consumer", *args]
         return self._spawn(name, "deliver", cmd, full, f"127.0.0.1:{port}", data_dir, group)
@@ -1009,7 +1017,7 @@ class Bench:
     def run_throughput(self, label: str, processes: int, hist: RoleProc | None,
                        env: dict[str, str] | None = None, profile: bool = False, gc_timed: bool = False,
                        topic: str = "bench.e2e", assigned_first: bool = False,
-                       events: int | None = None) -> dict[str, Any]:
+                       events: int | None = None, launcher: str = "") -> dict[str, Any]:
         """N events for one Space through a fresh group of `processes` deliver roles, with the
         history role `hist` running beside them; then the history role's catch-up.
 
@@ -1030,7 +1038,8 @@ class Bench:
         mark = self.history_mark(hist) if hist is not None else None
         cpu_broker = self.broker.cpu_s()
         gc_out = self.workdir / f"{label}-gc.json" if gc_timed else None
-        roles = [self.start_deliver(f"{label}-{i}", topic, group, DEFAULT_TIERS, env, worker=i, gc_out=gc_out)
+        roles = [self.start_deliver(f"{label}-{i}", topic, group, DEFAULT_TIERS, env, worker=i, gc_out=gc_out,
+                                    launcher=launcher)
                  for i in range(processes)]
         watch = [hist] if hist is not None else []
         names: dict[int, str] = {}
@@ -1155,6 +1164,17 @@ class Bench:
             on = self.run_throughput("e2e-metrics-on", 1, hist, gc_timed=not self.args.no_gc_launcher)
             off = (self.run_throughput("e2e-metrics-off", 1, hist, {"PERKAMO_METRICS_ENABLED": "false"})
                    if self.sizes.metrics_off else None)
+            # Issue 17: tracing on and timings off, bracketed by two baseline runs (tracing off,
+            # timings on, metrics on, no GC launcher): the first run of a phase is slower (a fresh
+            # group, cold caches), so `on` is no fair baseline for them.
+            bases: list[dict[str, Any]] = []
+            traced = untimed = None
+            if self.sizes.metrics_off:
+                bases.append(self.run_throughput("e2e-baseline-a", 1, hist))
+                traced = self.run_throughput("e2e-tracing-on", 1, hist, launcher="tests.bench_tracing")
+                untimed = self.run_throughput("e2e-timings-off", 1, hist,
+                                              {"PERKAMO_NETWORK_TIMINGS": "false"})
+                bases.append(self.run_throughput("e2e-baseline-b", 1, hist))
             if self.args.profile:
                 self.results["profile_run"] = self.run_throughput("e2e-profiled", 1, hist, profile=True)
                 self.results["profile"]["gc"] = on.get("gc")  # timed in the unprofiled run
@@ -1183,6 +1203,17 @@ class Bench:
             on_cpu, off_cpu = on["cpu_s_per_1k_steady"], off["cpu_s_per_1k_steady"]
             doc["metrics_cpu_share"] = (None if not on_cpu or off_cpu is None
                                         else round(1 - off_cpu / on_cpu, 3))
+        if bases:
+            doc["baselines"] = bases
+            doc["baseline_deliveries_per_s"] = mean([b["deliveries_per_s"] for b in bases])
+            doc["baseline_cpu_us_per_delivery"] = mean([b["cpu_us_per_delivery"] for b in bases])
+        for key, run, what in (("tracing_on", traced, "tracing_on_over_off"),
+                               ("timings_off", untimed, "timings_off_over_on")):
+            if run is None:
+                continue
+            doc[key] = run
+            doc[what] = ratio(run["deliveries_per_s"], doc["baseline_deliveries_per_s"])
+            doc[key + "_cpu_us_per_delivery"] = run["cpu_us_per_delivery"]
         if "profile_run" in self.results:
             doc["profiled"] = {k: self.results["profile_run"][k]
                                for k in ("deliveries_per_s", "cpu_us_per_delivery", "exit_ok")}
@@ -1877,7 +1908,28 @@ def table_rows(phases: dict[str, Any]) -> list[dict[str, Any]]:  # noqa: C901, P
                 row("2 e2e", "deliveries/s, metrics off", off["deliveries_per_s"], unit="/s", digits=0)
                 row("2 e2e", "metrics off / on (throughput)", doc["metrics_off_over_on"], digits=2)
                 row("2 e2e", "CPU per delivery spent on metrics", doc["metrics_cpu_share"], digits=3)
-            runs = [on, *([doc["metrics_off"]] if "metrics_off" in doc else [])]
+            if "baselines" in doc:
+                row("2 e2e", "baseline runs before ; after (tracing off, timings on)",
+                    " ; ".join(f"{_fmt(b['deliveries_per_s'], '/s', 0)} "
+                               f"{_fmt(b['cpu_us_per_delivery'], ' µs', 0)}" for b in doc["baselines"]))
+            if "tracing_on" in doc:
+                traced = doc["tracing_on"]
+                row("2 e2e", "deliveries/s, tracing on (SDK, batch processor, counting exporter)",
+                    traced["deliveries_per_s"], unit="/s", digits=0)
+                row("2 e2e", "tracing on / off (throughput)", doc["tracing_on_over_off"], digits=2)
+                row("2 e2e", "CPU per delivery, tracing on ; off",
+                    f"{_fmt(traced['cpu_us_per_delivery'], ' µs', 0)} ; "
+                    f"{_fmt(doc['baseline_cpu_us_per_delivery'], ' µs', 0)}")
+            if "timings_off" in doc:
+                untimed = doc["timings_off"]
+                row("2 e2e", "deliveries/s, network timings off", untimed["deliveries_per_s"], unit="/s",
+                    digits=0)
+                row("2 e2e", "timings off / on (throughput)", doc["timings_off_over_on"], digits=2)
+                row("2 e2e", "CPU per delivery, timings off ; on",
+                    f"{_fmt(untimed['cpu_us_per_delivery'], ' µs', 0)} ; "
+                    f"{_fmt(doc['baseline_cpu_us_per_delivery'], ' µs', 0)}")
+            runs = [on, *(doc[k] for k in ("metrics_off", "tracing_on", "timings_off") if k in doc),
+                    *doc.get("baselines", [])]
             clean = all(r["all_committed"] and r["exit_ok"] for r in runs) and doc["history_exit_ok"]
             row("2 e2e", "all offsets committed, every role exit 0", clean, "yes", clean)
             receiver_row("2 e2e", on)

@@ -579,6 +579,48 @@ async def test_health_from_the_context_is_shown(console, seeded):
     assert "circuit open" in html and "unknown" in html  # bravo has no health yet
 
 
+async def test_certificate_expiry_is_shown_on_the_endpoint_page(console, seeded):
+    client, ctx = console
+    expires = NOW + timedelta(days=3)
+    ctx.health[seeded.a] = {"state": "healthy", "circuit": "closed",
+                            "cert_not_after": expires.isoformat().replace("+00:00", "Z"),
+                            "cert_expires_in_s": 3 * 86400}
+    ctx.health[seeded.b] = {"state": "healthy", "circuit": "closed", "cert_not_after": None,
+                            "cert_expires_in_s": None}
+    await client.sign_in()
+    _, html, _ = await client.get(f"/console/endpoints/{seeded.a}")
+    shown = re.search(r'<dd id="cert-expiry">(.*?)</dd>', html, re.S)
+    assert shown and "in 3 days" in shown.group(1) and "h-degraded" in shown.group(1)
+    assert expires.strftime("%Y-%m-%d") in shown.group(1) and "renew" in shown.group(1)
+    _, html, _ = await client.get(f"/console/endpoints/{seeded.b}")
+    assert 'id="cert-expiry"' not in html  # no new connection seen yet
+
+
+async def test_delivery_page_shows_the_trace_and_network_timings(console, store, seeded):
+    client, _ = console
+    did = f"dlv_{seeded.a}_timed"
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    store.insert([
+        attempt(did, 1, seeded.a, "retrying", NOW - timedelta(minutes=2), trace_id=trace,
+                span_id="00f067aa0ba902b7", dns_ms=3, connect_ms=1, tls_ms=7, ttfb_ms=41,
+                connection_reused=False),
+        attempt(did, 2, seeded.a, "delivered", NOW - timedelta(minutes=1), trace_id=trace,
+                span_id="11f067aa0ba902b7", dns_ms=0, connect_ms=0, tls_ms=0, ttfb_ms=12,
+                connection_reused=True),
+    ])
+    await client.sign_in()
+    status, html, _ = await client.get(f"/console/deliveries/{did}")
+    assert status == 200
+    assert f'<dd class="mono" id="trace-id">{trace}</dd>' in html
+    for heading in ("dns ms", "connect ms", "tls ms", "ttfb ms", "Connection"):
+        assert heading in html
+    table = html[html.index('id="attempts"'):html.index("</table>", html.index('id="attempts"'))]
+    assert re.search(r'>3</td>\s*<td class="num">1</td>\s*<td class="num">7</td>\s*<td class="num">41</td>\s*'
+                     r"<td>new</td>", table)
+    assert re.search(r'>0</td>\s*<td class="num">0</td>\s*<td class="num">0</td>\s*<td class="num">12</td>\s*'
+                     r"<td>reused</td>", table)
+
+
 async def test_resend_and_replay_publish_through_kafka_with_their_checks(console, seeded):
     client, ctx = console
     await client.sign_in()

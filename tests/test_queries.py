@@ -240,7 +240,8 @@ columns = client.query(
 indexes = client.query(
     "SELECT name FROM system.data_skipping_indices WHERE database = 'perkamo' AND table = 'webhook_attempts'"
 ).result_rows
-wanted = ["delivery_id", "attempt", "status", "request_body", "error_kind", "replay_id"]
+wanted = ["delivery_id", "attempt", "status", "request_body", "error_kind", "replay_id", "trace_id",
+          "dns_ms", "ttfb_ms", "connection_reused", "cert_not_after"]
 present = [name for name in wanted if name in dict(columns)]
 rows = client.query(
     f"SELECT {', '.join(present)} FROM perkamo.webhook_attempts FINAL ORDER BY attempt"
@@ -275,6 +276,9 @@ def test_migrate_upgrades_an_older_table_in_place(tmp_path):
     assert first.returncode == 0, first.stderr
     assert "added column error_kind" in first.stdout
     assert "added column replay_id" in first.stdout
+    for column in ("trace_id", "span_id", "dns_ms", "connect_ms", "tls_ms", "ttfb_ms", "connection_reused",
+                   "cert_not_after"):  # issue 17: tracing, network timings, certificate expiry
+        assert f"added column {column}" in first.stdout
     again = subprocess.run(cli, check=False, capture_output=True, text=True, timeout=120, env=env,
                            cwd=tmp_path)
     assert again.returncode == 0, again.stderr
@@ -283,8 +287,11 @@ def test_migrate_upgrades_an_older_table_in_place(tmp_path):
     after = json.loads(_python(INSPECT_SCRIPT, str(path)))
     assert after["columns"]["error_kind"] == "LowCardinality(String)"
     assert after["columns"]["replay_id"] == "String"
-    assert {"idx_delivery_id", "idx_attempted_at", "idx_status"} <= set(after["indexes"])
+    assert after["columns"]["dns_ms"] == "Nullable(UInt32)"
+    assert after["columns"]["connection_reused"] == "Nullable(Bool)"
+    assert {"idx_delivery_id", "idx_attempted_at", "idx_status", "idx_trace_id"} <= set(after["indexes"])
+    # Old rows: no trace id, timings not measured (NULL, not 0: a kept-alive connection's 0 means skipped)
     assert after["rows"] == [
-        ["dlv_old", 1, "delivered", '{"id":"evt_old"}', "", ""],
-        ["dlv_old", 2, "failed", "", "", ""],
+        ["dlv_old", 1, "delivered", '{"id":"evt_old"}', "", "", "", None, None, None, None],
+        ["dlv_old", 2, "failed", "", "", "", "", None, None, None, None],
     ]

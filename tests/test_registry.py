@@ -342,7 +342,10 @@ async def test_list_masks_urls_and_never_shows_secrets(kafka, topics, cli):
     rows = {row["space"]: row for row in orjson.loads(masked.stdout)}
     assert rows[space] == {"space": space, "id": rows[space]["id"], "active": True,
                            "url": "https://hooks.example.com/…", "signing_secret_count": 2,
-                           "source": "topic"}
+                           "source": "topic",
+                           # no history role answers here: expiry unknown (stderr says why)
+                           "cert_not_after": None, "cert_expires_in_s": None}
+    assert "certificate expiry unknown" in masked.stderr
     assert rows[plain]["active"] is False
 
     shown = await cli("endpoints", "list", "--json", "--show-urls")

@@ -126,7 +126,7 @@ class DeliveryPages(ConsoleBase):
                       first["environment"], first["user_id"], first["transaction_id"])
         headers = contract_headers(event, delivery_id, int(last["attempt"]))
         endpoint = next((ep for ep in self._ctx.endpoints.all() if ep.space == first["space_slug"]), None)
-        timings = [c for c in TIMING_COLUMNS if any(c in a for a in attempts)]
+        timings = [c for c in TIMING_COLUMNS if any(a.get(c) is not None for a in attempts)]
         landed = bool(awaiting) and bool(attempts) and int(attempts[-1]["attempt"]) >= awaiting
         refresh = None
         if awaiting and not landed and time.time() - since < RESEND_WAIT_S:

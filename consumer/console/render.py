@@ -44,6 +44,16 @@ def _percent(value: Any) -> str:
     return f"{float(value) * 100:.1f} %"
 
 
+def expires_in(seconds: Any) -> str:
+    """Seconds until a certificate expires -> `in 3 days`, `in 5 hours`, `expired 2 days ago`."""
+    if seconds is None:
+        return "—"
+    left = float(seconds)
+    days, hours = abs(left) / 86400, abs(left) / 3600
+    span = f"{days:.0f} days" if days >= 2 else f"{hours:.0f} hours"
+    return f"in {span}" if left >= 0 else f"expired {span} ago"
+
+
 def pretty_body(text: str) -> str:
     """A request body as indented JSON when it parses, else as it was; bounded in size."""
     try:
@@ -67,6 +77,7 @@ def environment() -> jinja2.Environment:
     env.filters["ts"] = _time
     env.filters["pct"] = _percent
     env.filters["mask_url"] = mask_url
+    env.filters["expires_in"] = expires_in
     return env
 
 

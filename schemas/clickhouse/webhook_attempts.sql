@@ -12,6 +12,12 @@
 -- ORDER BY starts with space_slug: "this Space's attempts" reads one key range; the time
 -- range prunes month partitions and the minmax index; status has a set index; lookups by
 -- delivery id, event id or transaction id alone (the console's search) use bloom filters.
+--
+-- Tracing and network timings (added later; `migrate` adds them to an older table, where old
+-- rows read '' and NULL): trace_id/span_id are the attempt's OpenTelemetry span; dns_ms,
+-- connect_ms, tls_ms and ttfb_ms where its time went (0 = a step a kept-alive connection
+-- skipped, NULL = not measured or not reached); cert_not_after the endpoint certificate's
+-- expiry when the attempt opened a new TLS connection.
 CREATE TABLE IF NOT EXISTS perkamo.webhook_attempts
 (
     delivery_id       String,
@@ -40,10 +46,19 @@ CREATE TABLE IF NOT EXISTS perkamo.webhook_attempts
     source_offset     Int64,
     replay_id         String,
     pending_attempt   UInt16 DEFAULT 0,
+    trace_id          String DEFAULT '',
+    span_id           String DEFAULT '',
+    dns_ms            Nullable(UInt32),
+    connect_ms        Nullable(UInt32),
+    tls_ms            Nullable(UInt32),
+    ttfb_ms           Nullable(UInt32),
+    connection_reused Nullable(Bool),
+    cert_not_after    Nullable(DateTime64(3, 'UTC')),
     written_at        DateTime64(3, 'UTC') DEFAULT now64(3),
     INDEX idx_delivery_id delivery_id TYPE bloom_filter(0.01) GRANULARITY 4,
     INDEX idx_event_id event_id TYPE bloom_filter(0.01) GRANULARITY 4,
     INDEX idx_transaction_id transaction_id TYPE bloom_filter(0.01) GRANULARITY 4,
+    INDEX idx_trace_id trace_id TYPE bloom_filter(0.01) GRANULARITY 4,
     INDEX idx_attempted_at attempted_at TYPE minmax GRANULARITY 1,
     INDEX idx_status status TYPE set(8) GRANULARITY 4
 )
