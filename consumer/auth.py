@@ -1,4 +1,4 @@
-"""Who may call the admin listener: tokens, scopes and the Host allow-list (DESIGN §8).
+"""Who may call the admin listener: tokens, scopes and the Host allow-list (docs/security.md).
 
 Kept apart from the handlers so that every process serving history (today the consumer's
 admin listener; later a separate history role, and the console) applies the same rules with

@@ -1,9 +1,9 @@
 """`perkamo-webhooks endpoints set | list | remove`: the endpoint registry topic by hand.
 
-Each command talks to Kafka only (DESIGN §5): `set` publishes an endpoint record (key = the
-Space's slug) to the compacted topic `perkamo.webhooks.endpoints` and waits for the broker's
-acknowledgement, `remove` publishes a tombstone, `list` reads the topic to its end. Running
-consumers follow the topic and apply a change within seconds.
+Each command talks to Kafka only (docs/architecture.md, endpoints): `set` publishes an
+endpoint record (key = the Space's slug) to the compacted topic `perkamo.webhooks.endpoints`
+and waits for the broker's acknowledgement, `remove` publishes a tombstone, `list` reads the
+topic to its end. Running consumers follow the topic and apply a change within seconds.
 
 A record is validated here exactly as the consumer validates it (`endpoints.parse_record`),
 so what the CLI accepts the consumer applies. Endpoint URLs are secrets: `list` shows

@@ -1,6 +1,6 @@
 """`perkamo-webhooks history | resend | replay`: delivery history for support and operators.
 
-The commands talk to the running consumer's admin API at PERKAMO_ADMIN_LISTEN (DESIGN §8):
+The commands talk to the running consumer's admin API at PERKAMO_ADMIN_LISTEN (docs/support.md):
 the embedded history engine opens in one process only, and resend/replay must go through the
 consumer's Kafka producer and its double-work guard. With a ClickHouse server as history
 (`PERKAMO_HISTORY_DSN=http(s)://…`) `history` reads it directly, consumer or not.

@@ -1,6 +1,6 @@
 """Settings: defaults, then a TOML file, then PERKAMO_* environment variables, then one validation pass.
 
-Every setting is documented in README.md with its default; `Settings.describe()` is the
+Every setting is documented in docs/configuration.md with its default; `Settings.describe()` is the
 masked dump operators see from `perkamo-webhooks settings`.
 """
 

@@ -1,4 +1,7 @@
-"""Names users and other services depend on (DESIGN §10): topics, headers, statuses, triggers."""
+"""Names users and other services depend on: topics, headers, statuses, triggers.
+
+They are listed in docs/architecture.md (names users depend on) and change only with a note.
+"""
 
 from typing import Final
 

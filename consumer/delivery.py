@@ -1,4 +1,4 @@
-"""One HTTPS delivery attempt with aiohttp, mapped to an outcome in one place (DESIGN §4).
+"""One HTTPS delivery attempt with aiohttp, mapped to an outcome in one place (docs/delivery-contract.md).
 
 Exactly the contract's headers go out (plus Host and Content-Length, which HTTP needs, and
 the opt-in signature headers when the endpoint has signing secrets). Redirects are not

@@ -1,4 +1,4 @@
-"""The endpoint registry: which endpoint each Space's events go to (DESIGN §5).
+"""The endpoint registry: which endpoint each Space's events go to (docs/architecture.md, endpoints).
 
 Two sources: the static `PERKAMO_ENDPOINTS_FILE` (a JSON list of endpoint records) and the
 compacted topic `perkamo.webhooks.endpoints` (key = space slug, tombstone = removed). Per
@@ -181,7 +181,7 @@ class EndpointRegistry:
 
     Listeners (`add_listener`) hear of every change of the endpoint in effect for a Space, on
     the thread that applied it (the registry follower's): that is where per-endpoint state of
-    an endpoint that went away is dropped (DESIGN: bounded by construction)."""
+    an endpoint that went away is dropped (docs/architecture.md, endpoints: bounded by construction)."""
 
     def __init__(self, file_endpoints: Iterable[Endpoint] = ()) -> None:
         self._lock = threading.Lock()

@@ -37,7 +37,7 @@ def _ddl(ttl_days: int) -> str:
     return schema_path("clickhouse/webhook_attempts.sql").read_text().format(ttl_days=ttl_days)
 
 
-# Receiver-controlled text is capped where it enters history (DESIGN §4: bounded everything).
+# Receiver-controlled text is capped where it enters history (docs/attempts.md: a record's size is bounded).
 STATUS_TEXT_MAX = 256
 ERROR_MAX = 1024
 _STATUS_TEXT_AT = COLUMNS.index("status_text")

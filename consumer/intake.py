@@ -1,4 +1,4 @@
-"""Turn a Kafka message value into a validated Event, or say exactly why not (DESIGN §4)."""
+"""Turn a Kafka message value into a validated Event, or say exactly why not (docs/delivery-contract.md)."""
 
 from __future__ import annotations
 

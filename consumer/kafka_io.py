@@ -93,7 +93,8 @@ def _scrub(text: str, config: dict[str, Any]) -> str:
 def consumer_config(
     source: Source, group_id: str, protocol: str, stats_interval_s: float = 5.0
 ) -> dict[str, Any]:
-    """Offsets are committed explicitly by the service (DESIGN §7), never automatically."""
+    """Offsets are committed explicitly by the service, never automatically
+    (docs/architecture.md, offsets)."""
     config: dict[str, Any] = {
         **client_config(source),
         "group.id": group_id,

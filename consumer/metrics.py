@@ -1,4 +1,4 @@
-"""Prometheus metrics: one place for names, labels and help texts (DESIGN §8).
+"""Prometheus metrics: one place for names, labels and help texts (docs/operations.md).
 
 Labels are of bounded cardinality only: space, event type, outcome, tier, reason, topic,
 partition. Never a URL, a delivery id or a user id. `Metrics(enabled=False)` gives the same

@@ -96,7 +96,7 @@ class AttemptResult:
 
 @dataclass(slots=True)
 class AttemptRow:
-    """One row of perkamo.webhook_attempts (DESIGN §10)."""
+    """One row of perkamo.webhook_attempts (docs/analysts.md lists its columns)."""
 
     delivery_id: str
     attempt: int

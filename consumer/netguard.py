@@ -31,7 +31,7 @@ what follows from it:
   are, and aiohttp 3.14 rejects non-canonical IPv4 forms such as `127.1`. The socket factory
   sees them like any other address; `AddressPolicy.check_literal` also refuses them before the
   request (and before a CONNECT through a proxy, where the factory only sees the proxy).
-* Redirects are not followed (DESIGN §4, `allow_redirects=False`).
+* Redirects are not followed (docs/security.md, `allow_redirects=False`).
 * Proxies. Through an HTTP(S) proxy the connector dials the proxy, not the endpoint; the
   endpoint is named in the CONNECT request and resolved by the proxy, which must enforce the
   same rules. The proxy is the one trusted destination: the addresses its configured host

@@ -1,4 +1,7 @@
-"""Out-of-order completion -> the offset that is safe to commit, per partition (DESIGN §7)."""
+"""Out-of-order completion -> the offset that is safe to commit, per partition.
+
+See docs/architecture.md (offsets).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Publishing to the endpoint registry topic `perkamo.webhooks.endpoints` (DESIGN §5).
+"""Publishing to the endpoint registry topic `perkamo.webhooks.endpoints` (docs/architecture.md, endpoints).
 
 One record (key = the Space's slug; None = a tombstone) per call, acknowledged by the broker
 before it returns. `endpoints set|remove` and the console's endpoint forms both publish here,

@@ -1,9 +1,10 @@
 """Follows the compacted registry topic `perkamo.webhooks.endpoints` into the EndpointRegistry.
 
-DESIGN §5: the consumer reads the topic to its end before it delivers, then follows updates
-live. Every process reads the whole topic itself, so the reader joins no consumer group and
-commits nothing: it assigns every partition from the beginning (a unique group.id only
-because librdkafka requires one; with no subscribe() and no commit, no group is created).
+The consumer reads the topic to its end before it delivers, then follows updates live
+(docs/architecture.md, endpoints). Every process reads the whole topic itself, so the reader
+joins no consumer group and commits nothing: it assigns every partition from the beginning (a
+unique group.id only because librdkafka requires one; with no subscribe() and no commit, no
+group is created).
 
 "Read to its end" means: every partition reached the high watermark it had when it was
 assigned (librdkafka's partition-EOF event, which also covers offsets left as gaps by

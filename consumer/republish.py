@@ -1,4 +1,4 @@
-"""Resend one delivery or replay many by re-publishing them to Kafka (DESIGN §8).
+"""Resend one delivery or replay many by re-publishing them to Kafka (docs/support.md).
 
 Nothing here calls an endpoint. A re-published message goes to the first events topic with
 the delivery's id, the next attempt number (history's highest + 1), a `resend`/`replay`

@@ -1,4 +1,6 @@
-"""The retry decision: a small pure function of the attempt, the tiers and the response (DESIGN §6).
+"""The retry decision: a small pure function of the attempt, the tiers and the response.
+
+See docs/architecture.md (retries).
 
 Attempt 1 is immediate. After the n-th failed attempt the delivery waits in tier n
 (`perkamo.webhooks.retry.<tier n>`); after the last tier's attempt fails it is dead-lettered.

@@ -1,4 +1,4 @@
-"""The Grafana dashboard and its provisioning in deploy/grafana/ (DESIGN §8).
+"""The Grafana dashboard and its provisioning in deploy/grafana/ (docs/operations.md).
 
 Checked statically (no Grafana runs here): every metric a panel queries is exported by the
 service, the panels an SRE expects are there, they use the provisioned datasource, and every
@@ -102,7 +102,7 @@ def test_every_metric_on_the_dashboard_is_exported() -> None:
 
 
 def test_dashboard_covers_every_exported_metric() -> None:
-    """An SRE should find every metric of DESIGN §8 somewhere on the dashboard."""
+    """An SRE should find every metric docs/operations.md names somewhere on the dashboard."""
     exprs = "\n".join(_all_exprs())
     missing = {
         name

@@ -10,7 +10,7 @@ reached the dead-letter topic, the history rows and the group's offsets, and ret
 3. every request for one event carries one x-perkamo-delivery (duplicates included);
 4. duplicate deliveries stay within the allowance: per kill (or broker restart), the messages
    at or past the group's committed offset whose attempt had already reached a receiver —
-   exactly what a restart may redeliver (DESIGN §7);
+   exactly what a restart may redeliver (docs/architecture.md, offsets);
 5. nothing is left uncommitted on the events topic, and every consumer exited 0 on SIGTERM;
 6. every delivery's newest history row is terminal (delivered or failed), none left
    "retrying" or "held";

@@ -1,4 +1,7 @@
-"""consumer.endpoints: record validation, the static file and the registry (DESIGN §5)."""
+"""consumer.endpoints: record validation, the static file and the registry.
+
+See docs/architecture.md (endpoints).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""consumer.offsets.OffsetTracker: commit the highest contiguous finished offset (DESIGN §7)."""
+"""consumer.offsets.OffsetTracker: commit the highest contiguous finished offset.
+
+See docs/architecture.md (offsets).
+"""
 
 from __future__ import annotations
 

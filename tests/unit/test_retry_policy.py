@@ -1,4 +1,4 @@
-"""consumer.retry_policy: tier parsing, the retry decision and Retry-After (DESIGN §6)."""
+"""consumer.retry_policy: tier parsing, the retry decision and Retry-After (docs/architecture.md, retries)."""
 
 from __future__ import annotations
 
