@@ -27,12 +27,7 @@ from consumer.metrics import Metrics
 from consumer.queries import (
     BadRequest,
 )
-from consumer.republish import (
-    Conflict,
-    NotFound,
-    NotReady,
-    PublishFailed,
-)
+from consumer.republish_plan import Conflict, NotFound, NotReady, PublishFailed
 
 log = logging.getLogger(__name__)
 

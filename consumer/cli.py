@@ -143,9 +143,9 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _console_link(args: argparse.Namespace, settings: Settings) -> int:
-    from consumer.config import CONSOLE_MAX_TTL_S, parse_duration
     from consumer.console import console_link
     from consumer.console.base import valid_slug
+    from consumer.setting_values import CONSOLE_MAX_TTL_S, parse_duration
 
     try:
         ttl_s = parse_duration(args.ttl)

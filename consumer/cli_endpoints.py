@@ -217,7 +217,7 @@ def _rows(
 def _health(settings: Settings) -> tuple[dict[str, dict[str, Any]], str]:
     """Per Space, the history role's view of its endpoint (certificate expiry included), or
     ({}, why not)."""
-    from consumer.cli_history import AdminClient, ApiFailure
+    from consumer.admin_api_client import AdminClient, ApiFailure
     from consumer.errors import PerkamoError
 
     client = AdminClient(settings, timeout=_HEALTH_TIMEOUT_S)

@@ -16,16 +16,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
-from datetime import datetime
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
-import orjson
-
+from consumer import cli_history_output as history_output
+from consumer.admin_api_client import AdminClient, ApiFailure
 from consumer.config import Settings
 from consumer.errors import PerkamoError
 from consumer.queries import (
@@ -39,99 +35,13 @@ from consumer.queries import (
     parse_time,
 )
 
-if TYPE_CHECKING:
-    from rich.console import Console
-    from rich.text import Text
-
 # rich and clickhouse-connect are imported by the commands that use them, so that the
 # parser (and `perkamo-webhooks health`, the container probe) starts light.
 
 EXIT_FAILED: Final = 1
 EXIT_INVALID: Final = 2
 EXIT_REFUSED: Final = 3
-API: Final = "/api/v1"
-_TIMEOUT_S: Final = 120.0
-_STATUS_STYLE = {"delivered": "green", "retrying": "yellow", "failed": "red"}
-_BUSY_RETRIES: Final = 3
 _TIME_HELP = "ISO-8601 (2026-06-01T10:00:00Z; no zone = UTC) or a time ago: 30m, 24h, 7d"
-
-
-class ApiFailure(PerkamoError):
-    """The admin API answered with an error status; `doc` is its JSON answer."""
-
-    def __init__(self, status: int, doc: dict[str, Any]) -> None:
-        super().__init__(str(doc.get("error") or f"HTTP {status}"))
-        self.status = status
-        self.doc = doc
-
-
-class AdminClient:
-    """A small blocking client of the consumer's admin API (stdlib only: nothing to pool)."""
-
-    def __init__(self, settings: Settings, timeout: float = _TIMEOUT_S) -> None:
-        host, port = settings.admin_host_port
-        if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a wildcard bind is reached on loopback
-            host = "127.0.0.1"
-        self.base = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-        self.token = settings.admin_token.get_secret_value()
-        self.read_token = settings.admin_read_token.get_secret_value() or self.token
-        self.dsn = settings.history_dsn_resolved
-        self.timeout = timeout
-
-    def get(self, path: str, params: dict[str, str] | None = None) -> dict[str, Any]:
-        query = urllib.parse.urlencode({k: v for k, v in (params or {}).items() if v})
-        url = f"{self.base}{API}{path}" + (f"?{query}" if query else "")
-        headers = {"Authorization": f"Bearer {self.read_token}"} if self.read_token else {}
-        for attempt in range(_BUSY_RETRIES + 1):
-            try:
-                request = urllib.request.Request(url, headers=headers)  # noqa: S310 - admin API
-                with self._open(request) as response:
-                    return dict(orjson.loads(response.read()))
-            except ApiFailure as exc:  # 429: the consumer's history queries are all busy
-                if exc.status != 429 or attempt == _BUSY_RETRIES:
-                    raise
-                time.sleep(1.0 + attempt)
-        raise AssertionError("unreachable")
-
-    def post(
-        self, path: str, body: dict[str, Any], stream: bool = False
-    ) -> Iterator[dict[str, Any]]:
-        """POST JSON; yields the answer, or each NDJSON line of a streamed answer."""
-        headers = {"Content-Type": "application/json"}
-        if stream:
-            headers["Accept"] = "application/x-ndjson"
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        request = urllib.request.Request(  # noqa: S310 - http to the admin API
-            f"{self.base}{API}{path}", data=orjson.dumps(body), headers=headers, method="POST"
-        )
-        with self._open(request) as response:
-            if "ndjson" not in response.headers.get("Content-Type", ""):
-                yield dict(orjson.loads(response.read()))
-                return
-            for line in response:
-                if line.strip():
-                    yield dict(orjson.loads(line))
-
-    def _open(self, request: urllib.request.Request) -> Any:
-        try:
-            return urllib.request.urlopen(request, timeout=self.timeout)  # noqa: S310
-        except urllib.error.HTTPError as exc:
-            try:
-                doc = orjson.loads(exc.read())
-            except orjson.JSONDecodeError:
-                doc = {}
-            raise ApiFailure(exc.code, doc if isinstance(doc, dict) else {}) from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            where = f"the running consumer's admin API at {self.base} ({reason})"
-            if self.dsn.startswith("chdb://"):
-                raise PerkamoError(
-                    f"cannot reach {where}. The history is in the embedded engine, which only the "
-                    "running consumer can open: start `perkamo-webhooks run`, check "
-                    "PERKAMO_ADMIN_LISTEN, or point PERKAMO_HISTORY_DSN at a ClickHouse server."
-                ) from None
-            raise PerkamoError(f"cannot reach {where}: is `perkamo-webhooks run` up?") from None
 
 
 def add_subcommands(sub: Any) -> None:
@@ -206,11 +116,11 @@ def _history(args: argparse.Namespace, settings: Settings) -> int:
     if isinstance(doc, int):
         return doc
     if args.json:
-        _print_json(doc)
+        history_output.print_json(doc)
     elif args.delivery_id:
-        _print_detail(doc)
+        history_output.print_detail(doc)
     else:
-        _print_list(doc)
+        history_output.print_list(doc)
     return 0
 
 
@@ -221,7 +131,7 @@ def _resend(args: argparse.Namespace, settings: Settings) -> int:
     if isinstance(doc, int):
         return doc
     if args.json:
-        _print_json(doc)
+        history_output.print_json(doc)
     else:
         print(f"resent {doc['delivery_id']} as attempt {doc['attempt']} "
               f"(trigger resend, id {doc['resend_id']}, via {doc['topic']})")
@@ -243,7 +153,7 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
         if isinstance(doc, int):
             return doc
         if args.json:
-            _print_json(doc)
+            history_output.print_json(doc)
         else:
             print(f"dry run, nothing published: {doc['eligible']} of {doc['matched']} matched "
                   f"deliveries of {args.space} first attempted in {window} would be replayed "
@@ -254,7 +164,7 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     if isinstance(result, int):
         return result
     if args.json:
-        _print_json(result)
+        history_output.print_json(result)
     elif not result["matched"]:
         print(f"nothing to replay: no delivery of {args.space} first attempted in {window} "
               + (f"has status {args.status}" if args.status else "exists"))
@@ -369,93 +279,3 @@ def _fail(message: str, code: int = EXIT_FAILED) -> int:
     return code
 
 
-def _print_json(doc: Any) -> None:
-    sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
-
-
-def _when(value: str | None) -> str:
-    if not value:
-        return ""
-    return datetime.fromisoformat(value).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _status(value: str) -> Text:
-    from rich.text import Text
-
-    return Text(str(value), style=_STATUS_STYLE.get(value, ""))
-
-
-def _plain(value: Any) -> Text:
-    """Text from history or a receiver, shown as it is: never read as Rich markup."""
-    from rich.text import Text
-
-    return Text("" if value is None else str(value))
-
-
-# History columns of the network timings (consumer.nettiming) -> their column headings.
-_TIMINGS: Final = {"dns_ms": "dns", "connect_ms": "connect", "tls_ms": "tls", "ttfb_ms": "ttfb"}
-
-
-def _maybe(value: Any) -> str:
-    """A timing: '' when not measured (an older row, or a step not reached)."""
-    return "" if value is None else str(value)
-
-
-def _console() -> Console:
-    from rich.console import Console
-
-    # No markup, no highlighting, no emoji codes: the text shown comes from receivers.
-    return Console(markup=False, highlight=False, emoji=False)
-
-
-def _print_list(doc: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    console = _console()
-    table = Table(title="deliveries (newest first, times UTC)", title_justify="left")
-    for name in ("first attempt", "delivery", "space", "event type", "status", "attempts",
-                 "last code", "last error", "last attempt"):
-        table.add_column(name, no_wrap=name in ("delivery", "first attempt", "last attempt"))
-    for row in doc["deliveries"]:
-        table.add_row(
-            _when(row["first_attempted_at"]), _plain(row["delivery_id"]), _plain(row["space"]),
-            _plain(row["event_type"]), _status(row["status"]), str(row["attempts"]),
-            str(row["last_status_code"] or ""), _plain(row["last_error_kind"]),
-            _when(row["last_attempted_at"]),
-        )
-    console.print(table)
-    if not doc["deliveries"]:
-        console.print("no deliveries match")
-    if doc.get("next_cursor"):
-        console.print(f"more: add --cursor {doc['next_cursor']}", soft_wrap=True)
-
-
-def _print_detail(doc: dict[str, Any]) -> None:
-    from rich.table import Table
-    from rich.text import Text
-
-    console = _console()
-    console.print(Text.assemble(
-        "delivery ", (str(doc["delivery_id"]), "bold"), f"  space {doc['space']}  ",
-        f"event {doc['event_id']} ({doc['event_type']})  status ", _status(doc["status"]),
-    ), soft_wrap=True)
-    traces = sorted({str(a.get("trace_id") or "") for a in doc["attempts"]} - {""})
-    if traces:
-        console.print(f"trace {', '.join(traces)}", soft_wrap=True)
-    table = Table(title="attempts (times UTC; ms = the whole attempt, then dns, connect, tls and "
-                  "time to first byte; 0 = skipped on a kept-alive connection)", title_justify="left")
-    for name in ("#", "trigger", "status", "code", "error kind", "ms", *_TIMINGS.values(), "conn",
-                 "attempted at", "next attempt", "replay id", "error"):
-        table.add_column(name)
-    for a in doc["attempts"]:
-        reused = a.get("connection_reused")
-        table.add_row(
-            str(a["attempt"]), _plain(a["trigger"]), _status(a["status"]),
-            _plain(f"{a['status_code'] or ''} {a.get('status_text') or ''}".strip()),
-            _plain(a["error_kind"]), str(a["duration_ms"]),
-            *(_maybe(a.get(column)) for column in _TIMINGS),
-            "" if reused is None else ("reused" if reused else "new"),
-            _when(a["attempted_at"]), _when(a["next_attempt_at"]), _plain(a["replay_id"]),
-            _plain(str(a["error"])[:120]),
-        )
-    console.print(table)

@@ -6,15 +6,11 @@ masked dump operators see from `perkamo-webhooks settings`.
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import re
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
-from urllib.parse import urlsplit
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -23,101 +19,36 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from consumer import setting_values as values
 from consumer.constants import EVENTS_TOPIC
 from consumer.errors import ConfigError
 from consumer.retry_policy import parse_tiers
 
-ENV_PREFIX = "PERKAMO_"
+# Re-exported, so `from consumer.config import parse_duration` and the like keep working.
+from consumer.setting_values import (
+    CONSOLE_MAX_TTL_S,
+    CONSOLE_SECRET_MIN,
+    ENV_PREFIX,
+    KAFKA_ENV_PREFIX,
+    KAFKA_RESERVED,
+    MIN_TOKEN_CHARS,
+    TOKEN_PLACEHOLDERS,
+    KafkaEnvSource,
+    is_secret_property,
+    kafka_env_name,
+    parse_duration,
+)
+
+__all__ = [
+    "CONSOLE_MAX_TTL_S", "CONSOLE_SECRET_MIN", "ENV_PREFIX", "KAFKA_ENV_PREFIX", "KAFKA_RESERVED",
+    "MIN_TOKEN_CHARS", "REPLACED", "SETTINGS_FILE_ENV", "TOKEN_PLACEHOLDERS", "KafkaEnvSource",
+    "Settings", "is_secret_property", "is_setting_name", "kafka_env_name", "load_settings",
+    "parse_duration", "setting_names",
+]
+
 SETTINGS_FILE_ENV = "PERKAMO_SETTINGS_FILE"
 
 CommaList = Annotated[list[str], NoDecode]
-
-_DURATION_RE = re.compile(r"^(\d+)(s|m|h|d)$")
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-CONSOLE_SECRET_MIN = 32
-CONSOLE_MAX_TTL_S = 30 * 86400  # sessions and scoped links: at most 30 days
-
-
-def parse_duration(text: str) -> float:
-    """`90s`, `30m`, `8h`, `7d` -> seconds; raises ValueError saying what is expected."""
-    match = _DURATION_RE.match(text.strip())
-    if not match or int(match.group(1)) == 0:
-        raise ValueError(f"{text[:20]!r} is not a duration like 30m, 8h, 7d")
-    return float(int(match.group(1)) * _DURATION_UNITS[match.group(2)])
-
-
-# PERKAMO_KAFKA_<NAME> sets librdkafka property <name> (`_` read as `.`); these are the one
-# exception, a setting of its own (bootstrap.servers).
-KAFKA_ENV_PREFIX: Final = "PERKAMO_KAFKA_"
-_KAFKA_OWN_SETTINGS: Final = frozenset({"PERKAMO_KAFKA_BOOTSTRAP_SERVERS"})
-_KAFKA_PROPERTY_RE: Final = re.compile(r"^[a-z0-9][a-z0-9._]{0,127}$")
-# Properties the service sets itself because its guarantees rest on them (offsets committed
-# only when durable, idempotent acks=all publishing, one group): not overridable.
-KAFKA_RESERVED: Final[dict[str, str]] = {
-    "bootstrap.servers": "use PERKAMO_KAFKA_BOOTSTRAP_SERVERS",
-    "group.id": "use PERKAMO_GROUP_ID",
-    "group.protocol": "use PERKAMO_GROUP_PROTOCOL",
-    "enable.auto.commit": "offsets are committed only once their outcome is durable",
-    "enable.auto.offset.store": "offsets are stored only once their outcome is durable",
-    "enable.idempotence": "retry and DLQ publishes must be idempotent",
-    "acks": "retry and DLQ publishes wait for acks=all",
-    "enable.partition.eof": "the registry reader depends on it",
-}
-# The shipped deploy files' placeholder tokens (compose, k8s Secret): refused at start-up.
-# tests/test_deploy_static.py checks that every placeholder in deploy/ is listed here.
-TOKEN_PLACEHOLDERS: Final = frozenset({
-    "CHANGE-ME", "CHANGE-ME-admin-token", "CHANGE-ME-read-token", "perkamo-local-admin-token",
-    "changeme", "change-me", "secret", "token", "admin",
-})
-MIN_TOKEN_CHARS: Final = 32
-
-
-def kafka_env_name(prop: str) -> str:
-    """The environment name that sets a librdkafka property: sasl.password -> PERKAMO_KAFKA_SASL_PASSWORD."""
-    return KAFKA_ENV_PREFIX + prop.upper().replace(".", "_")
-
-
-def is_secret_property(prop: str) -> bool:
-    """librdkafka properties whose value is a secret: masked in `settings`, never logged."""
-    name = prop.lower()
-    return any(word in name for word in ("password", "secret", "sasl.oauthbearer", "ssl.key",
-                                         "private.key", "jaas", "token", "keystore", "ssl_key"))
-
-
-def _read_secret_file(env_name: str, path: Any) -> str:
-    """The secret in a mounted file (trailing newline dropped); a problem names the setting."""
-    try:
-        text = Path(str(path)).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        raise ValueError(f"{env_name}: cannot read {path} ({reason})") from None
-    value = text.rstrip("\r\n")
-    if not value.strip():
-        raise ValueError(f"{env_name}: {path} is empty")
-    return value
-
-
-class KafkaEnvSource(PydanticBaseSettingsSource):
-    """PERKAMO_KAFKA_<NAME>=value -> {"kafka": {"<name>": value}} (`_` read as `.`, lower case).
-
-    PERKAMO_KAFKA_BOOTSTRAP_SERVERS stays the setting it always was."""
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        props = {
-            name[len(KAFKA_ENV_PREFIX):].lower().replace("_", "."): value
-            for name, value in os.environ.items()
-            if name.upper().startswith(KAFKA_ENV_PREFIX) and name.upper() not in _KAFKA_OWN_SETTINGS
-        }
-        return {"kafka": props} if props else {}
-
-
-def _split_commas(value: Any) -> Any:
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
 
 
 class Settings(BaseSettings):
@@ -210,55 +141,18 @@ class Settings(BaseSettings):
                 given = given.get_secret_value()
             if given not in (None, ""):
                 raise ValueError(f"{env} and {env}_FILE are both set: set one of them")
-            data[name] = _read_secret_file(f"{env}_FILE", path)
+            data[name] = values.read_secret_file(f"{env}_FILE", path)
         return data
 
     @field_validator("kafka", mode="before")
     @classmethod
     def _kafka_properties(cls, value: Any) -> Any:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise ValueError("the [kafka] table must map librdkafka property names to values")
-        props: dict[str, str] = {}
-        for raw_name, raw in value.items():
-            name = str(raw_name).strip().lower()
-            env = kafka_env_name(name)
-            if not _KAFKA_PROPERTY_RE.match(name):
-                raise ValueError(f"{env}: {raw_name!r} is not a librdkafka property name")
-            if isinstance(raw, bool):
-                text = "true" if raw else "false"
-            elif isinstance(raw, (str, int, float)):
-                text = str(raw)
-            else:
-                raise ValueError(f"{env}: the value must be a string, number or boolean")
-            if name.endswith(".file") and is_secret_property(name.removesuffix(".file")):
-                name = name.removesuffix(".file")
-                text = _read_secret_file(env, text)
-            if name in KAFKA_RESERVED:
-                raise ValueError(f"{kafka_env_name(name)}: {name} is set by the service and cannot "
-                                 f"be changed ({KAFKA_RESERVED[name]})")
-            if name in props and props[name] != text:
-                raise ValueError(f"{kafka_env_name(name)}: set both directly and from a file; "
-                                 "set one of them")
-            props[name] = text
-        return props
+        return values.kafka_properties(value)
 
     @field_validator("admin_token", "admin_read_token")
     @classmethod
     def _token_strength(cls, value: SecretStr, info: Any) -> SecretStr:
-        token = value.get_secret_value()
-        env = ENV_PREFIX + str(info.field_name).upper()
-        if not token:
-            return value
-        if token.strip() in TOKEN_PLACEHOLDERS or "CHANGE-ME" in token:
-            raise ValueError(f"{env} is a placeholder shipped in deploy/; generate a token with "
-                             "`openssl rand -hex 32`")
-        if len(token) < MIN_TOKEN_CHARS:
-            raise ValueError(f"{env} must be at least {MIN_TOKEN_CHARS} characters (it has "
-                             f"{len(token)}); generate one with `openssl rand -hex 32`")
-        if not token.isascii() or not token.isprintable() or any(ch.isspace() for ch in token):
-            raise ValueError(f"{env} must be printable ASCII without spaces")
+        values.check_token(ENV_PREFIX + str(info.field_name).upper(), value.get_secret_value())
         return value
 
     @model_validator(mode="after")
@@ -276,16 +170,13 @@ class Settings(BaseSettings):
     @field_validator("admin_allowed_hosts")
     @classmethod
     def _allowed_hosts(cls, value: list[str]) -> list[str]:
-        for host in value:
-            if not host.isascii() or not host.isprintable() or "/" in host or " " in host:
-                raise ValueError(f"{host!r} is not a host name, an address or HOST:PORT")
-        return [host.lower() for host in value]
+        return values.allowed_hosts(value)
 
     @field_validator("events_topics", "retry_tiers", "allow_private_networks",
                      "admin_allowed_hosts", "metrics_event_types", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:
-        return _split_commas(value)
+        return values.split_commas(value)
 
     @field_validator("events_topics")
     @classmethod
@@ -303,19 +194,13 @@ class Settings(BaseSettings):
     @field_validator("allow_private_networks")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
-        for cidr in value:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError as exc:
-                raise ValueError(f"{cidr!r} is not a CIDR network ({exc})") from None
+        values.check_networks(value)
         return value
 
     @field_validator("admin_listen", "deliver_admin_listen")
     @classmethod
     def _listen(cls, value: str) -> str:
-        _host, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:9464")
+        values.check_listen(value)
         return value
 
     @model_validator(mode="after")
@@ -343,17 +228,7 @@ class Settings(BaseSettings):
     @field_validator("console_url")
     @classmethod
     def _console_url(cls, value: str) -> str:
-        if not value:
-            return value
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError:
-            raise ValueError("expected an http(s):// URL, e.g. https://support.example.com/console/") \
-                from None
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-            raise ValueError("expected an http(s):// URL, e.g. https://support.example.com/console/")
-        return value if value.endswith("/") else value + "/"
+        return values.console_url(value)
 
     @field_validator("ca_bundle", "endpoints_file", "history_ca_bundle")
     @classmethod
@@ -434,21 +309,13 @@ class Settings(BaseSettings):
             if isinstance(value, SecretStr):
                 shown = "********" if value.get_secret_value() else ""
             elif name in ("https_proxy", "history_dsn") and value:
-                shown = _mask_userinfo(str(value))
+                shown = values.mask_userinfo(str(value))
             elif isinstance(value, list):
                 shown = ",".join(value)
             else:
                 shown = "" if value is None else str(value)
             out[ENV_PREFIX + name.upper()] = shown
         return out
-
-
-def _mask_userinfo(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    authority, slash, path = rest.partition("/")
-    if sep and "@" in authority:
-        return f"{scheme}://********@{authority.rpartition('@')[2]}{slash}{path}"
-    return url
 
 
 def setting_names() -> list[str]:

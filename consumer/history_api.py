@@ -47,7 +47,8 @@ from consumer.queries import (
     list_deliveries,
     parse_time,
 )
-from consumer.republish import NotFound, NotReady, PublishFailed, ReplayPlan, Republisher, Selection
+from consumer.republish import Republisher
+from consumer.republish_plan import NotFound, NotReady, PublishFailed, ReplayPlan, Selection
 
 log = logging.getLogger(__name__)
 

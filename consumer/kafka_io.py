@@ -28,8 +28,9 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # the stubs o
     NewTopic,
 )
 
-from consumer.config import Settings, is_secret_property, kafka_env_name
+from consumer.config import Settings
 from consumer.errors import ConfigError, KafkaError, KafkaRefused
+from consumer.setting_values import is_secret_property, kafka_env_name
 
 log = logging.getLogger(__name__)
 

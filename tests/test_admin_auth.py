@@ -24,13 +24,14 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from consumer.config import TOKEN_PLACEHOLDERS, Settings, load_settings
+from consumer.config import Settings, load_settings
 from consumer.endpoints import EndpointRegistry
 from consumer.errors import ConfigError
 from consumer.history import HistoryStore
 from consumer.history_api import history_app
 from consumer.metrics import Metrics
 from consumer.republish import Republisher
+from consumer.setting_values import TOKEN_PLACEHOLDERS
 from tests.support import unique
 from tests.test_queries import attempt
 

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
-from consumer import cli_history
+from consumer import cli_history_output as history_output
 from consumer.endpoints import EndpointRegistry, load_file, parse_record
 from consumer.errors import InvalidEndpoint
 
@@ -141,7 +141,7 @@ def wide(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_history_detail_prints_receiver_text_literally(capsys: pytest.CaptureFixture[str]) -> None:
     # Measured: a [link=…] in a response became a clickable link in a support terminal.
-    cli_history._print_detail(detail(f"HTTP 500 {LINK}", "[red]Server Error[/red]"))
+    history_output.print_detail(detail(f"HTTP 500 {LINK}", "[red]Server Error[/red]"))
     out = capsys.readouterr().out
     assert "[link=https://evil.example/phish]" in out
     assert "[red]Server Error[/red]" in out
@@ -155,23 +155,23 @@ def test_history_detail_makes_no_hyperlink_on_a_terminal(monkeypatch: pytest.Mon
     from rich.console import Console
 
     buffer = StringIO()
-    real = cli_history._console
+    real = history_output.console
 
     def terminal() -> Console:
         console = real()
         console.file = buffer
         return console
 
-    monkeypatch.setattr(cli_history, "_console", terminal)
+    monkeypatch.setattr(history_output, "console", terminal)
     monkeypatch.setenv("FORCE_COLOR", "1")
     monkeypatch.setenv("TERM", "xterm-256color")
-    cli_history._print_detail(detail(LINK, ""))
+    history_output.print_detail(detail(LINK, ""))
     out = buffer.getvalue()
     assert "\x1b]8;" not in out and "evil.example/phish]click" in out
 
 
 def test_history_list_prints_receiver_text_literally(capsys: pytest.CaptureFixture[str]) -> None:
-    cli_history._print_list({"deliveries": [{
+    history_output.print_list({"deliveries": [{
         "first_attempted_at": "2026-06-01T10:00:00.000Z", "delivery_id": "dlv_[blink]x[/]",
         "space": "shop", "event_type": "[link=https://evil.example]t[/link]", "status": "failed",
         "attempts": 1, "last_status_code": 500, "last_error_kind": "http_status",

@@ -28,7 +28,7 @@ from aiohttp import web
 from consumer.console.auth import Keys, Revoked, Session, Throttle
 from consumer.console.context import ConsoleContext
 from consumer.console.render import render
-from consumer.republish import ReplayPlan
+from consumer.republish_plan import ReplayPlan
 from consumer.schemas import schema_path
 
 log = logging.getLogger(__name__)

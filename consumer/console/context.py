@@ -14,7 +14,8 @@ from pydantic import SecretStr
 from consumer.models import Endpoint
 from consumer.queries import Reader
 from consumer.registry_publish import Receipt
-from consumer.republish import Progress, ReplayPlan, ResendResult, Selection
+from consumer.republish import Progress
+from consumer.republish_plan import ReplayPlan, ResendResult, Selection
 
 
 class ConsoleSettings(Protocol):

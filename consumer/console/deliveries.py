@@ -42,7 +42,7 @@ from consumer.queries import (
     parse_time,
     search_deliveries,
 )
-from consumer.republish import Conflict, NotFound, NotReady, PublishFailed, Selection
+from consumer.republish_plan import Conflict, NotFound, NotReady, PublishFailed, Selection
 
 log = logging.getLogger(__name__)
 
