@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from consumer import logsetup
 from consumer.config import Settings, load_settings
@@ -171,7 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Deliver Perkamo events from Kafka to customers' HTTPS webhook endpoints.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_service_commands(sub)
+    _add_local_commands(sub)
+    _add_console_link(sub)
 
+    from consumer import cli_endpoints, cli_history
+
+    cli_endpoints.add_subcommands(sub)
+    cli_history.add_subcommands(sub)
+    return parser
+
+
+def _add_service_commands(sub: Any) -> None:
+    """`run`, `migrate`, `topics`, `settings`, `health`: running and operating the service."""
     run = sub.add_parser(
         "run",
         help="run the service (SIGTERM drains and exits 0)",
@@ -214,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout", type=float, default=3.0)
     health.set_defaults(fn=_health)
 
+
+def _add_local_commands(sub: Any) -> None:
+    """`receiver` and `demo`: trying the service out on one machine."""
     receiver = sub.add_parser("receiver", help="a sample HTTPS webhook receiver with a test CA")
     receiver.add_argument("--listen", default="127.0.0.1:8443")
     receiver.add_argument("--cert-dir", default="data/receiver")
@@ -227,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="after the history, keep the consumer serving the console until Ctrl+C")
     demo.set_defaults(fn=_demo)
 
+
+def _add_console_link(sub: Any) -> None:
+    """`console-link`: a signed URL into the delivery console for one Space."""
     link = sub.add_parser(
         "console-link",
         help="print a signed, expiring URL that opens the delivery console for one Space only",
@@ -238,12 +257,6 @@ def build_parser() -> argparse.ArgumentParser:
     link.add_argument("--space", required=True, help="the Space's slug")
     link.add_argument("--ttl", default="24h", help="how long the link works: 30m, 24h, 7d (at most 30d)")
     link.set_defaults(fn=_console_link)
-
-    from consumer import cli_endpoints, cli_history
-
-    cli_endpoints.add_subcommands(sub)
-    cli_history.add_subcommands(sub)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
