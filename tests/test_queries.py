@@ -1,4 +1,4 @@
-"""The analysts' SQL (consumer.sql.README_QUERIES, README.md) on seeded history,
+"""The analysts' SQL (consumer.sql.README_QUERIES, docs/analysts.md) on seeded history,
 duplicates included, and `migrate` upgrading an older table in place."""
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ def run(store, name: str, **params: object) -> list[tuple]:
 
 
 def test_every_readme_query_is_in_the_analysts_doc_word_for_word():
-    doc = (REPO / "README.md").read_text()
+    doc = (REPO / "docs" / "analysts.md").read_text()
     for name, sql in README_QUERIES.items():
-        assert sql.strip() in doc, f"{name} differs from the README analysts section"
+        assert sql.strip() in doc, f"{name} differs from its text in docs/analysts.md"
 
 
 def test_every_query_reads_with_final():
