@@ -3,6 +3,7 @@
 They are listed in docs/architecture.md (names users depend on) and change only with a note.
 """
 
+from enum import StrEnum
 from typing import Final
 
 EVENTS_TOPIC: Final = "perkamo.events"
@@ -68,3 +69,38 @@ TRIGGER_RETRY: Final = "retry"
 TRIGGER_RESEND: Final = "resend"
 TRIGGER_REPLAY: Final = "replay"
 TRIGGERS: Final = (TRIGGER_INITIAL, TRIGGER_RETRY, TRIGGER_RESEND, TRIGGER_REPLAY)
+
+
+class Outcome(StrEnum):
+    """What one attempt came to: the `outcome` label of attempts_total, and history's
+    `error_kind` of a failed attempt. DELIVERED is the only success."""
+
+    DELIVERED = "delivered"
+    HTTP_STATUS = "http_status"  # a non-2xx answer, 3xx included (redirects are not followed)
+    TIMEOUT = "timeout"
+    CONNECT = "connect_error"
+    TLS = "tls_error"
+    BLOCKED = "blocked_address"
+    PROTOCOL = "protocol_error"
+
+
+class DlqReason(StrEnum):
+    """Why a message was dead-lettered: the `perkamo-dlq-reason` header and the `reason` label
+    of dead_lettered_total. The first five are bad input (also invalid_events_total's label)."""
+
+    EMPTY = "empty"
+    OVERSIZED = "oversized"
+    INVALID_JSON = "invalid_json"
+    SCHEMA = "schema"
+    BAD_HEADER = "bad_header"
+    INTERNAL = "internal_error"
+    EXHAUSTED = "exhausted"  # every tier tried
+    EXPIRED = "expired"  # the schedule's span passed while an open circuit held it
+
+
+class HoldReason(StrEnum):
+    """Why a delivery was parked on the held topic: the `perkamo-hold-reason` header, the
+    `reason` label of holds_total and a hold record's `error_kind`."""
+
+    CIRCUIT_OPEN = "circuit_open"
+    SATURATED = "endpoint_saturated"

@@ -23,6 +23,7 @@ from consumer import metrics as m
 from consumer import nettiming
 from consumer.addresses import AddressPolicy, TrustedAddresses, url_host
 from consumer.config import Settings
+from consumer.constants import Outcome
 from consumer.errors import BlockedAddress
 from consumer.models import AttemptResult, Endpoint, Event
 from consumer.netguard import GuardedResolver, GuardedSocketFactory, blocked_cause, dialling, take_dial
@@ -178,7 +179,7 @@ class Deliverer:
                 status_text = response.reason or ""
                 if 200 <= response.status < 300:
                     return AttemptResult(
-                        m.OUTCOME_DELIVERED, response.status, status_text, duration_ms, "", excerpt
+                        Outcome.DELIVERED, response.status, status_text, duration_ms, "", excerpt
                     )
                 retry_after = None
                 if response.status in (429, 503):
@@ -187,7 +188,7 @@ class Deliverer:
                 if 300 <= response.status < 400:
                     error += " (redirects are not followed)"
                 return AttemptResult(
-                    m.OUTCOME_HTTP_STATUS,
+                    Outcome.HTTP_STATUS,
                     response.status,
                     status_text,
                     duration_ms,
@@ -230,24 +231,24 @@ def _failure(exc: BaseException, host: str, url: str, duration_ms: int) -> Attem
     record = take_dial(host) if isinstance(exc, aiohttp.ClientConnectorError) else None
     blocked = exc if isinstance(exc, BlockedAddress) else blocked_cause(exc, record)
     if blocked is not None:
-        outcome, text = m.OUTCOME_BLOCKED, f"address refused: {blocked}"
+        outcome, text = Outcome.BLOCKED, f"address refused: {blocked}"
     elif isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-        outcome, text = m.OUTCOME_TIMEOUT, "timed out waiting for the endpoint"
+        outcome, text = Outcome.TIMEOUT, "timed out waiting for the endpoint"
     elif isinstance(exc, (aiohttp.ClientSSLError, ssl.SSLError)) or isinstance(
         getattr(exc, "os_error", None), ssl.SSLError
     ):
-        outcome, text = m.OUTCOME_TLS, f"TLS error: {_describe(exc)}"
+        outcome, text = Outcome.TLS, f"TLS error: {_describe(exc)}"
     elif isinstance(exc, aiohttp.ClientConnectorError):
-        outcome, text = m.OUTCOME_CONNECT, f"cannot connect: {_describe(exc)}"
+        outcome, text = Outcome.CONNECT, f"cannot connect: {_describe(exc)}"
     elif isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError)):
-        outcome, text = m.OUTCOME_PROTOCOL, f"connection dropped: {_describe(exc)}"
+        outcome, text = Outcome.PROTOCOL, f"connection dropped: {_describe(exc)}"
     elif isinstance(exc, aiohttp.ClientResponseError):
-        outcome, text = m.OUTCOME_PROTOCOL, f"invalid HTTP response: {_describe(exc)}"
+        outcome, text = Outcome.PROTOCOL, f"invalid HTTP response: {_describe(exc)}"
     elif isinstance(exc, (aiohttp.ClientError, OSError)):
-        outcome, text = m.OUTCOME_CONNECT, f"connection error: {_describe(exc)}"
+        outcome, text = Outcome.CONNECT, f"connection error: {_describe(exc)}"
     else:
         log.error("unexpected delivery error for host %s: %s", host, type(exc).__name__)
-        outcome, text = m.OUTCOME_PROTOCOL, f"unexpected error: {type(exc).__name__}"
+        outcome, text = Outcome.PROTOCOL, f"unexpected error: {type(exc).__name__}"
     return AttemptResult(outcome, 0, "", duration_ms, text.replace(url, host)[:500])
 
 

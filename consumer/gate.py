@@ -27,11 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from consumer.breaker import Breaker, BreakerPolicy, CircuitState, Verdict
+from consumer.constants import HoldReason
 from consumer.errors import PerkamoError
 from consumer.health import EndpointHealth, HealthPolicy, HealthState
-
-PARK_CIRCUIT_OPEN = "circuit_open"
-PARK_SATURATED = "endpoint_saturated"
 
 
 class Parked(PerkamoError):
@@ -132,9 +130,9 @@ class EndpointGate:
                 return ticket
         if not held:
             if self.breaker.blocked(now):
-                raise Parked(PARK_CIRCUIT_OPEN)
+                raise Parked(HoldReason.CIRCUIT_OPEN)
             if self._live >= self.limits.queue_cap and (self._failing(now) or self._slow(now)):
-                raise Parked(PARK_SATURATED)
+                raise Parked(HoldReason.SATURATED)
         waiter = _Waiter(loop.create_future(), held)
         if held:
             self.held += 1
@@ -246,7 +244,7 @@ class EndpointGate:
                 kept.append(waiter)
             else:
                 waiter.queued = False
-                waiter.future.set_exception(Parked(PARK_CIRCUIT_OPEN))
+                waiter.future.set_exception(Parked(HoldReason.CIRCUIT_OPEN))
         self._queue = kept
         self._live = len(kept)
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass, replace
 
 from consumer import constants as c
 from consumer import tracecontext
+from consumer.constants import DlqReason
 from consumer.errors import InvalidEvent
-from consumer.intake import REASON_BAD_HEADER
 from consumer.tracecontext import TraceContext
 
 Headers = list[tuple[str, bytes]]
@@ -67,7 +67,9 @@ def read_meta(headers: dict[str, bytes]) -> DeliveryMeta:
     run_attempt = _int(headers, c.K_RUN_ATTEMPT, 1, _MAX_ATTEMPT)
     trigger = _text(headers, c.K_TRIGGER, _ID_RE)
     if trigger and trigger not in c.TRIGGERS:
-        raise InvalidEvent(REASON_BAD_HEADER, f"header {c.K_TRIGGER} is not one of {', '.join(c.TRIGGERS)}")
+        raise InvalidEvent(
+            DlqReason.BAD_HEADER, f"header {c.K_TRIGGER} is not one of {', '.join(c.TRIGGERS)}"
+        )
     origin_topic = _text(headers, c.K_ORIGIN_TOPIC, _TOPIC_RE)
     origin = None
     if origin_topic:
@@ -110,7 +112,7 @@ def check_due(due: int | None, now_ms: int, max_ahead_ms: int) -> None:
     """A due time further ahead than any tier can put it is a bad header, not a long pause."""
     if due is not None and due > now_ms + max_ahead_ms:
         raise InvalidEvent(
-            REASON_BAD_HEADER,
+            DlqReason.BAD_HEADER,
             f"header {c.K_DUE_MS} lies {(due - now_ms) // 1000}s ahead, beyond the longest retry "
             f"tier plus jitter ({max_ahead_ms // 1000}s)",
         )
@@ -251,7 +253,7 @@ def _text(headers: dict[str, bytes], name: str, pattern: re.Pattern[bytes]) -> s
     if value is None:
         return ""
     if not pattern.fullmatch(value):
-        raise InvalidEvent(REASON_BAD_HEADER, f"header {name} has characters or a length not allowed")
+        raise InvalidEvent(DlqReason.BAD_HEADER, f"header {name} has characters or a length not allowed")
     return value.decode("ascii")
 
 
@@ -260,5 +262,5 @@ def _int(headers: dict[str, bytes], name: str, low: int, high: int) -> int | Non
     if value is None:
         return None
     if not _INT_RE.fullmatch(value) or not low <= int(value) <= high:
-        raise InvalidEvent(REASON_BAD_HEADER, f"header {name} is not an integer in {low}..{high}")
+        raise InvalidEvent(DlqReason.BAD_HEADER, f"header {name} is not an integer in {low}..{high}")
     return int(value)

@@ -25,7 +25,7 @@ from enum import IntEnum
 from typing import Any
 
 from consumer.breaker import CircuitState, SlidingWindow, Verdict
-from consumer.constants import STATUS_DELIVERED, STATUS_HELD
+from consumer.constants import STATUS_DELIVERED, STATUS_HELD, HoldReason
 from consumer.models import AttemptRow, Endpoint
 
 FAILING_STREAK = 3
@@ -191,7 +191,7 @@ class HealthBook:
             out = {}
             for space in self._health.keys() | self._held.keys():
                 held = self._held.get(space, {})
-                open_ = any(reason == "circuit_open" for reason in held.values())
+                open_ = any(reason == HoldReason.CIRCUIT_OPEN for reason in held.values())
                 circuit = CircuitState.OPEN if open_ else CircuitState.CLOSED
                 health = self._health.get(space) or EndpointHealth(self._policy)
                 out[space] = health.snapshot(now, circuit, len(held))

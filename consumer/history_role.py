@@ -20,10 +20,11 @@ from typing import Any
 from aiohttp import web
 
 from consumer.admin import start_admin
+from consumer.breaker import CircuitState
 from consumer.config import Settings
 from consumer.deliver_role import wait_for_registry
 from consumer.endpoints import EndpointRegistry, load_file
-from consumer.health import HealthBook, HealthPolicy
+from consumer.health import HealthBook, HealthPolicy, HealthState
 from consumer.history import HistoryStore
 from consumer.history_api import history_app
 from consumer.ingest import HistoryIngest
@@ -88,7 +89,8 @@ class HistoryRole:
     def endpoint_health(self, space: str) -> Mapping[str, Any] | None:
         if self.registry.get(space) is None:
             return None
-        return self.health.snapshot().get(space) or {"state": "healthy", "circuit": "closed"}
+        unseen = {"state": HealthState.HEALTHY.label, "circuit": CircuitState.CLOSED.label}
+        return self.health.snapshot().get(space) or unseen
 
     def stop(self) -> None:
         self._stop.set()

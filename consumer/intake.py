@@ -7,17 +7,10 @@ from typing import Any
 import fastjsonschema
 import orjson
 
+from consumer.constants import DlqReason
 from consumer.errors import InvalidEvent
 from consumer.models import Event
 from consumer.schemas import validator
-
-# Reasons are metric label values and DLQ header values: keep this set small and fixed.
-REASON_EMPTY = "empty"
-REASON_OVERSIZED = "oversized"
-REASON_INVALID_JSON = "invalid_json"
-REASON_SCHEMA = "schema"
-REASON_BAD_HEADER = "bad_header"
-REASONS = (REASON_EMPTY, REASON_OVERSIZED, REASON_INVALID_JSON, REASON_SCHEMA, REASON_BAD_HEADER)
 
 _DETAIL_MAX = 300
 
@@ -29,17 +22,17 @@ def parse_event(value: bytes | None, max_bytes: int) -> Event:
     the publisher, and re-serializing could change bytes the receiver may hash.
     """
     if not value:
-        raise InvalidEvent(REASON_EMPTY, "message has no value")
+        raise InvalidEvent(DlqReason.EMPTY, "message has no value")
     if len(value) > max_bytes:
-        raise InvalidEvent(REASON_OVERSIZED, f"{len(value)} bytes > limit {max_bytes}")
+        raise InvalidEvent(DlqReason.OVERSIZED, f"{len(value)} bytes > limit {max_bytes}")
     try:
         doc: Any = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
-        raise InvalidEvent(REASON_INVALID_JSON, _clip(str(exc))) from None
+        raise InvalidEvent(DlqReason.INVALID_JSON, _clip(str(exc))) from None
     try:
         validator("event.schema.json")(doc)
     except fastjsonschema.JsonSchemaException as exc:
-        raise InvalidEvent(REASON_SCHEMA, _clip(_schema_message(exc))) from None
+        raise InvalidEvent(DlqReason.SCHEMA, _clip(_schema_message(exc))) from None
     data = doc["data"]
     space = data["space"]
     return Event(

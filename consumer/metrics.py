@@ -29,24 +29,6 @@ from consumer.metric_definitions import DEFINITIONS, PREFIX, buckets_of, metric_
 
 __all__ = ["BOUNDED_LABELS", "DEFINITIONS", "OTHER", "PREFIX", "LabelBounder", "Metrics", "metric_names"]
 
-# Attempt outcomes (the `outcome` label); "delivered" is the only success.
-OUTCOME_DELIVERED = "delivered"
-OUTCOME_HTTP_STATUS = "http_status"  # a non-2xx answer, 3xx included (redirects are not followed)
-OUTCOME_TIMEOUT = "timeout"
-OUTCOME_CONNECT = "connect_error"
-OUTCOME_TLS = "tls_error"
-OUTCOME_BLOCKED = "blocked_address"
-OUTCOME_PROTOCOL = "protocol_error"
-OUTCOMES = (
-    OUTCOME_DELIVERED,
-    OUTCOME_HTTP_STATUS,
-    OUTCOME_TIMEOUT,
-    OUTCOME_CONNECT,
-    OUTCOME_TLS,
-    OUTCOME_BLOCKED,
-    OUTCOME_PROTOCOL,
-)
-
 # The one label value that unknown Spaces and event types fold into past the cap.
 OTHER: Final = "_other"
 # Labels whose values come from the input and are bounded (see LabelBounder).

@@ -9,6 +9,8 @@ from functools import lru_cache
 
 import yarl
 
+from consumer.constants import Outcome
+
 # Lower-case RFC 4648 base32, two characters (10 bits) per table entry.
 _B32 = "abcdefghijklmnopqrstuvwxyz234567"
 _B32_PAIRS = tuple(a + b for a in _B32 for b in _B32)
@@ -76,7 +78,7 @@ class Endpoint:
 class AttemptResult:
     """What one delivery attempt came to."""
 
-    outcome: str  # metrics.OUTCOME_*
+    outcome: str  # an Outcome; "held" on the stand-in result of a hold record
     status_code: int = 0
     status_text: str = ""
     duration_ms: int = 0
@@ -86,12 +88,12 @@ class AttemptResult:
 
     @property
     def delivered(self) -> bool:
-        return self.outcome == "delivered"
+        return self.outcome == Outcome.DELIVERED
 
     @property
     def called(self) -> bool:
         """A connection was attempted (the SSRF guard refuses before any socket opens)."""
-        return self.outcome != "blocked_address"
+        return self.outcome != Outcome.BLOCKED
 
 
 @dataclass(slots=True)

@@ -30,10 +30,11 @@ from consumer import constants as c
 from consumer import metrics as m
 from consumer.breaker import verdict_for
 from consumer.config import Settings
+from consumer.constants import DlqReason, HoldReason
 from consumer.delivery import Deliverer
 from consumer.endpoints import EndpointRegistry
 from consumer.errors import InvalidEvent
-from consumer.gate import PARK_CIRCUIT_OPEN, EndpointGate, EndpointGone, Expired, Gates, Parked, Ticket
+from consumer.gate import EndpointGate, EndpointGone, Expired, Gates, Parked, Ticket
 from consumer.headers import (
     DeliveryMeta,
     check_due,
@@ -52,9 +53,6 @@ from consumer.retry_policy import decide, max_due_ahead_s, schedule_span_s, tier
 
 log = logging.getLogger(__name__)
 
-REASON_EXHAUSTED: Final = "exhausted"  # every tier tried
-REASON_EXPIRED: Final = "expired"  # the schedule's span passed while an open circuit held it
-REASON_INTERNAL: Final = "internal_error"
 STATUS_TEXT_MAX: Final = 256
 ERROR_MAX: Final = 1024
 _NO_CALL: Final = AttemptResult("held")
@@ -121,7 +119,7 @@ class Pipeline:
             log.exception(
                 "internal error on %s[%d]@%d; dead-lettering it", msg.topic(), msg.partition(), msg.offset()
             )
-            await self.dead_letter_invalid(msg, REASON_INTERNAL, "internal error, see the consumer log")
+            await self.dead_letter_invalid(msg, DlqReason.INTERNAL, "internal error, see the consumer log")
 
     async def _handle(self, msg: Message) -> None:
         job = await self.prepare(msg)
@@ -240,12 +238,12 @@ class Pipeline:
             if decision.tier is None:
                 status = c.STATUS_FAILED
                 headers = dead_letter_headers(
-                    meta, job.delivery_id, job.origin, reason=REASON_EXHAUSTED, detail=result.error,
+                    meta, job.delivery_id, job.origin, reason=DlqReason.EXHAUSTED, detail=result.error,
                     error_kind=result.outcome, status_code=result.status_code,
                 )
                 publishes.append(producer.publish(c.DLQ_TOPIC, event.body, job.delivery_id, headers))
-                publishes.append(self._exhausted(job, REASON_EXHAUSTED, meta.run_attempt, result))
-                self._metrics.dead_lettered.labels(REASON_EXHAUSTED).inc()
+                publishes.append(self._exhausted(job, DlqReason.EXHAUSTED, meta.run_attempt, result))
+                self._metrics.dead_lettered.labels(DlqReason.EXHAUSTED).inc()
             else:
                 status = c.STATUS_RETRYING
                 next_at = decision.due_ms
@@ -278,7 +276,7 @@ class Pipeline:
             job.meta, job.delivery_id, job.origin, trigger=job.trigger, reason=reason, held_since_ms=now
         )
         producer = self._producer()
-        why = "its circuit is open" if reason == PARK_CIRCUIT_OPEN else "it is saturated"
+        why = "its circuit is open" if reason == HoldReason.CIRCUIT_OPEN else "it is saturated"
         row = self._hold_row(
             job, c.STATUS_HELD, now, reason,
             f"held: no call made, the endpoint is not taking deliveries ({why}); attempt "
@@ -300,16 +298,16 @@ class Pipeline:
             f"({self.span_ms / 3_600_000:.1f}h); attempt {job.meta.attempt} was never made"
         )
         headers = dead_letter_headers(
-            job.meta, job.delivery_id, job.origin, reason=REASON_EXPIRED, detail=detail,
-            error_kind=REASON_EXPIRED, status_code=0, called=False,
+            job.meta, job.delivery_id, job.origin, reason=DlqReason.EXPIRED, detail=detail,
+            error_kind=DlqReason.EXPIRED, status_code=0, called=False,
         )
-        row = self._hold_row(job, c.STATUS_FAILED, job.meta.held_since_ms or now, REASON_EXPIRED, detail)
+        row = self._hold_row(job, c.STATUS_FAILED, job.meta.held_since_ms or now, DlqReason.EXPIRED, detail)
         await _all([
             self._producer().publish(c.DLQ_TOPIC, job.event.body, job.delivery_id, headers),
             self._record(row),
-            self._exhausted(job, REASON_EXPIRED, job.meta.run_attempt - 1, None),
+            self._exhausted(job, DlqReason.EXPIRED, job.meta.run_attempt - 1, None),
         ])
-        self._metrics.dead_lettered.labels(REASON_EXPIRED).inc()
+        self._metrics.dead_lettered.labels(DlqReason.EXPIRED).inc()
         log.info("expired delivery=%s space=%s attempt=%d unspent",
                  job.delivery_id, job.event.space_slug, job.meta.attempt)
 

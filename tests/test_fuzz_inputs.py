@@ -34,12 +34,13 @@ from consumer import constants as c
 from consumer.addresses import AddressPolicy, host_problem
 from consumer.admin import start_admin
 from consumer.config import load_settings
+from consumer.constants import DlqReason
 from consumer.endpoints import EndpointRegistry, parse_record
 from consumer.errors import BlockedAddress, InvalidEndpoint, InvalidEvent
 from consumer.headers import DeliveryMeta, due_ms, read_meta
 from consumer.history import HistoryStore
 from consumer.history_api import history_app
-from consumer.intake import REASONS, parse_event
+from consumer.intake import parse_event
 from consumer.kafka_io import AsyncProducer
 from consumer.metrics import Metrics
 from consumer.models import host_of
@@ -118,7 +119,7 @@ def test_retry_message_values_become_an_event_or_a_dead_letter_reason(value: byt
     try:
         event = parse_event(value, 1_048_576)
     except InvalidEvent as exc:
-        assert exc.reason in REASONS
+        assert exc.reason in set(DlqReason)
         assert len(exc.detail) <= 400
     else:
         assert event.body == value and event.space_slug and event.id

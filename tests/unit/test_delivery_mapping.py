@@ -11,7 +11,7 @@ from aiohttp.client_reqrep import ConnectionKey, RequestInfo
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from consumer import metrics as m
+from consumer.constants import Outcome
 from consumer.delivery import _failure, contract_headers
 from consumer.errors import BlockedAddress
 from consumer.models import AttemptResult, Event
@@ -94,7 +94,7 @@ def test_contract_headers_first_attempt_is_one() -> None:
 )
 def test_timeout(exc: BaseException) -> None:
     result = failure(exc)
-    assert result.outcome == m.OUTCOME_TIMEOUT
+    assert result.outcome == Outcome.TIMEOUT
     assert "timed out" in result.error
 
 
@@ -104,18 +104,18 @@ def test_certificate_error_is_tls() -> None:
     )
     exc = aiohttp.ClientConnectorCertificateError(connection_key(), cert_error)
     result = failure(exc)
-    assert result.outcome == m.OUTCOME_TLS
+    assert result.outcome == Outcome.TLS
     assert result.error.startswith("TLS error: ClientConnectorCertificateError")
 
 
 def test_ssl_error_is_tls() -> None:
     exc = aiohttp.ClientConnectorSSLError(connection_key(), ssl.SSLError(1, "wrong version number"))
-    assert failure(exc).outcome == m.OUTCOME_TLS
+    assert failure(exc).outcome == Outcome.TLS
 
 
 def test_connector_error_wrapping_ssl_error_is_tls() -> None:
     exc = aiohttp.ClientConnectorError(connection_key(), ssl.SSLError(1, "handshake failure"))
-    assert failure(exc).outcome == m.OUTCOME_TLS
+    assert failure(exc).outcome == Outcome.TLS
 
 
 def test_connection_refused_is_connect_error() -> None:
@@ -124,7 +124,7 @@ def test_connection_refused_is_connect_error() -> None:
     )
     exc = aiohttp.ClientConnectorError(connection_key(), os_error)
     result = failure(exc)
-    assert result.outcome == m.OUTCOME_CONNECT
+    assert result.outcome == Outcome.CONNECT
     assert result.error.startswith("cannot connect: ClientConnectorError")
     assert HOST in result.error
 
@@ -133,7 +133,7 @@ def test_dns_failure_is_connect_error() -> None:
     exc = aiohttp.ClientConnectorDNSError(
         connection_key(), OSError(-2, "Name or service not known")
     )
-    assert failure(exc).outcome == m.OUTCOME_CONNECT
+    assert failure(exc).outcome == Outcome.CONNECT
 
 
 @pytest.mark.parametrize(
@@ -145,7 +145,7 @@ def test_dns_failure_is_connect_error() -> None:
 )
 def test_dropped_connection_is_protocol_error(exc: BaseException) -> None:
     result = failure(exc)
-    assert result.outcome == m.OUTCOME_PROTOCOL
+    assert result.outcome == Outcome.PROTOCOL
     assert result.error.startswith("connection dropped:")
 
 
@@ -155,7 +155,7 @@ def test_response_error_is_protocol_error_without_url() -> None:
     )
     assert SECRET_PART in str(exc)  # aiohttp's own text has the URL ...
     result = failure(exc)  # ... ours does not
-    assert result.outcome == m.OUTCOME_PROTOCOL
+    assert result.outcome == Outcome.PROTOCOL
     assert (
         result.error == "invalid HTTP response: ClientResponseError: 400 Invalid header value char"
     )
@@ -164,20 +164,20 @@ def test_response_error_is_protocol_error_without_url() -> None:
 def test_invalid_url_error_has_no_url() -> None:
     exc = aiohttp.InvalidURL(URL_TEXT, "bad port")
     result = failure(exc)
-    assert result.outcome == m.OUTCOME_CONNECT
+    assert result.outcome == Outcome.CONNECT
     assert "invalid URL" in result.error
 
 
 def test_error_text_with_the_url_is_reduced_to_the_host() -> None:
     result = failure(aiohttp.ClientOSError(errno.ECONNRESET, f"reset while talking to {URL_TEXT}"))
-    assert result.outcome == m.OUTCOME_CONNECT
+    assert result.outcome == Outcome.CONNECT
     assert HOST in result.error
 
 
 def test_blocked_address() -> None:
     blocked = BlockedAddress(HOST, "private")
     result = failure(blocked)
-    assert result.outcome == m.OUTCOME_BLOCKED
+    assert result.outcome == Outcome.BLOCKED
     assert result.error.startswith("address refused:")
     assert "private" in result.error
 
@@ -189,18 +189,18 @@ def test_blocked_address_wrapped_by_the_connector() -> None:
         raise wrapped from blocked
     except aiohttp.ClientConnectorDNSError as exc:
         result = failure(exc)
-    assert result.outcome == m.OUTCOME_BLOCKED
+    assert result.outcome == Outcome.BLOCKED
     assert "loopback" in result.error
 
 
 def test_blocked_address_found_through_os_error_only() -> None:
     wrapped = aiohttp.ClientConnectorError(connection_key(), BlockedAddress(HOST, "metadata"))
-    assert failure(wrapped).outcome == m.OUTCOME_BLOCKED
+    assert failure(wrapped).outcome == Outcome.BLOCKED
 
 
 def test_unexpected_error_names_only_the_type(caplog: pytest.LogCaptureFixture) -> None:
     result = failure(RuntimeError(f"boom at {URL_TEXT}"))
-    assert result.outcome == m.OUTCOME_PROTOCOL
+    assert result.outcome == Outcome.PROTOCOL
     assert result.error == "unexpected error: RuntimeError"
     assert SECRET_PART not in caplog.text
 
@@ -213,4 +213,4 @@ def test_every_outcome_is_a_known_label() -> None:
         BlockedAddress(HOST, "private"),
         ValueError("x"),
     ]
-    assert {failure(exc).outcome for exc in cases} <= set(m.OUTCOMES)
+    assert {failure(exc).outcome for exc in cases} <= set(Outcome)

@@ -11,14 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from consumer.constants import DlqReason
 from consumer.errors import InvalidEvent
-from consumer.intake import (
-    REASON_EMPTY,
-    REASON_INVALID_JSON,
-    REASON_OVERSIZED,
-    REASON_SCHEMA,
-    parse_event,
-)
+from consumer.intake import parse_event
 from consumer.models import Event
 
 MAX = 1_048_576
@@ -121,15 +116,15 @@ def test_exactly_max_bytes_is_accepted() -> None:
 
 @pytest.mark.parametrize("value", [None, b""])
 def test_empty(value: bytes | None) -> None:
-    assert reject(value).reason == REASON_EMPTY
+    assert reject(value).reason == DlqReason.EMPTY
 
 
 def test_oversized_is_checked_before_parsing() -> None:
     body = encode(envelope())
     exc = reject(body, len(body) - 1)
-    assert exc.reason == REASON_OVERSIZED
+    assert exc.reason == DlqReason.OVERSIZED
     assert str(len(body)) in exc.detail
-    assert reject(b"x" * 2000, 1024).reason == REASON_OVERSIZED  # not even JSON
+    assert reject(b"x" * 2000, 1024).reason == DlqReason.OVERSIZED  # not even JSON
 
 
 @pytest.mark.parametrize(
@@ -151,7 +146,7 @@ def test_oversized_is_checked_before_parsing() -> None:
     ],
 )
 def test_invalid_json(value: bytes) -> None:
-    assert reject(value).reason == REASON_INVALID_JSON
+    assert reject(value).reason == DlqReason.INVALID_JSON
 
 
 @pytest.mark.parametrize(
@@ -207,19 +202,19 @@ def test_invalid_json(value: bytes) -> None:
 )
 def test_schema(path: tuple[str, ...], value: Any) -> None:
     exc = reject(encode(with_path(envelope(), path, value)))
-    assert exc.reason == REASON_SCHEMA
+    assert exc.reason == DlqReason.SCHEMA
 
 
 @pytest.mark.parametrize("value", [b"[]", b"1", b'"text"', b"null", b"true", b"{}"])
 def test_schema_for_non_envelope_json(value: bytes) -> None:
-    assert reject(value).reason == REASON_SCHEMA
+    assert reject(value).reason == DlqReason.SCHEMA
 
 
 def test_schema_detail_names_the_path_and_rule() -> None:
     exc = reject(encode(with_path(envelope(), ("data", "space", "slug"), "BAD")))
     assert "space.slug" in exc.detail
     assert "pattern" in exc.detail
-    assert str(exc) == f"{REASON_SCHEMA}: {exc.detail}"
+    assert str(exc) == f"{DlqReason.SCHEMA}: {exc.detail}"
 
 
 # Fuzz ----------------------------------------------------------------------------------
@@ -306,6 +301,6 @@ def test_schema_detail_never_echoes_payload_values(
     value: Any = {"string": marker, "nested": {"v": marker}, "list": [marker]}[shape]
     exc = check_outcome(json.dumps(with_path(envelope(), path, value)).encode())
     assert isinstance(exc, InvalidEvent)
-    assert exc.reason == REASON_SCHEMA
+    assert exc.reason == DlqReason.SCHEMA
     assert letters not in exc.detail
     assert letters not in str(exc)
