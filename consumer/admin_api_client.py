@@ -33,7 +33,7 @@ class ApiFailure(PerkamoError):
         self.doc = doc
 
 
-class AdminClient:
+class AdminApiClient:
     """A small blocking client of the consumer's admin API (stdlib only: nothing to pool)."""
 
     def __init__(self, settings: Settings, timeout: float = _TIMEOUT_S) -> None:

@@ -29,6 +29,7 @@ import orjson
 from aiohttp import web
 
 from consumer.config import Settings
+from consumer.errors import PerkamoError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -41,7 +42,7 @@ _REALM: Final = 'Bearer realm="perkamo-admin"'
 _MAX_AUTHORIZATION: Final = 1024
 
 
-class AuthError(Exception):
+class AuthError(PerkamoError):
     """A refused call: HTTP status, a sentence, and headers for the answer."""
 
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:

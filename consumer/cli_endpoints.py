@@ -33,7 +33,7 @@ from consumer.addresses import AddressPolicy
 from consumer.config import Settings
 from consumer.constants import ENDPOINTS_TOPIC
 from consumer.endpoints import EndpointRegistry, load_file, mask_url, parse_record, record_of
-from consumer.errors import BlockedAddress, InvalidEndpoint
+from consumer.errors import BlockedAddress, InvalidEndpoint, PerkamoError
 from consumer.models import Endpoint
 from consumer.registry_publish import check_registry_topic, publish_registry_record
 from consumer.registry_topic import read_all
@@ -45,7 +45,7 @@ _CERT_WARN_DAYS: Final = 14  # as the alert PerkamoWebhookEndpointCertExpiring
 _SCHEMA: Final = "endpoint.schema.json"
 
 
-class _Refused(Exception):
+class _Refused(PerkamoError):
     """A command line or record that is refused before anything is sent to Kafka."""
 
 
@@ -217,10 +217,9 @@ def _rows(
 def _health(settings: Settings) -> tuple[dict[str, dict[str, Any]], str]:
     """Per Space, the history role's view of its endpoint (certificate expiry included), or
     ({}, why not)."""
-    from consumer.admin_api_client import AdminClient, ApiFailure
-    from consumer.errors import PerkamoError
+    from consumer.admin_api_client import AdminApiClient, ApiFailure
 
-    client = AdminClient(settings, timeout=_HEALTH_TIMEOUT_S)
+    client = AdminApiClient(settings, timeout=_HEALTH_TIMEOUT_S)
     try:
         doc = client.get("/endpoints/health")
     except ApiFailure as exc:

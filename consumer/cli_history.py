@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import Any, Final
 
 from consumer import cli_history_output as history_output
-from consumer.admin_api_client import AdminClient, ApiFailure
+from consumer.admin_api_client import AdminApiClient, ApiFailure
 from consumer.config import Settings
 from consumer.errors import PerkamoError
 from consumer.queries import (
@@ -100,13 +100,13 @@ def _history(args: argparse.Namespace, settings: Settings) -> int:
             if direct:
                 return _direct_detail(settings, args.delivery_id)
             quoted = urllib.parse.quote(args.delivery_id, safe="")
-            return AdminClient(settings).get(f"/deliveries/{quoted}")
+            return AdminApiClient(settings).get(f"/deliveries/{quoted}")
         since = parse_time(args.since, name="--since") if args.since else None
         until = parse_time(args.until, name="--until") if args.until else None
         if direct:
             flt = DeliveryFilter(args.space, args.status or "", args.event_type, since, until)
             return _direct_list(settings, flt, args.limit, args.cursor)
-        return AdminClient(settings).get("/deliveries", {
+        return AdminApiClient(settings).get("/deliveries", {
             "space": args.space, "status": args.status or "", "event_type": args.event_type,
             "since": iso(since) or "", "until": iso(until) or "", "limit": str(args.limit),
             "cursor": args.cursor or "",
@@ -125,7 +125,7 @@ def _history(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _resend(args: argparse.Namespace, settings: Settings) -> int:
-    client = AdminClient(settings)
+    client = AdminApiClient(settings)
     path = f"/deliveries/{urllib.parse.quote(args.delivery_id, safe='')}/resend"
     doc = _call(lambda: _one(client.post(path, {"force": args.force})))
     if isinstance(doc, int):
@@ -147,7 +147,7 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     body = {"space": args.space, "since": iso(since), "until": iso(until),
             "status": args.status, "dry_run": args.dry_run, "force": args.force}
     window = f"[{iso(since)}, {iso(until) or 'now'})"
-    client = AdminClient(settings)
+    client = AdminApiClient(settings)
     if args.dry_run:
         doc = _call(lambda: _one(client.post("/replay", body)))
         if isinstance(doc, int):
@@ -175,7 +175,7 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _stream_replay(client: AdminClient, body: dict[str, Any]) -> dict[str, Any]:
+def _stream_replay(client: AdminApiClient, body: dict[str, Any]) -> dict[str, Any]:
     """POST the replay and follow its progress lines; the bar shows once publishing starts."""
     from rich.console import Console
     from rich.progress import (

@@ -22,7 +22,7 @@ from consumer import gctune, tracing
 from consumer.admin import build_app, start_admin
 from consumer.config import Settings
 from consumer.endpoints import EndpointRegistry, load_file
-from consumer.errors import KafkaError
+from consumer.errors import KafkaFailure
 from consumer.kafka_io import use_settings, wait_for_broker
 from consumer.metrics import Metrics
 from consumer.models import Endpoint
@@ -135,6 +135,6 @@ async def wait_for_registry(follower: RegistryFollower, stopping: Callable[[], b
         if stopping():
             return
         if time.monotonic() > deadline:
-            raise KafkaError(
+            raise KafkaFailure(
                 f"endpoint registry topic not read to its end within {REGISTRY_LOAD_TIMEOUT_S:.0f}s"
             )

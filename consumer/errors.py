@@ -52,10 +52,10 @@ class HistoryUnavailable(PerkamoError):
     """The history store did not accept a write; the writer keeps the rows and retries."""
 
 
-class KafkaError(PerkamoError):
+class KafkaFailure(PerkamoError):
     """The broker refused or failed an operation the service cannot go on without."""
 
 
-class KafkaRefused(KafkaError, ConfigError):
+class KafkaRefused(KafkaFailure, ConfigError):
     """The cluster refused our credentials or our TLS: a PERKAMO_KAFKA_* setting is wrong, and
     trying again will not help (the supervisor does not restart a role that exits for it)."""

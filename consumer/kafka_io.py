@@ -20,8 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from confluent_kafka import KafkaError as RdKafkaError
-from confluent_kafka import KafkaException, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import (  # type: ignore[attr-defined]  # the stubs omit re-exports
     AdminClient,
     ConfigResource,
@@ -29,7 +28,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # the stubs o
 )
 
 from consumer.config import Settings
-from consumer.errors import ConfigError, KafkaError, KafkaRefused
+from consumer.errors import ConfigError, KafkaFailure, KafkaRefused
 from consumer.setting_values import is_secret_property, kafka_env_name
 
 log = logging.getLogger(__name__)
@@ -39,8 +38,8 @@ Source = Settings | str  # Settings, or a bootstrap string (see use_settings)
 
 # bootstrap servers -> the PERKAMO_KAFKA_* properties of the settings that named them.
 _PROPERTIES: dict[str, dict[str, str]] = {}
-_AUTH_ERRORS = frozenset({RdKafkaError._AUTHENTICATION, RdKafkaError._SSL,
-                          RdKafkaError.SASL_AUTHENTICATION_FAILED})
+_AUTH_ERRORS = frozenset({KafkaError._AUTHENTICATION, KafkaError._SSL,
+                          KafkaError.SASL_AUTHENTICATION_FAILED})
 
 
 def use_settings(settings: Settings) -> None:
@@ -74,7 +73,7 @@ def make_client(kind: type[Any], config: dict[str, Any]) -> Any:
         return kind(config)
     except (KafkaException, ValueError, TypeError) as exc:
         err = exc.args[0] if exc.args else None
-        text = err.str() if isinstance(err, RdKafkaError) else str(exc)
+        text = err.str() if isinstance(err, KafkaError) else str(exc)
         for prop in config:
             if f'"{prop}"' in text or f"'{prop}'" in text or f" {prop}:" in text:
                 raise ConfigError(f"{kafka_env_name(prop)}: librdkafka refused property "
@@ -162,7 +161,7 @@ class AsyncProducer:
         self, topic: str, value: bytes | None, key: bytes | str | None = None, headers: Headers | None = None
     ) -> Message:
         if self._closed:
-            raise KafkaError("producer is closed")
+            raise KafkaFailure("producer is closed")
         loop = self._loop
         if loop is None:  # the first publish names the loop (get_running_loop() costs a getpid)
             loop = self._loop = asyncio.get_running_loop()
@@ -214,7 +213,7 @@ def _settle(future: asyncio.Future[Message], err: Any, msg: Message) -> None:
     if future.done():
         return
     if err is not None:
-        future.set_exception(KafkaError(f"publish to {msg.topic()} failed: {err}"))
+        future.set_exception(KafkaFailure(f"publish to {msg.topic()} failed: {err}"))
     else:
         future.set_result(msg)
 
@@ -247,7 +246,7 @@ def ensure_topics(
                 created.append(name)
             except KafkaException as exc:
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
-                    raise KafkaError(f"cannot create topic {name}: {exc}") from None
+                    raise KafkaFailure(f"cannot create topic {name}: {exc}") from None
         _wait_for_leaders(admin, [name for name, _, _ in topics], timeout)
     return created
 
@@ -265,7 +264,7 @@ def _wait_for_leaders(admin: AdminClient, names: Sequence[str], timeout: float) 
         ):
             return
         if time.monotonic() > deadline:
-            raise KafkaError(f"topics {', '.join(names)} have no leaders after {timeout:.0f}s")
+            raise KafkaFailure(f"topics {', '.join(names)} have no leaders after {timeout:.0f}s")
         time.sleep(0.1)
 
 
@@ -289,9 +288,9 @@ def wait_for_broker(source: Source, timeout: float) -> None:
     exception of the metadata call (which would just time out), so an error callback latches
     them and the wait ends at once with a message naming the settings to fix."""
     bootstrap = bootstrap_of(source)
-    problems: list[RdKafkaError] = []
+    problems: list[KafkaError] = []
 
-    def on_error(err: RdKafkaError) -> None:
+    def on_error(err: KafkaError) -> None:
         if err.code() in _AUTH_ERRORS or "SSL handshake failed" in err.str():
             problems.append(err)
 
@@ -307,14 +306,14 @@ def wait_for_broker(source: Source, timeout: float) -> None:
             if problems:
                 raise KafkaRefused(_auth_failure(problems[0], config)) from None
             if time.monotonic() >= deadline:
-                raise KafkaError(f"broker {bootstrap} not reachable within {timeout:.0f}s: "
+                raise KafkaFailure(f"broker {bootstrap} not reachable within {timeout:.0f}s: "
                                  f"{_scrub(str(exc), config)}") from None
 
 
-def _auth_failure(err: RdKafkaError, config: dict[str, Any]) -> str:
+def _auth_failure(err: KafkaError, config: dict[str, Any]) -> str:
     """Refused credentials or TLS as a sentence naming the settings to check."""
     text = _scrub(err.str(), config)
-    if err.code() == RdKafkaError._SSL or "SSL handshake failed" in text:
+    if err.code() == KafkaError._SSL or "SSL handshake failed" in text:
         return (f"Kafka TLS handshake failed ({text}): check PERKAMO_KAFKA_SSL_CA_LOCATION and "
                 "PERKAMO_KAFKA_SECURITY_PROTOCOL")
     return (f"Kafka refused the credentials ({text}): check PERKAMO_KAFKA_SASL_USERNAME and "
@@ -341,5 +340,5 @@ def position(msg: Message) -> tuple[str, int, int]:
     """(topic, partition, offset) of a consumed message."""
     topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
     if topic is None or partition is None or offset is None:
-        raise KafkaError("consumed message has no topic/partition/offset")
+        raise KafkaFailure("consumed message has no topic/partition/offset")
     return topic, partition, offset

@@ -17,7 +17,7 @@ import orjson
 from confluent_kafka import KafkaException, Producer
 
 from consumer.constants import ENDPOINTS_TOPIC
-from consumer.errors import KafkaError
+from consumer.errors import KafkaFailure
 from consumer.kafka_io import Source, admin_client, bootstrap_of, make_client, producer_config, topic_configs
 
 log = logging.getLogger(__name__)
@@ -36,9 +36,9 @@ def check_registry_topic(source: Source, timeout: float) -> str | None:
     try:
         names = admin_client(source).list_topics(timeout=timeout).topics
     except KafkaException as exc:
-        raise KafkaError(f"broker {bootstrap_of(source)} did not answer: {exc}") from None
+        raise KafkaFailure(f"broker {bootstrap_of(source)} did not answer: {exc}") from None
     if ENDPOINTS_TOPIC not in names:
-        raise KafkaError(f"topic {ENDPOINTS_TOPIC} does not exist; create it (compacted) with "
+        raise KafkaFailure(f"topic {ENDPOINTS_TOPIC} does not exist; create it (compacted) with "
                          "`perkamo-webhooks topics`")
     configs = topic_configs(source, [ENDPOINTS_TOPIC]).get(ENDPOINTS_TOPIC, {})
     policy = configs.get("cleanup.policy")
@@ -54,7 +54,7 @@ def publish_registry_record(
 ) -> Receipt:
     """Publish one record keyed by the space (None = tombstone) and wait for the broker's ack.
 
-    The topic must exist (see check_registry_topic). Raises KafkaError when the broker did not
+    The topic must exist (see check_registry_topic). Raises KafkaFailure when the broker did not
     acknowledge in time or refused the record.
     """
     producer: Producer = make_client(Producer, {**producer_config(source), "client.id": client_id})
@@ -66,10 +66,10 @@ def publish_registry_record(
     producer.produce(ENDPOINTS_TOPIC, key=space.encode(), value=value, on_delivery=on_delivery)
     producer.flush(timeout)
     if "msg" not in outcome:
-        raise KafkaError(f"Kafka did not acknowledge within {timeout:.0f}s; the record may or may "
+        raise KafkaFailure(f"Kafka did not acknowledge within {timeout:.0f}s; the record may or may "
                          "not be published: check with `perkamo-webhooks endpoints list`")
     if outcome["err"] is not None:
-        raise KafkaError(f"publish to {ENDPOINTS_TOPIC} failed: {outcome['err']}")
+        raise KafkaFailure(f"publish to {ENDPOINTS_TOPIC} failed: {outcome['err']}")
     return Receipt(int(outcome["msg"].partition()), int(outcome["msg"].offset()))
 
 

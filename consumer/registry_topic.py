@@ -20,13 +20,12 @@ import time
 import uuid
 from typing import Any, Final
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, TopicPartition
-from confluent_kafka import KafkaError as RdKafkaError
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from consumer.config import Settings
 from consumer.constants import ENDPOINTS_TOPIC
 from consumer.endpoints import EndpointRegistry
-from consumer.errors import KafkaError, PerkamoError
+from consumer.errors import KafkaFailure, PerkamoError
 from consumer.kafka_io import Source, client_config, make_client
 from consumer.metrics import Metrics
 
@@ -84,7 +83,7 @@ class TopicReader:
         meta = self._consumer.list_topics(self.topic, timeout=_METADATA_TIMEOUT_S)
         topic_meta = meta.topics.get(self.topic)
         error = topic_meta.error if topic_meta is not None else None
-        if error is not None and error.code() != RdKafkaError.UNKNOWN_TOPIC_OR_PART:
+        if error is not None and error.code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
             raise KafkaException(error)
         if topic_meta is None or error is not None or not topic_meta.partitions:
             return False
@@ -112,7 +111,7 @@ class TopicReader:
             error = msg.error()
             partition = msg.partition() or 0
             if error is not None:
-                if error.code() == RdKafkaError._PARTITION_EOF:
+                if error.code() == KafkaError._PARTITION_EOF:
                     self._pending.pop(partition, None)
                 else:
                     log.warning("reading %s: %s", self.topic, error)
@@ -130,7 +129,7 @@ class TopicReader:
 def read_all(source: Source, topic: str, timeout: float) -> list[Message] | None:
     """Every record of the topic up to its current end, in order; None if it does not exist.
 
-    Raises KafkaError when the broker does not answer, or the end is not reached in time.
+    Raises KafkaFailure when the broker does not answer, or the end is not reached in time.
     """
     reader = TopicReader(source, topic, client_id="perkamo-webhooks-cli")
     deadline = time.monotonic() + timeout
@@ -139,11 +138,11 @@ def read_all(source: Source, topic: str, timeout: float) -> list[Message] | None
             if not reader.refresh():
                 return None
         except KafkaException as exc:
-            raise KafkaError(f"cannot read topic {topic}: {exc}") from None
+            raise KafkaFailure(f"cannot read topic {topic}: {exc}") from None
         records: list[Message] = []
         while not reader.caught_up:
             if time.monotonic() > deadline:
-                raise KafkaError(f"topic {topic} not read to its end within {timeout:.0f}s")
+                raise KafkaFailure(f"topic {topic} not read to its end within {timeout:.0f}s")
             records.extend(reader.poll(_POLL_S))
         return records
     finally:

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from typing import Final
 
 from consumer import constants as c
-from consumer.errors import KafkaError
+from consumer.errors import KafkaFailure
 from consumer.headers import republish_headers
 from consumer.kafka_io import AsyncProducer
 from consumer.metrics import Metrics
@@ -288,7 +288,7 @@ class Republisher:
         )
         try:
             await producer.publish(self._topic, body, state.space, headers)
-        except KafkaError:
+        except KafkaFailure:
             raise
         except Exception as exc:  # BufferError, KafkaException from produce(): same meaning
-            raise KafkaError(f"publish to {self._topic} failed: {type(exc).__name__}") from exc
+            raise KafkaFailure(f"publish to {self._topic} failed: {type(exc).__name__}") from exc

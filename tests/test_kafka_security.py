@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from consumer import kafka_io
 from consumer.config import load_settings
 from consumer.constants import ENDPOINTS_TOPIC
-from consumer.errors import ConfigError, KafkaError
+from consumer.errors import ConfigError, KafkaFailure
 from consumer.history import TABLE, HistoryStore, client_kwargs, mask_dsn
 from consumer.registry_topic import read_all, reader_config
 from consumer.topics import plan
@@ -286,7 +286,7 @@ def test_wait_for_broker_names_the_setting_within_seconds(sasl_broker: dict[str,
     settings = load_settings(kafka_bootstrap_servers=sasl_broker["bootstrap"],
                              kafka=secured(sasl_broker, password="nope-nope"))
     started = time.monotonic()
-    with pytest.raises(KafkaError, match="PERKAMO_KAFKA_SASL_PASSWORD") as caught:
+    with pytest.raises(KafkaFailure, match="PERKAMO_KAFKA_SASL_PASSWORD") as caught:
         kafka_io.wait_for_broker(settings, 30)
     assert time.monotonic() - started < 10
     assert "nope-nope" not in str(caught.value)
@@ -301,7 +301,7 @@ def test_an_untrusted_broker_certificate_names_the_ca_setting(
     settings = load_settings(kafka_bootstrap_servers=sasl_broker["bootstrap"],
                              kafka={**secured(sasl_broker), "ssl.ca.location": str(other_ca)})
     started = time.monotonic()
-    with pytest.raises(KafkaError, match="PERKAMO_KAFKA_SSL_CA_LOCATION"):
+    with pytest.raises(KafkaFailure, match="PERKAMO_KAFKA_SSL_CA_LOCATION"):
         kafka_io.wait_for_broker(settings, 20)
     assert time.monotonic() - started < 10
 

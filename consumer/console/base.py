@@ -28,6 +28,7 @@ from aiohttp import web
 from consumer.console.auth import Keys, Revoked, Session, Throttle
 from consumer.console.context import ConsoleContext
 from consumer.console.render import render
+from consumer.errors import PerkamoError
 from consumer.republish_plan import ReplayPlan
 from consumer.schemas import schema_path
 
@@ -56,7 +57,7 @@ _HTML: Final = "text/html"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class ConsoleError(Exception):
+class ConsoleError(PerkamoError):
     """Answer with an error page: status and a sentence for the person reading it."""
 
     def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:

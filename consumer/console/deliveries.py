@@ -29,7 +29,7 @@ from consumer.console.base import (
 )
 from consumer.console.render import pretty_body
 from consumer.delivery import contract_headers
-from consumer.errors import KafkaError, PerkamoError
+from consumer.errors import KafkaFailure, PerkamoError
 from consumer.models import Event
 from consumer.queries import (
     STATUSES,
@@ -151,7 +151,7 @@ class DeliveryPages(ConsoleBase):
             return await self._delivery_page(request, session, delivery_id, error=str(exc), status=409)
         except NotFound as exc:
             return await self._delivery_page(request, session, delivery_id, error=str(exc), status=404)
-        except (NotReady, PublishFailed, KafkaError) as exc:
+        except (NotReady, PublishFailed, KafkaFailure) as exc:
             return await self._delivery_page(request, session, delivery_id, error=str(exc), status=503)
         log.info("console resend of delivery %s (space %s) by %s session: attempt %d",
                  delivery_id, attempts[0]["space_slug"], session.role, result.attempt)

@@ -23,7 +23,7 @@ from consumer.console.base import (
 )
 from consumer.constants import ENDPOINTS_TOPIC
 from consumer.endpoints import parse_record, record_of
-from consumer.errors import InvalidEndpoint, KafkaError
+from consumer.errors import InvalidEndpoint, KafkaFailure
 from consumer.models import Endpoint
 from consumer.queries import (
     success_rates,
@@ -92,7 +92,7 @@ class EndpointPages(ConsoleBase):
             return await self._endpoint_page(request, session, space, error=str(exc), status=400)
         try:
             receipt = await self._ctx.publish_endpoint(space, record)
-        except KafkaError as exc:
+        except KafkaFailure as exc:
             return await self._endpoint_page(request, session, space, error=str(exc), status=503)
         log.info("console %s of the endpoint of space %s by %s session: published at %s[%d]@%d",
                  action, space, session.role, ENDPOINTS_TOPIC, receipt.partition, receipt.offset)
