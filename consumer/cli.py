@@ -10,7 +10,7 @@ import signal
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,6 @@ from consumer.config import Settings, load_settings
 from consumer.errors import ConfigError, PerkamoError
 
 log = logging.getLogger("consumer.cli")
-
-Command = Callable[[argparse.Namespace, Settings], int]
-
 
 ROLES = ("deliver", "history", "all")
 # A process that cannot start because a setting is wrong (sysexits' EX_CONFIG): the

@@ -29,7 +29,7 @@ from typing import Any
 from consumer.breaker import Breaker, BreakerPolicy, CircuitState, Verdict
 from consumer.constants import HoldReason
 from consumer.errors import PerkamoError
-from consumer.health import EndpointHealth, HealthPolicy, HealthState
+from consumer.health import EndpointHealth, HealthPolicy
 
 
 class Parked(PerkamoError):
@@ -107,9 +107,6 @@ class EndpointGate:
     @property
     def circuit(self) -> CircuitState:
         return self.breaker.state
-
-    def health_state(self) -> HealthState:
-        return self.health.state(self._clock(), self.breaker.state)
 
     def snapshot(self) -> dict[str, Any]:
         return self.health.snapshot(self._clock(), self.breaker.state, self.held)

@@ -66,7 +66,6 @@ class HistoryIngest:
         self._first_at = 0.0
         self.healthy = True
         self.assigned_once = False
-        self.rows_written = 0
         self.abandoned_rows = 0  # given up on (budget or stop): left on the topic, uncommitted
 
     def start(self) -> None:
@@ -95,11 +94,6 @@ class HistoryIngest:
                 log.error("history ingest did not stop within %.0fs", timeout)
                 return False
         return not self._rows and not self.abandoned_rows
-
-    @property
-    def backlog(self) -> int:
-        """Records gathered and not yet inserted."""
-        return len(self._rows)
 
     # The thread ------------------------------------------------------------------------------
 
@@ -149,7 +143,6 @@ class HistoryIngest:
             return
         give_up = None if budget_s is None else time.monotonic() + budget_s
         if self._insert_retrying(consumer, give_up):
-            self.rows_written += len(self._rows)
             if self._on_rows is not None:
                 self._on_rows(self._rows)
             self._commit(consumer)

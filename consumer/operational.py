@@ -19,7 +19,6 @@ VERSION: Final = 1
 CIRCUIT_OPENED: Final = "circuit.opened"
 CIRCUIT_CLOSED: Final = "circuit.closed"
 DELIVERY_EXHAUSTED: Final = "delivery.exhausted"
-TYPES: Final = (CIRCUIT_OPENED, CIRCUIT_CLOSED, DELIVERY_EXHAUSTED)
 
 WORKER: Final = f"{socket.gethostname()}:{os.getpid()}"
 

@@ -549,15 +549,6 @@ class RoleProc:
                 for label, v in groups.items()]
         return sorted(rows, key=lambda r: -r["cpu_s"])
 
-    def cpu_at(self, at_ns: int) -> float:
-        """CPU seconds used up to `at_ns` (the last sample at or before it)."""
-        best = 0.0
-        for t, cpu, _ in self.samples:
-            if t > at_ns:
-                break
-            best = cpu
-        return best
-
     def get(self, path: str, timeout: float = 1.0) -> int:
         try:
             return http_get(f"http://{self.admin}{path}", timeout)[0]
