@@ -7,13 +7,15 @@ import itertools
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 from aiohttp import web
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+
+from consumer.history import TABLE
 
 _counter = itertools.count()
 
@@ -50,6 +52,32 @@ def make_event(
             "wallet_state": {"loyalty_points": 120},
         },
     }
+
+
+def event_rows(store: Any, event_id: str, columns: Sequence[str]) -> list[tuple[Any, ...]]:
+    """One event's history rows (hold records included), oldest attempt first: `columns` of
+    each, read with FINAL as every reader does. `store` is a HistoryStore."""
+    _, rows = store.query(
+        f"SELECT {', '.join(columns)} FROM {TABLE} FINAL WHERE event_id = {{e:String}} "
+        "ORDER BY attempt",
+        {"e": event_id},
+    )
+    return [tuple(row) for row in rows]
+
+
+def event_records(store: Any, event_id: str, columns: Sequence[str]) -> list[dict[str, Any]]:
+    """`event_rows` as {column: value} dicts."""
+    return [dict(zip(columns, row, strict=True)) for row in event_rows(store, event_id, columns)]
+
+
+def latest_status(store: Any, space: str, key: str = "event_id") -> dict[str, str]:
+    """Per `key` (event_id or delivery_id) of a Space, the status of its newest row."""
+    _, rows = store.query(
+        f"SELECT {key}, argMax(status, (attempted_at, attempt)) FROM {TABLE} FINAL "
+        f"WHERE space_slug = {{s:String}} GROUP BY {key}",
+        {"s": space},
+    )
+    return {str(k): str(s) for k, s in rows}
 
 
 def produce(

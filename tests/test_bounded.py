@@ -13,7 +13,7 @@ from prometheus_client import generate_latest
 
 from consumer.history import ERROR_MAX, STATUS_TEXT_MAX, TABLE, HistoryStore
 from consumer.metrics import OTHER, Metrics
-from tests.support import make_event, produce, unique, wait_for
+from tests.support import event_rows, make_event, produce, unique, wait_for
 from tests.test_queries import attempt
 from tests.test_registry import follow_fixture  # noqa: F401 - fixture
 from tests.test_security import publish_record
@@ -128,9 +128,7 @@ async def test_a_huge_reason_phrase_is_capped_in_history(harness: Any, receiver:
     produce(harness.kafka, harness.events_topic, [orjson.dumps(event)])
 
     def row() -> Any:
-        _, rows = harness.store.query(
-            f"SELECT length(status_text), status_code FROM {TABLE} FINAL WHERE event_id = {{e:String}}",
-            {"e": event["id"]})
+        rows = event_rows(harness.store, event["id"], ("length(status_text)", "status_code"))
         return rows[0] if rows else None
 
     length, code = await wait_for(row, timeout=30, what="the attempt row")

@@ -9,8 +9,16 @@ import pytest
 import trustme
 
 from consumer import constants as c
-from consumer.history import TABLE
-from tests.support import ScriptedReceiver, delayed, free_port, make_event, produce, status, wait_for
+from tests.support import (
+    ScriptedReceiver,
+    delayed,
+    event_rows,
+    free_port,
+    make_event,
+    produce,
+    status,
+    wait_for,
+)
 
 # Long tiers: these tests look at the first attempt only; no retry happens during them.
 SLOW_TIERS = {"retry_tiers": ["1m"]}
@@ -21,11 +29,9 @@ async def _first_attempt(harness, space: str, url: str, **overrides):
     event = make_event(space)
     produce(harness.kafka, harness.events_topic, [orjson.dumps(event)])
     rows = await wait_for(
-        lambda: harness.store.query(
-            f"SELECT status, status_code, status_text, error_kind, error, duration_ms, next_attempt_at "
-            f"FROM {TABLE} FINAL WHERE event_id = {{e:String}}",
-            {"e": event["id"]},
-        )[1],
+        lambda: event_rows(harness.store, event["id"], ("status", "status_code", "status_text",
+                                                         "error_kind", "error", "duration_ms",
+                                                         "next_attempt_at")),
         timeout=30,
         what="the attempt row",
     )
@@ -96,10 +102,7 @@ async def test_large_response_body_is_cut_to_the_excerpt(harness, receiver):
     event = make_event("s-big")
     produce(harness.kafka, harness.events_topic, [orjson.dumps(event)])
     rows = await wait_for(
-        lambda: harness.store.query(
-            f"SELECT length(response_excerpt), status_code FROM {TABLE} FINAL WHERE event_id = {{e:String}}",
-            {"e": event["id"]},
-        )[1],
+        lambda: event_rows(harness.store, event["id"], ("length(response_excerpt)", "status_code")),
         timeout=30,
     )
     assert rows == [(100, 500)]

@@ -24,6 +24,7 @@ from consumer.topics import plan
 from tests.support import (
     end_offsets,
     fast_forward_group,
+    latest_status,
     make_event,
     produce,
     read_topic,
@@ -57,12 +58,7 @@ def history(harness: Any, space: str) -> dict[str, list[tuple[int, str]]]:
 
 def final_status(harness: Any, space: str) -> dict[str, str]:
     """Per delivery id, the status of its newest row (hold records included)."""
-    _, rows = harness.store.query(
-        f"SELECT delivery_id, argMax(status, (attempted_at, attempt)) FROM {TABLE} FINAL "
-        "WHERE space_slug = {s:String} GROUP BY delivery_id",
-        {"s": space},
-    )
-    return dict(rows)
+    return latest_status(harness.store, space, key="delivery_id")
 
 
 def assert_gapless(receiver: Any, path: str, harness: Any, space: str) -> dict[str, list[int]]:

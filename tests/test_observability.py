@@ -23,9 +23,17 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from consumer import tracing
 from consumer.deliver_role import endpoint_changed
 from consumer.endpoints import endpoint_id_for
-from consumer.history import TABLE
 from consumer.models import delivery_id_for
-from tests.support import ScriptedReceiver, make_event, produce, sequence, status, unique, wait_for
+from tests.support import (
+    ScriptedReceiver,
+    event_records,
+    make_event,
+    produce,
+    sequence,
+    status,
+    unique,
+    wait_for,
+)
 from tests.test_delivery_contract import CONTRACT_HEADERS, HTTP_FRAMING
 from tests.test_history_api import TOKEN, Api, cli, wait_delivery
 
@@ -48,10 +56,7 @@ def spans() -> Iterator[InMemorySpanExporter]:
 
 
 def rows_of(harness: Any, event_id: str) -> list[dict[str, Any]]:
-    _, rows = harness.store.query(
-        f"SELECT {', '.join(COLUMNS)} FROM {TABLE} FINAL WHERE event_id = {{e:String}} ORDER BY attempt",
-        {"e": event_id})
-    return [dict(zip(COLUMNS, row, strict=True)) for row in rows]
+    return event_records(harness.store, event_id, COLUMNS)
 
 
 async def delivered(harness: Any, event_id: str, timeout: float = 30) -> list[dict[str, Any]]:

@@ -16,6 +16,8 @@ from consumer.history import TABLE
 from consumer.retry_policy import tier_topic
 from tests.support import (
     end_offsets,
+    event_rows,
+    latest_status,
     make_event,
     produce,
     read_topic,
@@ -29,11 +31,9 @@ TIERS = [("1s", 1.0), ("2s", 2.0), ("4s", 4.0)]
 
 
 def _rows(harness, event_id):
-    return harness.store.query(
-        "SELECT attempt, status, trigger, status_code, attempted_at, next_attempt_at, delivery_id, "
-        f"error_kind FROM {TABLE} FINAL WHERE event_id = {{e:String}} ORDER BY attempt",
-        {"e": event_id},
-    )[1]
+    return event_rows(harness.store, event_id, ("attempt", "status", "trigger", "status_code",
+                                                "attempted_at", "next_attempt_at", "delivery_id",
+                                                "error_kind"))
 
 
 async def test_always_failing_delivery_walks_every_tier_then_dead_letters(harness, receiver):
@@ -272,11 +272,8 @@ async def test_hanging_endpoint_does_not_delay_healthy_ones_and_the_breaker_cycl
     produce(harness.kafka, harness.events_topic, [orjson.dumps(late)])
 
     def finals():
-        _, rows = harness.store.query(
-            f"SELECT event_id, argMax(status, (attempted_at, attempt)) FROM {TABLE} FINAL "
-            "WHERE space_slug = 's-hang' GROUP BY event_id"
-        )
-        return {e: st for e, st in rows if st not in (c.STATUS_RETRYING, c.STATUS_HELD)}
+        latest = latest_status(harness.store, "s-hang")
+        return {e: st for e, st in latest.items() if st not in (c.STATUS_RETRYING, c.STATUS_HELD)}
 
     # Every event that met the hanging endpoint ends delivered, or failed once its run outlived
     # the schedule's span (7.7 s with these tiers) while held; none is lost.

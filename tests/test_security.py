@@ -37,6 +37,7 @@ from tests.support import (
     ScriptedReceiver,
     delayed,
     end_offsets,
+    event_records,
     make_event,
     produce,
     status,
@@ -77,10 +78,8 @@ def publish_record(kafka: str, space: str, record: dict[str, Any] | bytes) -> No
 async def rows_for(harness: Any, event_id: str, count: int = 1) -> list[dict[str, Any]]:
     """History rows of one event, oldest attempt first, once there are `count` of them."""
     def query() -> list[dict[str, Any]] | None:
-        columns, rows = harness.store.query(
-            f"SELECT attempt, status, error_kind, error, endpoint_host, status_code "
-            f"FROM {TABLE} FINAL WHERE event_id = {{e:String}} ORDER BY attempt", {"e": event_id})
-        found = [dict(zip(columns, row, strict=True)) for row in rows]
+        found = event_records(harness.store, event_id, ("attempt", "status", "error_kind", "error",
+                                                        "endpoint_host", "status_code"))
         return found if len(found) >= count else None
     result: list[dict[str, Any]] = await wait_for(query, timeout=30, what=f"{count} history rows")
     return result

@@ -21,8 +21,8 @@ from consumer.errors import InvalidEvent
 from consumer.headers import read_meta
 from consumer.intake import parse_event
 from tests.faults.accounting import Accounting
-from tests.faults.harness import FUZZ_TAG, FaultEnv, Message, Run, make_event, wait_until
-from tests.support import unique
+from tests.faults.harness import FUZZ_TAG, FaultEnv, Message, Run, wait_until
+from tests.support import make_event, unique
 
 MAX_PAYLOAD = 65536
 _ids = itertools.count()

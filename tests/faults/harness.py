@@ -41,7 +41,7 @@ from tests.faults.accounting import (
     evaluate,
 )
 from tests.faults.faulty_run import CONTROL_ENV
-from tests.support import fast_forward_group, free_port, query_history_in_subprocess, unique
+from tests.support import fast_forward_group, free_port, make_event, query_history_in_subprocess, unique
 
 REPO = Path(__file__).resolve().parents[2]
 KAFKA_SCRIPT = REPO / "deploy" / "kafka" / "kafka.sh"
@@ -231,26 +231,6 @@ class Publisher:
         thread = threading.Thread(target=run, name="publisher", daemon=True)
         thread.start()
         return thread
-
-
-def make_event(space: str, n: int) -> dict[str, Any]:
-    return {
-        "id": f"evt_{unique('f').split('-')[1]}_{n}",
-        "type": "purchase.completed",
-        "created_at": "2026-06-01T10:00:00.000Z",
-        "data": {
-            "space": {"slug": space, "name": "Faults", "environment": "live"},
-            "user_id": f"user_{n % 97}",
-            "transaction_id": f"order_{n}",
-            "event": "purchase.completed",
-            "status": "applied",
-            "occurred_at": "2026-06-01T10:00:00.000Z",
-            "context": {"amount": 100 + n, "currency": "CZK"},
-            "delta": [{"wallet": "loyalty_points", "amount": 10}],
-            "effects": [],
-            "wallet_state": {"loyalty_points": n},
-        },
-    }
 
 
 def events(space: str, count: int, expect: str = "either") -> list[Message]:
