@@ -9,10 +9,12 @@ A record is validated here exactly as the consumer validates it (`endpoints.pars
 so what the CLI accepts the consumer applies. Endpoint URLs are secrets: `list` shows
 `https://host/…` unless asked for `--show-urls`; signing secrets are never shown.
 
-`list` also shows when each endpoint's TLS certificate expires, as the deliver role saw it on
-its latest new connection: it asks the history role's admin API (`/api/v1/endpoints/health`,
-PERKAMO_ADMIN_LISTEN and the read token), which learns it from the attempt records of every
-deliver process. Without an answer the column says `?` and a note on stderr says why.
+`list` also shows each endpoint's health (healthy, degraded, failing, circuit_open; its recent
+failure rate, deliveries held, last success and failure) and when its TLS certificate expires,
+as the deliver role saw it on its latest new connection: it asks the history role's admin API
+(`/api/v1/endpoints/health`, PERKAMO_ADMIN_LISTEN and the read token), which learns both from
+the attempt records of every deliver process. Without an answer those columns say `?` and a
+note on stderr says why.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ from consumer.schemas import schema_path
 EXIT_INVALID: Final = 2  # same as argparse's usage errors: nothing was published
 _HEALTH_TIMEOUT_S: Final = 3.0
 _CERT_WARN_DAYS: Final = 14  # as the alert PerkamoWebhookEndpointCertExpiring
+# What `list --json` shows of the history role's health view (the certificate has columns of its own).
+_HEALTH_FIELDS: Final = ("state", "circuit", "failure_rate", "calls", "window_s", "held",
+                          "last_success_at", "last_failure_at", "last_error_kind")
 _SCHEMA: Final = "endpoint.schema.json"
 
 
@@ -93,7 +98,7 @@ def add_subcommands(sub: Any) -> None:
     list_cmd.add_argument("--json", action="store_true", help="one JSON array on stdout")
     list_cmd.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for Kafka")
     list_cmd.add_argument("--no-health", action="store_true",
-                          help="do not ask the history role for certificate expiry (Kafka only)")
+                          help="do not ask the history role for health and certificate expiry (Kafka only)")
     list_cmd.set_defaults(fn=_list)
 
     remove_cmd = commands.add_parser(
@@ -162,9 +167,10 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
     rows = _rows(topic_registry.all(), _file_endpoints(settings), args.show_urls)
     health, why = ({}, "") if args.no_health else _health(settings)
     if why:
-        print(f"note: certificate expiry unknown: {why}", file=sys.stderr)
+        print(f"note: health and certificate expiry unknown: {why}", file=sys.stderr)
     for row in rows:
         seen = health.get(row["space"]) or {}
+        row["health"] = {key: seen[key] for key in _HEALTH_FIELDS if key in seen} or None
         row["cert_not_after"] = seen.get("cert_not_after")
         row["cert_expires_in_s"] = seen.get("cert_expires_in_s")
     if args.json:
@@ -174,11 +180,14 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
         print("no endpoints")
         return 0
     table = Table("space", "endpoint id", "active", "url", "signing secrets", "source",
-                  "certificate expires")
+                  "health", "last success", "certificate expires")
     unknown = "?" if why else "—"
     for row in rows:
         table.add_row(row["space"], row["id"], "yes" if row["active"] else "no", row["url"],
                       str(row["signing_secret_count"]), row["source"],
+                      _state(row["health"]) or unknown,
+                      ((row["health"] or {}).get("last_success_at") or "")[:19].replace("T", " ")
+                      or unknown,
                       _expiry(row["cert_not_after"], row["cert_expires_in_s"]) or unknown)
     # Not a terminal: never wrap or crop (scripts grep this), however wide it gets.
     Console(width=None if sys.stdout.isatty() else 10_000).print(table)
@@ -229,6 +238,19 @@ def _health(settings: Settings) -> tuple[dict[str, dict[str, Any]], str]:
         return {}, f"the history role's admin API at {client.base} did not answer (PERKAMO_ADMIN_LISTEN)"
     endpoints = doc.get("endpoints")
     return (endpoints if isinstance(endpoints, dict) else {}), ""
+
+
+def _state(seen: dict[str, Any] | None) -> str:
+    """`failing: 62% of 40 calls in 300s, 3 held`; '' when no attempt was seen since start."""
+    if not seen or "state" not in seen:
+        return ""
+    text = str(seen["state"])
+    if seen.get("calls"):
+        text += (f": {float(seen.get('failure_rate') or 0):.0%} failed of {seen['calls']} calls"
+                 f" in {seen.get('window_s', 0):.0f}s")
+    if seen.get("held"):
+        text += f", {seen['held']} held"
+    return text
 
 
 def _expiry(not_after: str | None, left_s: float | None) -> str:

@@ -1,4 +1,4 @@
-"""Prometheus alert rules and config in deploy/prometheus/ (DESIGN §8).
+"""Prometheus alert rules and config in deploy/prometheus/ (docs/operations.md).
 
 promtool checks the rules, runs their unit tests (alerts_test.yml) and checks the scrape config.
 Without promtool (Debian package `prometheus`) these tests skip locally, but fail when CI is set.

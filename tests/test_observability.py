@@ -250,11 +250,15 @@ async def test_a_certificate_expiring_in_three_days_is_seen_kept_and_dropped(
     assert listed.returncode == 0, listed.stderr
     (mine,) = [r for r in orjson.loads(listed.stdout) if r["space"] == space]
     assert _near_three_days(mine["cert_expires_in_s"]) and mine["cert_not_after"]
+    # and its health, from the same attempt records: the delivery succeeded
+    assert mine["health"]["state"] == "healthy" and mine["health"]["circuit"] == "closed"
+    assert mine["health"]["last_success_at"]
     table = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-m", "consumer", "endpoints", "list"], env=env,
         capture_output=True, text=True, timeout=60, cwd=tmp_path)
     line = next(r for r in table.stdout.splitlines() if space in r)
     assert "(in 3 days)  RENEW" in line or "(in 2 days)  RENEW" in line
+    assert "healthy: 0% failed of " in line
 
     # the endpoint goes away: its gate (and certificate) and its series are dropped in the deliver
     # role (the registry listener's work), and the history role forgets it too

@@ -343,9 +343,10 @@ async def test_list_masks_urls_and_never_shows_secrets(kafka, topics, cli):
     assert rows[space] == {"space": space, "id": rows[space]["id"], "active": True,
                            "url": "https://hooks.example.com/…", "signing_secret_count": 2,
                            "source": "topic",
-                           # no history role answers here: expiry unknown (stderr says why)
-                           "cert_not_after": None, "cert_expires_in_s": None}
-    assert "certificate expiry unknown" in masked.stderr
+                           # no history role answers here: health and expiry unknown (stderr
+                           # says why)
+                           "health": None, "cert_not_after": None, "cert_expires_in_s": None}
+    assert "health and certificate expiry unknown" in masked.stderr
     assert rows[plain]["active"] is False
 
     shown = await cli("endpoints", "list", "--json", "--show-urls")

@@ -43,7 +43,7 @@ def config_error(**env: str) -> str:
     return str(info.value)
 
 
-# Defaults (DESIGN §10) -----------------------------------------------------------------
+# Defaults (docs/configuration.md) ------------------------------------------------------
 
 
 def test_defaults_match_the_design() -> None:

@@ -105,3 +105,14 @@ def test_the_anchor_rule_matches_githubs() -> None:
     anchors = _anchors(page)
     assert "the-admin-api-who-may-read-the-history" in anchors
     assert "tls-always-verified" in anchors
+
+
+def test_the_code_map_names_every_module() -> None:
+    """docs/development.md's layout is where a new engineer starts: a module it does not name
+    is a module nobody will find."""
+    layout = (REPO / "docs" / "development.md").read_text(encoding="utf-8")
+    modules = sorted(
+        p.name for p in (REPO / "consumer").glob("*.py") if p.name not in ("__init__.py", "__main__.py")
+    )
+    missing = [name for name in modules if f"`{name}`" not in layout]
+    assert missing == [], f"modules missing from docs/development.md's code layout: {missing}"
