@@ -20,7 +20,7 @@ import fastjsonschema
 import orjson
 
 from consumer.addresses import host_problem
-from consumer.errors import InvalidEndpoint
+from consumer.errors import BadEndpointsFile, InvalidEndpoint
 from consumer.models import Endpoint, stable_id
 from consumer.schemas import validator
 from consumer.signing import decode_secret
@@ -160,15 +160,15 @@ def load_file(path: Path) -> list[Endpoint]:
     try:
         docs = orjson.loads(path.read_bytes())
     except (OSError, orjson.JSONDecodeError) as exc:
-        raise InvalidEndpoint(f"PERKAMO_ENDPOINTS_FILE {path}: {exc}") from None
+        raise BadEndpointsFile(f"PERKAMO_ENDPOINTS_FILE {path}: {exc}") from None
     if not isinstance(docs, list):
-        raise InvalidEndpoint(f"PERKAMO_ENDPOINTS_FILE {path}: expected a JSON list of records")
+        raise BadEndpointsFile(f"PERKAMO_ENDPOINTS_FILE {path}: expected a JSON list of records")
     endpoints = []
     for index, doc in enumerate(docs):
         try:
             endpoints.append(parse_record(doc))
         except InvalidEndpoint as exc:
-            raise InvalidEndpoint(f"PERKAMO_ENDPOINTS_FILE {path}: record {index}: {exc}") from None
+            raise BadEndpointsFile(f"PERKAMO_ENDPOINTS_FILE {path}: record {index}: {exc}") from None
     return endpoints
 
 

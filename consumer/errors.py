@@ -22,6 +22,11 @@ class InvalidEndpoint(PerkamoError):
     """An endpoint record breaks the schema or the https/public-address rules."""
 
 
+class BadEndpointsFile(InvalidEndpoint, ConfigError):
+    """PERKAMO_ENDPOINTS_FILE cannot be read or holds a bad record: a setting no restart mends
+    (the process exits 78, and `run --role all` does not restart it)."""
+
+
 class BlockedAddress(PerkamoError, OSError):
     """The endpoint's host resolves to an address the SSRF guard refuses.
 

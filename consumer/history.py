@@ -98,6 +98,10 @@ class HistoryStore:
             self._client = clickhouse_connect.get_client(**kwargs)
             self._reader = clickhouse_connect.get_client(**kwargs)
         except Exception as exc:
+            if isinstance(exc.__context__, SystemExit):
+                # A SIGTERM during start-up stops the process cleanly (consumer.cli); the
+                # embedded engine's import turns it into an ImportError: it is a stop, not a fault.
+                raise exc.__context__ from None
             raise HistoryUnavailable(
                 f"cannot open history store {mask_dsn(dsn)}: {type(exc).__name__}"
             ) from exc

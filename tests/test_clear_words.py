@@ -84,7 +84,7 @@ def test_start_up_refuses_the_file_with_the_sentence(tmp_path: Path) -> None:
                 "PERKAMO_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:9"})
     result = subprocess.run([sys.executable, "-m", "consumer", "run"], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 78, result.stderr  # EX_CONFIG: a setting no restart mends
     assert "record 0: url must be an https:// URL" in result.stderr
     assert "s3cr3t" not in result.stderr and "Traceback" not in result.stderr
 

@@ -86,3 +86,24 @@ def test_all_runs_both_roles_and_drains_them_on_sigterm(kafka, tmp_path):
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
     assert code == 0, log_path.read_text(errors="replace")[-3000:]
+
+
+def test_a_bad_endpoints_file_stops_all_with_exit_78_and_no_restart(tmp_path):
+    """A wrong setting is not mended by a restart: the child says which setting, exits 78
+    (EX_CONFIG), the supervisor stops the other role cleanly and exits 78 too."""
+    bad = tmp_path / "endpoints.json"
+    bad.write_text('[{"space": "x"}]')
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PERKAMO_")},
+        "PERKAMO_KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",  # never reached: the file is read first
+        "PERKAMO_DATA_DIR": str(tmp_path / "data"),
+        "PERKAMO_ENDPOINTS_FILE": str(bad),
+        "PERKAMO_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
+        "PERKAMO_DELIVER_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
+    }
+    done = subprocess.run([sys.executable, "-m", "consumer", "run", "--role", "all"], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 78, done.stderr[-2000:]
+    assert "PERKAMO_ENDPOINTS_FILE" in done.stderr and "record 0: url is required" in done.stderr
+    assert "starting it again" not in done.stderr
+    assert "cannot open history store" not in done.stderr  # a stop during start-up is no fault
