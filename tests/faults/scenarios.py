@@ -419,22 +419,11 @@ def sigterm_under_load(
         )
         proc.start()
         result = run.finish(settle_timeout=120)
-        again = sorted(
-            {r.event_id for r in run.receipts() if r.t > stopped_at and r.event_id in acknowledged}
-        )
         result.notes.append(
             f"SIGTERM with {in_flight:.0f} in flight: exit {code} in {took:.1f}s "
             f"(drain timeout {drain_timeout_s:g}s); {len(acknowledged)} events committed before it"
         )
-        if again:
-            result.extra_problems.append(
-                f"{len(again)} committed events were delivered again after the restart: {again[:5]}"
-            )
-        if took > drain_timeout_s + 20:
-            result.extra_problems.append(f"shutdown took {took:.1f}s (drain timeout {drain_timeout_s:g}s)")
-        if in_flight <= 0:
-            result.notes.append("nothing was in flight at SIGTERM: the drain was not exercised")
-        return result
+        return _judge_drain(result, run, stopped_at, acknowledged, in_flight, took, drain_timeout_s + 20)
     finally:
         run.cleanup()
 
@@ -472,23 +461,12 @@ def sigterm_all(
             log(proc.log_tail())
         proc.start()
         result = run.finish(settle_timeout=120, history_timeout=120)
-        again = sorted(
-            {r.event_id for r in run.receipts() if r.t > stopped_at and r.event_id in acknowledged}
-        )
         result.notes.append(
             f"SIGTERM of all ({workers} deliver workers) with {in_flight:.0f} in flight: exit {code} in "
             f"{took:.1f}s (drain timeout {drain_timeout_s:g}s); {len(acknowledged)} events committed "
             f"before it; {waiting} attempt records inserted after the restart"
         )
-        if again:
-            result.extra_problems.append(
-                f"{len(again)} committed events were delivered again after the restart: {again[:5]}"
-            )
-        if took > drain_timeout_s + 25:
-            result.extra_problems.append(f"shutdown took {took:.1f}s (drain timeout {drain_timeout_s:g}s)")
-        if in_flight <= 0:
-            result.notes.append("nothing was in flight at SIGTERM: the drain was not exercised")
-        return result
+        return _judge_drain(result, run, stopped_at, acknowledged, in_flight, took, drain_timeout_s + 25)
     finally:
         run.cleanup()
 
@@ -542,3 +520,23 @@ def burst_to_one_endpoint(
         return run.finish(settle_timeout=settle_s)
     finally:
         run.cleanup()
+
+
+def _judge_drain(
+    result: Accounting, run: Run, stopped_at: float, acknowledged: set[str], in_flight: float,
+    took: float, allowed_s: float,
+) -> Accounting:
+    """After a SIGTERM and a restart: nothing committed before the stop is delivered again, the
+    stop took at most `allowed_s`, and the drain had something to drain."""
+    again = sorted(
+        {r.event_id for r in run.receipts() if r.t > stopped_at and r.event_id in acknowledged}
+    )
+    if again:
+        result.extra_problems.append(
+            f"{len(again)} committed events were delivered again after the restart: {again[:5]}"
+        )
+    if took > allowed_s:
+        result.extra_problems.append(f"shutdown took {took:.1f}s (allowed {allowed_s:g}s)")
+    if in_flight <= 0:
+        result.notes.append("nothing was in flight at SIGTERM: the drain was not exercised")
+    return result
