@@ -121,7 +121,7 @@ class Settings(BaseSettings):
     metrics_event_types: CommaList = Field(default_factory=list)
     # Send the attempt span's `traceparent` to the receiver (off: exactly the v1 contract's headers).
     trace_propagation: bool = False
-    # DNS/connect/TLS/first-byte timings per attempt from aiohttp's hooks (consumer.nettiming).
+    # DNS/connect/TLS/first-byte timings per attempt (consumer.nettiming).
     network_timings: bool = True
 
     @model_validator(mode="before")

@@ -105,7 +105,6 @@ class Deliverer:
             trust_env=False,
             # Webhook receivers set no cookies we would send back: no jar to update per answer.
             cookie_jar=aiohttp.DummyCookieJar(),
-            trace_configs=[nettiming.trace_config()] if self._settings.network_timings else None,
         )
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -158,6 +157,7 @@ class Deliverer:
                 self._vetted.clear()
             self._vetted[host] = refused
         if refused is not None:
+            nettiming.refused()
             raise refused
 
     async def _post(self, endpoint: Endpoint, body: bytes, headers: Mapping[str, str]) -> AttemptResult:
@@ -174,6 +174,7 @@ class Deliverer:
                 timeout=self._timeout,
                 proxy=self._proxy,
             ) as response:
+                nettiming.answered()
                 excerpt = await self._read_excerpt(response)
                 duration_ms = _ms_since(started)
                 status_text = response.reason or ""

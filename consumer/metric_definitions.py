@@ -31,7 +31,7 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "attempt_phase_seconds": (
         "histogram",
         "Where attempts' time went, by step: dns, connect, tls (new connections only) and ttfb "
-        "(request sent to the response's head).",
+        "(connection ready to the response's head).",
         ("phase",),
     ),
     "attempt_connections_total": (

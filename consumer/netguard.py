@@ -54,6 +54,7 @@ from typing import Any, Final
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.client_exceptions import ClientConnectorError
 
+from consumer import nettiming
 from consumer.addresses import AddressPolicy, TrustedAddresses
 from consumer.errors import BlockedAddress
 
@@ -116,6 +117,7 @@ class GuardedSocketFactory:
 
     def __call__(self, addr_info: tuple[Any, ...]) -> socket.socket:
         family, type_, proto, _, sockaddr = addr_info
+        nettiming.dialling()  # a refusal here still counts as a dial begun (connect_ms None)
         self.check(sockaddr)
         return socket.socket(family=family, type=type_, proto=proto)
 
@@ -194,7 +196,9 @@ class GuardedResolver(AbstractResolver):
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
         """Resolve via the inner resolver and keep only allowed addresses; none left: refuse."""
+        nettiming.dns_started()
         answers = await self._resolver().resolve(host, port, family=family)
+        nettiming.dns_ended()
         if not answers:
             raise socket.gaierror(socket.EAI_NONAME, f"{host} resolved to no addresses")
         if host.lower().rstrip(".") in self._trusted:

@@ -1,19 +1,26 @@
 """Where one attempt's time went: DNS, TCP connect, TLS handshake, waiting for the first byte.
 
-aiohttp's `TraceConfig` hooks mark the DNS lookup, the connection's creation (or the reuse of a
-kept-alive one), the request sent and the response's head received. The TLS handshake happens
-inside the connection's creation, where aiohttp has no hook, so the SSL context's
-`sslobject_class` (the documented way to customise the objects asyncio's TLS runs on, also used
-by uvloop) marks its start and end and reads the endpoint certificate's `notAfter`.
+Marks are taken where the work happens, not through aiohttp's `TraceConfig` (its per-request
+trace objects and signals cost ~40 µs of CPU per request, a quarter of the call itself):
 
+    dns_start/dns_end  around the lookup, in the guarded resolver (consumer.netguard); aiohttp
+                       does not call it for a name in its 30 s DNS cache or an IP literal
+    dial_start         the first socket the guarded socket factory makes for this attempt
+    tls_start/tls_end  the handshake, in the SSL context's `sslobject_class` (the documented
+                       way to customise asyncio's and uvloop's TLS objects), which also reads the
+                       endpoint certificate's `notAfter`
+    answered           the response's status line and headers are in (consumer.delivery)
+
+An attempt that neither looked up nor dialled anything went out on a kept-alive connection.
 The record of the attempt being made is found through a context variable set by `begin()` in
-the delivery's task: aiohttp runs the hooks in that task, and asyncio runs the handshake in a
-copy of its context taken when the connection was opened.
+the delivery's task: aiohttp resolves and dials in that task or in tasks it creates, and
+asyncio runs the handshake in a copy of the context taken when the connection was opened.
 
     dns_ms      the lookup (0: a cached name, an IP literal or a kept-alive connection)
-    connect_ms  TCP connect after the lookup (with an HTTPS proxy: to the proxy, and CONNECT)
+    connect_ms  TCP connect (with an HTTPS proxy: to the proxy, and CONNECT)
     tls_ms      the handshake with the endpoint (0 on a kept-alive connection)
-    ttfb_ms     from the request sent to the response's status line and headers
+    ttfb_ms     from the connection ready (handshake done, or the call begun on a kept-alive
+                connection) to the response's status line and headers
 None where a step started and did not finish (the attempt failed there) or never began.
 """
 
@@ -24,10 +31,7 @@ import ssl
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Any, cast
-
-import aiohttp
+from typing import Any
 
 _current: ContextVar[NetTiming | None] = ContextVar("perkamo_net_timing", default=None)
 _clock = time.perf_counter
@@ -37,27 +41,26 @@ _clock = time.perf_counter
 class NetTiming:
     """perf_counter() marks of one attempt (0.0 = not reached) and what the handshake saw."""
 
-    create_start: float = 0.0
+    started: float = 0.0
     dns_start: float = 0.0
     dns_end: float = 0.0
+    dial_start: float = 0.0
     tls_start: float = 0.0
     tls_end: float = 0.0
-    create_end: float = 0.0
-    sent: float = 0.0
     answered: float = 0.0
-    reused: bool = False
+    refused: bool = False  # the SSRF guard refused the host before anything was dialled
     cert_not_after: float | None = None  # unix time, from a handshake of this attempt
 
     def phases(self) -> Phases:
-        if self.reused:
-            return Phases(0, 0, 0, _ms(self.sent, self.answered), True)
-        if not self.create_start:  # no connection was attempted (refused before any dial)
-            return Phases(None, None, None, None, None)
-        dns = 0 if not self.dns_start else _ms(self.dns_start, self.dns_end)
-        connected = self.tls_start or self.create_end
-        connect = _ms(self.dns_end or self.create_start, connected)
+        if not self.dial_start and not self.dns_start:
+            if self.refused:
+                return NOT_MEASURED
+            # nothing looked up, nothing dialled: a kept-alive connection carried the request
+            return Phases(0, 0, 0, _ms(self.started, self.answered), True)
+        dns = _ms(self.dns_start, self.dns_end) if self.dns_start else 0
+        connect = _ms(self.dial_start, self.tls_start)
         tls = _ms(self.tls_start, self.tls_end)
-        return Phases(dns, connect, tls, _ms(self.sent, self.answered), False)
+        return Phases(dns, connect, tls, _ms(self.tls_end, self.answered), False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +86,44 @@ def _ms(start: float, end: float) -> int | None:
 
 def begin() -> NetTiming:
     """A fresh record for the attempt this task is about to make."""
-    timing = NetTiming()
+    timing = NetTiming(started=_clock())
     _current.set(timing)
     return timing
+
+
+# The marks: each a no-op outside an attempt being timed (timings off, tests, the CLI).
+
+
+def dns_started() -> None:
+    timing = _current.get()
+    if timing is not None:
+        timing.dns_start = _clock()
+
+
+def dns_ended() -> None:
+    timing = _current.get()
+    if timing is not None:
+        timing.dns_end = _clock()
+
+
+def dialling() -> None:
+    """A socket is about to be made for this attempt; the first one starts `connect_ms`."""
+    timing = _current.get()
+    if timing is not None and not timing.dial_start:
+        timing.dial_start = _clock()
+
+
+def refused() -> None:
+    """The guard refused the host before any lookup or dial: nothing to measure."""
+    timing = _current.get()
+    if timing is not None:
+        timing.refused = True
+
+
+def answered() -> None:
+    timing = _current.get()
+    if timing is not None:
+        timing.answered = _clock()
 
 
 class TimedSSLObject(ssl.SSLObject):
@@ -111,52 +149,3 @@ def instrument(context: ssl.SSLContext) -> ssl.SSLContext:
     """The context, its TLS objects marking handshakes (verification is unchanged)."""
     context.sslobject_class = TimedSSLObject
     return context
-
-
-def _context(trace_request_ctx: Any = None) -> NetTiming:
-    return _current.get() or NetTiming()
-
-
-# The hooks: `ctx` is the attempt's NetTiming (aiohttp's "trace config context", made by _context).
-
-
-async def _create_start(_: Any, ctx: Any, __: Any) -> None:
-    ctx.create_start = _clock()
-
-
-async def _create_end(_: Any, ctx: Any, __: Any) -> None:
-    ctx.create_end = _clock()
-
-
-async def _reused(_: Any, ctx: Any, __: Any) -> None:
-    ctx.reused = True
-
-
-async def _dns_start(_: Any, ctx: Any, __: Any) -> None:
-    ctx.dns_start = _clock()
-
-
-async def _dns_end(_: Any, ctx: Any, __: Any) -> None:
-    ctx.dns_end = _clock()
-
-
-async def _sent(_: Any, ctx: Any, __: Any) -> None:
-    ctx.sent = _clock()
-
-
-async def _answered(_: Any, ctx: Any, __: Any) -> None:
-    ctx.answered = _clock()
-
-
-def trace_config() -> aiohttp.TraceConfig:
-    """The hooks for the delivery session (`ClientSession(trace_configs=[...])`)."""
-    config = aiohttp.TraceConfig(trace_config_ctx_factory=cast(type[SimpleNamespace], _context))
-    config.on_connection_create_start.append(_create_start)
-    config.on_connection_create_end.append(_create_end)
-    config.on_connection_reuseconn.append(_reused)
-    config.on_dns_resolvehost_start.append(_dns_start)
-    config.on_dns_resolvehost_end.append(_dns_end)
-    config.on_request_headers_sent.append(_sent)
-    config.on_request_end.append(_answered)
-    config.freeze()
-    return config

@@ -6,7 +6,7 @@ swamps a few tens of µs in the end-to-end benchmark):
 The Deliverer posts to the benchmark receiver (tests/bench_receiver.py, its own process, so its
 CPU is not counted) with 50 calls in flight, as the deliver role does, in four variants: the bare
 call with timings off; with the pipeline's AttemptObserver and tracing off (no SDK: ids only);
-with the timing hooks on; with the SDK on (batch span processor into a counting exporter,
+with the network-timing marks on; with the SDK on (batch span processor into a counting exporter,
 tests/bench_tracing.py). Each round runs every variant once, in a random order; the table gives
 the median CPU per attempt and the median of each round's difference to the first variant.
 """
@@ -48,7 +48,7 @@ IN_FLIGHT = 50
 VARIANTS: dict[str, tuple[bool, str]] = {  # name -> (network timings, tracing: ""=no observer)
     "bare Deliverer.call, timings off": (False, ""),
     "observer, tracing off (no SDK), timings off": (False, "off"),
-    "observer, tracing off, timings on (hooks)": (True, "off"),
+    "observer, tracing off, timings on (marks)": (True, "off"),
     "observer, tracing on (SDK), timings on": (True, "sdk"),
 }
 

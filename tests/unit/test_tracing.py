@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from consumer import attempts
+from consumer import attempts, nettiming
 from consumer import constants as c
 from consumer.breaker import CircuitState
 from consumer.errors import ConfigError
@@ -227,17 +227,48 @@ def test_tracing_off_still_gives_ids_that_keep_one_trace():
 
 
 def test_phases_of_a_new_connection_a_kept_alive_one_and_failures():
-    fresh = NetTiming(create_start=1.000, dns_start=1.001, dns_end=1.004, tls_start=1.006, tls_end=1.016,
-                      create_end=1.017, sent=1.018, answered=1.058)
+    fresh = NetTiming(started=0.999, dns_start=1.001, dns_end=1.004, dial_start=1.004, tls_start=1.006,
+                      tls_end=1.016, answered=1.056)
     assert fresh.phases() == Phases(3, 2, 10, 40, False)
-    cached = NetTiming(create_start=1.0, tls_start=1.002, tls_end=1.005, create_end=1.005, sent=1.006,
-                       answered=1.007)
+    cached = NetTiming(started=0.999, dial_start=1.0, tls_start=1.002, tls_end=1.005, answered=1.006)
     assert cached.phases() == Phases(0, 2, 3, 1, False)  # a cached name: DNS skipped
-    reused = NetTiming(reused=True, sent=2.0, answered=2.003)
+    reused = NetTiming(started=2.0, answered=2.003)  # nothing looked up or dialled
     assert reused.phases() == Phases(0, 0, 0, 3, True)
-    tls_failed = NetTiming(create_start=1.0, dns_start=1.0, dns_end=1.001, tls_start=1.002)
+    timed_out = NetTiming(started=2.0)  # on a kept-alive connection, no answer
+    assert timed_out.phases() == Phases(0, 0, 0, None, True)
+    tls_failed = NetTiming(started=1.0, dns_start=1.0, dns_end=1.001, dial_start=1.001, tls_start=1.002)
     assert tls_failed.phases() == Phases(1, 1, None, None, False)
-    assert NetTiming().phases() == Phases(None, None, None, None, None)  # refused before any dial
+    dns_failed = NetTiming(started=1.0, dns_start=1.0)
+    assert dns_failed.phases() == Phases(None, None, None, None, False)
+    blocked_at_dial = NetTiming(started=1.0, dial_start=1.0)  # the socket factory refused it
+    assert blocked_at_dial.phases() == Phases(0, None, None, None, False)
+    assert NetTiming(started=1.0, refused=True).phases() == Phases(None, None, None, None, None)
+
+
+def test_the_marks_are_no_ops_outside_a_timed_attempt():
+    """The resolver, socket factory and delivery mark unconditionally; without begin() (timings
+    off, the CLI, other tasks) nothing is recorded and nothing fails."""
+    import contextvars
+
+    def outside() -> None:
+        nettiming.dns_started()
+        nettiming.dialling()
+        nettiming.refused()
+        nettiming.answered()
+
+    contextvars.Context().run(outside)
+
+    def inside() -> NetTiming:
+        timing = nettiming.begin()
+        nettiming.dialling()
+        first = timing.dial_start
+        nettiming.dialling()  # a second address tried (happy eyeballs): the first dial counts
+        assert timing.dial_start == first
+        nettiming.answered()
+        return timing
+
+    timing = contextvars.Context().run(inside)
+    assert timing.dial_start and timing.answered and not timing.dns_start
 
 
 # Certificates kept per endpoint ----------------------------------------------------------
