@@ -104,30 +104,20 @@ ORDER BY space_slug
 """
 
 # Every attempt of one delivery; the bloom filter on delivery_id finds its granules.
-DELIVERY_ATTEMPTS: Final = """
-SELECT
+_ATTEMPT_COLUMNS = """
     attempt, trigger, status, status_code, status_text, duration_ms, error_kind, error,
     attempted_at, next_attempt_at, event_id, event_type, space_slug, environment,
     endpoint_id, endpoint_host, user_id, transaction_id, response_excerpt, replay_id,
     source_topic, source_partition, source_offset, pending_attempt,
-    trace_id, span_id, dns_ms, connect_ms, tls_ms, ttfb_ms, connection_reused, cert_not_after
+    trace_id, span_id, dns_ms, connect_ms, tls_ms, ttfb_ms, connection_reused, cert_not_after"""
+_OF_ONE_DELIVERY = """
 FROM perkamo.webhook_attempts FINAL
 WHERE delivery_id = {delivery_id:String}
 ORDER BY attempt
 """
-
-DELIVERY_ATTEMPTS_WITH_BODY: Final = """
-SELECT
-    attempt, trigger, status, status_code, status_text, duration_ms, error_kind, error,
-    attempted_at, next_attempt_at, event_id, event_type, space_slug, environment,
-    endpoint_id, endpoint_host, user_id, transaction_id, response_excerpt, replay_id,
-    source_topic, source_partition, source_offset, pending_attempt,
-    trace_id, span_id, dns_ms, connect_ms, tls_ms, ttfb_ms, connection_reused, cert_not_after,
-    request_body
-FROM perkamo.webhook_attempts FINAL
-WHERE delivery_id = {delivery_id:String}
-ORDER BY attempt
-"""
+DELIVERY_ATTEMPTS: Final = "\nSELECT" + _ATTEMPT_COLUMNS + _OF_ONE_DELIVERY
+# The same with the payload sent (admin token only: consumer.auth).
+DELIVERY_ATTEMPTS_WITH_BODY: Final = "\nSELECT" + _ATTEMPT_COLUMNS + ",\n    request_body" + _OF_ONE_DELIVERY
 
 # What a re-publish needs of a delivery: where it stands and where it first came from.
 _REPUBLISH_SELECT = """

@@ -21,7 +21,6 @@ import aiohttp
 import orjson
 import pytest
 import yarl
-from aiohttp import web
 
 from consumer.addresses import AddressPolicy, TrustedAddresses, host_problem, url_host
 from consumer.config import load_settings
@@ -32,7 +31,7 @@ from consumer.history import TABLE
 from consumer.metrics import Metrics
 from consumer.models import Endpoint, Event, host_of
 from consumer.netguard import GuardedResolver, GuardedSocketFactory, PoolResolver, blocked_cause, dialling
-from tests.support import make_event, produce, unique, wait_for
+from tests.support import make_event, plain_server_204, produce, unique, wait_for
 from tests.test_registry import follow_fixture  # noqa: F401 - fixture
 from tests.test_security import publish_record
 
@@ -162,20 +161,8 @@ async def test_proxy_host_answers_become_trusted_addresses() -> None:
 @pytest.fixture
 async def loopback_server() -> AsyncIterator[tuple[int, list[str]]]:
     """A plain-HTTP server on 127.0.0.1 answering 204; yields (port, paths it saw)."""
-    seen: list[str] = []
-
-    async def ok(request: web.Request) -> web.Response:
-        seen.append(request.path)
-        return web.Response(status=204)
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", ok)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield runner.addresses[0][1], seen
-    await runner.cleanup()
+    async with plain_server_204() as server:
+        yield server
 
 
 async def test_e2e_socket_factory_refuses_an_ip_literal_the_resolver_never_sees(

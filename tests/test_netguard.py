@@ -12,12 +12,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import aiohttp
 import pytest
-from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from consumer.addresses import AddressPolicy
 from consumer.errors import BlockedAddress, ConfigError
 from consumer.netguard import GuardedResolver, blocked_cause
+from tests.support import plain_server_204
 
 LOOPBACK = ["127.0.0.0/8", "::1/128"]
 PUBLIC_V4 = "93.184.216.34"
@@ -349,19 +349,8 @@ async def test_close_closes_inner() -> None:
 @pytest.fixture
 async def local_server() -> AsyncIterator[int]:
     """An aiohttp server on 127.0.0.1 answering 204; yields its port."""
-
-    async def ok(_: web.Request) -> web.Response:
-        return web.Response(status=204)
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", ok)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port: int = runner.addresses[0][1]
-    yield port
-    await runner.cleanup()
+    async with plain_server_204() as (port, _):
+        yield port
 
 
 SessionFactory = Callable[[Sequence[str]], Awaitable[aiohttp.ClientSession]]
