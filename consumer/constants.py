@@ -16,6 +16,10 @@ HELD_TOPIC: Final = "perkamo.webhooks.held"
 # One record per attempt (and hold record), key = delivery id: the durable log the history
 # table is built from (schemas/attempt.schema.json).
 ATTEMPTS_TOPIC: Final = "perkamo.webhooks.attempts"
+# Resends and replays, re-published by the history role with their perkamo-* headers. Only the
+# service writes it (like the retry tiers and the held topic), so the deliver role trusts the
+# headers here and ignores them on the events topics (docs/security.md, what is trusted).
+REDELIVER_TOPIC: Final = "perkamo.webhooks.redeliver"
 # Compact records for notifiers: a circuit opened or closed, a delivery exhausted.
 OPERATIONAL_TOPIC: Final = "perkamo.webhooks.operational"
 
@@ -96,6 +100,9 @@ class DlqReason(StrEnum):
     INTERNAL = "internal_error"
     EXHAUSTED = "exhausted"  # every tier tried
     EXPIRED = "expired"  # the schedule's span passed while an open circuit held it
+    # Kafka refused to take what the delivery had to publish (its size or form): the message
+    # goes to the dead-letter topic as a stub, and its offset is released.
+    UNPUBLISHABLE = "unpublishable"
 
 
 class HoldReason(StrEnum):

@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from consumer import constants as c
 from consumer.admin import start_admin
 from consumer.breaker import CircuitState
 from consumer.config import Settings
@@ -74,7 +75,7 @@ class HistoryRole:
         """One per process: the API and the console share its double-work guard."""
         registry = self.registry
         return Republisher(
-            self.store, self.settings.events_topics[0], lambda: self.producer, self.metrics,
+            self.store, c.REDELIVER_TOPIC, lambda: self.producer, self.metrics,
             has_endpoint=lambda space: registry.get(space) is not None,
         )
 

@@ -124,7 +124,7 @@ class DeliveryService:
         )
         config["stats_cb"] = self._on_stats
         self._consumer = Consumer(config)
-        topics = [*self.settings.events_topics, *self.pipeline.retry_topics, c.HELD_TOPIC]
+        topics = [*self.settings.events_topics, c.REDELIVER_TOPIC, *self.pipeline.retry_topics, c.HELD_TOPIC]
         self._consumer.subscribe(
             topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )

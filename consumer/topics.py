@@ -44,6 +44,8 @@ def plan(
     specs.append(
         TopicSpec(c.DLQ_TOPIC, partitions, {**keep, "retention.ms": str(max(retention_ms, 30 * DAY_MS))})
     )
+    # Resends and replays: written only by the service (its perkamo-* headers are trusted).
+    specs.append(TopicSpec(c.REDELIVER_TOPIC, partitions, keep))
     specs.append(TopicSpec(c.OPERATIONAL_TOPIC, partitions, keep))
     # The history role may be stopped for a while: its records wait here (7 days by default).
     specs.append(TopicSpec(c.ATTEMPTS_TOPIC, partitions, keep))
