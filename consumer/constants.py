@@ -59,6 +59,11 @@ K_TRIGGER: Final = "perkamo-trigger"
 K_REPLAY_ID: Final = "perkamo-replay-id"
 K_DLQ_REASON: Final = "perkamo-dlq-reason"
 K_DLQ_DETAIL: Final = "perkamo-dlq-detail"
+# On a stub dead letter (a message Kafka refused, or too big to re-publish whole): the topic it
+# was meant for, and the full value's length and SHA-256 (hex); the value is its first bytes.
+K_STUB_OF_TOPIC: Final = "perkamo-stub-of-topic"
+K_VALUE_BYTES: Final = "perkamo-value-bytes"
+K_VALUE_SHA256: Final = "perkamo-value-sha256"
 
 # Delivery statuses recorded in history.
 STATUS_DELIVERED: Final = "delivered"

@@ -61,6 +61,19 @@ class KafkaFailure(PerkamoError):
     """The broker refused or failed an operation the service cannot go on without."""
 
 
+class KafkaWriteFailed(KafkaFailure):
+    """Kafka did not take one message. `permanent`: it refused the message itself (its size or
+    form), and publishing it again cannot help; otherwise the cluster could not take it now
+    (brokers down, a leader moving, a timeout, a missing topic) and a later try may."""
+
+    def __init__(self, topic: str, code: int, name: str, text: str, permanent: bool) -> None:
+        super().__init__(f"publish to {topic} failed: {name} ({text})")
+        self.topic = topic
+        self.code = code
+        self.name = name
+        self.permanent = permanent
+
+
 class KafkaRefused(KafkaFailure, ConfigError):
     """The cluster refused our credentials or our TLS: a PERKAMO_KAFKA_* setting is wrong, and
     trying again will not help (the supervisor does not restart a role that exits for it)."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 
 from consumer import constants as c
 from consumer import tracecontext
+from consumer.budget import KEPT_HEADERS_MAX
 from consumer.constants import DlqReason
 from consumer.errors import InvalidEvent
 from consumer.tracecontext import TraceContext
@@ -93,6 +94,13 @@ def read_meta(headers: dict[str, bytes]) -> DeliveryMeta:
     )
 
 
+def untrusted_meta(headers: dict[str, bytes]) -> DeliveryMeta:
+    """A fresh delivery's meta for a message on an events topic, whose producer is not the
+    service: its perkamo-* headers are ignored (a forged delivery id or attempt number must not
+    write another delivery's history or skip retries); only its W3C trace context is kept."""
+    return DeliveryMeta(trace=_trace(headers))
+
+
 def _trace(headers: dict[str, bytes]) -> TraceContext | None:
     parent = headers.get(tracecontext.TRACEPARENT)
     if parent is None:
@@ -109,12 +117,12 @@ def due_ms(headers: dict[str, bytes]) -> int | None:
 
 
 def check_due(due: int | None, now_ms: int, max_ahead_ms: int) -> None:
-    """A due time further ahead than any tier can put it is a bad header, not a long pause."""
+    """A due time further ahead than its tier can put it is a bad header, not a long pause."""
     if due is not None and due > now_ms + max_ahead_ms:
         raise InvalidEvent(
             DlqReason.BAD_HEADER,
-            f"header {c.K_DUE_MS} lies {(due - now_ms) // 1000}s ahead, beyond the longest retry "
-            f"tier plus jitter ({max_ahead_ms // 1000}s)",
+            f"header {c.K_DUE_MS} lies {(due - now_ms) // 1000}s ahead, beyond its retry tier's "
+            f"delay plus jitter ({max_ahead_ms // 1000}s)",
         )
 
 
@@ -215,8 +223,17 @@ def dead_letter_headers(
 def invalid_input_headers(
     kept: Headers, origin: tuple[str, int, int], *, reason: str, detail: str
 ) -> Headers:
-    """Bad input: the original non-perkamo headers plus the reason and where it came from."""
-    out = [(k, v) for k, v in kept if not k.startswith("perkamo-")]
+    """Bad input: the original non-perkamo headers (as many as fit in KEPT_HEADERS_MAX bytes)
+    plus the reason and where it came from."""
+    out: Headers = []
+    room = KEPT_HEADERS_MAX
+    for k, v in kept:
+        if k.startswith("perkamo-"):
+            continue
+        room -= len(k) + len(v)
+        if room < 0:
+            break
+        out.append((k, v))
     out += [
         (c.K_DLQ_REASON, reason.encode()),
         (c.K_DLQ_DETAIL, detail.encode("utf-8", "replace")[:_DETAIL_MAX]),

@@ -27,8 +27,9 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # the stubs o
     NewTopic,
 )
 
+from consumer.budget import budget_of
 from consumer.config import Settings
-from consumer.errors import ConfigError, KafkaFailure, KafkaRefused
+from consumer.errors import ConfigError, KafkaFailure, KafkaRefused, KafkaWriteFailed
 from consumer.setting_values import is_secret_property, kafka_env_name
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ Source = Settings | str  # Settings, or a bootstrap string (see use_settings)
 
 # bootstrap servers -> the PERKAMO_KAFKA_* properties of the settings that named them.
 _PROPERTIES: dict[str, dict[str, str]] = {}
+_DEFAULT_MAX_PAYLOAD: int = Settings.model_fields["max_payload_bytes"].default
 _AUTH_ERRORS = frozenset({KafkaError._AUTHENTICATION, KafkaError._SSL,
                           KafkaError.SASL_AUTHENTICATION_FAILED})
 
@@ -120,8 +122,24 @@ def consumer_config(
     return config
 
 
+# Kafka refused the message itself: sending it again cannot help (consumer.durable).
+_REFUSED_MESSAGE = frozenset({
+    KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.INVALID_RECORD,
+    KafkaError._INVALID_ARG, KafkaError._BAD_MSG, KafkaError.UNSUPPORTED_FOR_MESSAGE_FORMAT,
+    KafkaError.POLICY_VIOLATION,
+})
+# librdkafka gives up on a message after this long (its own retries included); the caller then
+# decides (consumer.durable tries again, so a long outage is waited out, never abandoned).
+MESSAGE_TIMEOUT_MS = 30_000
+
+
 def producer_config(source: Source) -> dict[str, Any]:
+    """The producer takes the size budget's largest message (consumer.budget); a
+    PERKAMO_KAFKA_MESSAGE_MAX_BYTES setting overrides it and is checked at start-up."""
+    max_payload = source.max_payload_bytes if isinstance(source, Settings) else _DEFAULT_MAX_PAYLOAD
     return {
+        "message.max.bytes": budget_of(max_payload).message_max_bytes,
+        "message.timeout.ms": MESSAGE_TIMEOUT_MS,
         **client_config(source),
         "enable.idempotence": True,
         "acks": "all",
@@ -179,6 +197,8 @@ class AsyncProducer:
                 break
             except BufferError:  # local queue full: let the background thread drain it
                 await asyncio.sleep(0.01)
+            except KafkaException as exc:  # refused before it left (e.g. over message.max.bytes)
+                raise write_failure(topic, exc.args[0] if exc.args else None) from None
         return await future
 
     def _reported(self, future: asyncio.Future[Message], err: Any, msg: Message) -> None:
@@ -213,9 +233,20 @@ def _settle(future: asyncio.Future[Message], err: Any, msg: Message) -> None:
     if future.done():
         return
     if err is not None:
-        future.set_exception(KafkaFailure(f"publish to {msg.topic()} failed: {err}"))
+        future.set_exception(write_failure(msg.topic() or "?", err))
     else:
         future.set_result(msg)
+
+
+def write_failure(topic: str, err: Any) -> KafkaWriteFailed:
+    """librdkafka's error for one message as a KafkaWriteFailed: permanent when Kafka refused
+    the message itself, otherwise worth trying again (a missing topic included: the operator
+    can create it, and nothing is lost meanwhile)."""
+    if isinstance(err, KafkaError):
+        code = err.code()
+        permanent = code in _REFUSED_MESSAGE
+        return KafkaWriteFailed(topic, code, err.name(), err.str(), permanent)
+    return KafkaWriteFailed(topic, -1, "unknown", str(err), permanent=False)
 
 
 def admin_client(source: Source) -> AdminClient:

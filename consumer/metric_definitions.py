@@ -57,6 +57,23 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Messages published to the dead-letter topic, by reason.",
         ("reason",),
     ),
+    "kafka_writes_waiting": (
+        "gauge",
+        "Messages this process keeps trying to publish because Kafka cannot take them now "
+        "(brokers down, a leader moving, a missing topic); their offsets stay uncommitted.",
+        (),
+    ),
+    "kafka_write_retries_total": (
+        "counter",
+        "Publishes tried again after Kafka failed to take them, per topic.",
+        ("topic",),
+    ),
+    "unpublishable_total": (
+        "counter",
+        "Messages Kafka refused for their size or form, dead-lettered as a stub instead, per "
+        "topic they were meant for.",
+        ("topic",),
+    ),
     "invalid_events_total": ("counter", "Input events rejected as invalid, by reason.", ("reason",)),
     "no_endpoint_total": (
         "counter",

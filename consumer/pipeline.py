@@ -18,10 +18,10 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Final
 
 from confluent_kafka import Message
 
@@ -29,9 +29,11 @@ from consumer import attempts, operational
 from consumer import constants as c
 from consumer import metrics as m
 from consumer.breaker import verdict_for
+from consumer.budget import budget_of
 from consumer.config import Settings
 from consumer.constants import DlqReason, HoldReason
 from consumer.delivery import Deliverer
+from consumer.durable import DurablePublisher, Outgoing
 from consumer.endpoints import EndpointRegistry
 from consumer.errors import InvalidEvent
 from consumer.gate import EndpointGate, EndpointGone, Expired, Gates, Parked, Ticket
@@ -44,12 +46,13 @@ from consumer.headers import (
     invalid_input_headers,
     read_meta,
     retry_headers,
+    untrusted_meta,
 )
 from consumer.intake import parse_event
 from consumer.kafka_io import AsyncProducer, header_list, header_map, position
 from consumer.models import AttemptResult, AttemptRow, Endpoint, Event, delivery_id_for
 from consumer.observe import AttemptObserver, Observation
-from consumer.retry_policy import decide, max_due_ahead_s, schedule_span_s, tier_topic
+from consumer.retry_policy import decide, due_ahead_s, schedule_span_s, tier_topic
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +104,15 @@ class Pipeline:
         self._metrics = metrics
         self._deliverer = deliverer
         self._gates = gates
-        self._producer = producer
         self._on_hold = on_hold
+        self.out = DurablePublisher(producer, metrics, budget_of(settings.max_payload_bytes))
         self.tiers = settings.tier_seconds
         self.retry_topics = {tier_topic(name): name for name, _ in self.tiers}
+        # Topics only the service writes: their perkamo-* headers are its own, and trusted.
+        self.own_topics = frozenset({*self.retry_topics, c.HELD_TOPIC, c.REDELIVER_TOPIC})
         self.span_ms = int(schedule_span_s(self.tiers) * 1000)
-        self.max_due_ahead_ms = int(max_due_ahead_s(self.tiers) * 1000)
+        # A retry message's due time lies at most its own tier's delay (plus jitter) ahead.
+        self.due_ahead_ms = {tier_topic(name): int(due_ahead_s(delay) * 1000) for name, delay in self.tiers}
         self._observe = AttemptObserver(settings, metrics)  # spans, network timings (issue 17)
 
     async def handle(self, msg: Message) -> None:
@@ -150,9 +156,11 @@ class Pipeline:
         topic = msg.topic()
         try:
             event = parse_event(msg.value(), self._settings.max_payload_bytes)
-            meta = read_meta(headers).started(now)
+            # An events topic's perkamo-* headers are anyone's: ids and attempt numbers come
+            # from the service only (docs/security.md, what is trusted).
+            meta = (read_meta(headers) if topic in self.own_topics else untrusted_meta(headers)).started(now)
             if topic in self.retry_topics:
-                check_due(due_ms(headers), now, self.max_due_ahead_ms)
+                check_due(due_ms(headers), now, self.due_ahead_ms[topic])
         except InvalidEvent as exc:
             self._metrics.invalid_events.labels(exc.reason).inc()
             log.warning("invalid event on %s[%d]@%d: %s (dead-lettered)",
@@ -228,8 +236,7 @@ class Pipeline:
         now = now_ms()
         next_at: int | None = None
         meta, event = job.meta, job.event
-        producer = self._producer()
-        publishes: list[Awaitable[Any]] = []
+        publishes: list[Outgoing] = []
         if result.delivered:
             status = c.STATUS_DELIVERED
         else:
@@ -241,7 +248,7 @@ class Pipeline:
                     meta, job.delivery_id, job.origin, reason=DlqReason.EXHAUSTED, detail=result.error,
                     error_kind=result.outcome, status_code=result.status_code,
                 )
-                publishes.append(producer.publish(c.DLQ_TOPIC, event.body, job.delivery_id, headers))
+                publishes.append(Outgoing(c.DLQ_TOPIC, event.body, job.delivery_id, headers, "dead letter"))
                 publishes.append(self._exhausted(job, DlqReason.EXHAUSTED, meta.run_attempt, result))
                 self._metrics.dead_lettered.labels(DlqReason.EXHAUSTED).inc()
             else:
@@ -252,12 +259,12 @@ class Pipeline:
                     status_code=result.status_code, due=decision.due_ms,
                 )
                 topic = tier_topic(decision.tier)
-                publishes.append(producer.publish(topic, event.body, job.delivery_id, headers))
+                publishes.append(Outgoing(topic, event.body, job.delivery_id, headers, "retry"))
                 self._metrics.retries_scheduled.labels(decision.tier).inc()
         row = self.row(job, result, status, now, next_at)
         seen.fill(row)
         publishes.append(self._record(row))
-        await _all(publishes)
+        await self.out.publish_all(publishes, job.origin)
         # Successes at DEBUG: at thousands per second a line each would dominate the hot path.
         if not result.delivered or log.isEnabledFor(logging.DEBUG):
             log.log(
@@ -275,17 +282,16 @@ class Pipeline:
         headers = held_headers(
             job.meta, job.delivery_id, job.origin, trigger=job.trigger, reason=reason, held_since_ms=now
         )
-        producer = self._producer()
         why = "its circuit is open" if reason == HoldReason.CIRCUIT_OPEN else "it is saturated"
         row = self._hold_row(
             job, c.STATUS_HELD, now, reason,
             f"held: no call made, the endpoint is not taking deliveries ({why}); attempt "
             f"{job.meta.attempt} goes out when it recovers",
         )
-        await _all([
-            producer.publish(c.HELD_TOPIC, job.event.body, job.endpoint.id, headers),
+        await self.out.publish_all([
+            Outgoing(c.HELD_TOPIC, job.event.body, job.endpoint.id, headers, "held delivery"),
             self._record(row),
-        ])
+        ], job.origin)
         self._metrics.holds.labels(reason).inc()
         log.info("held delivery=%s space=%s attempt=%d: %s",
                  job.delivery_id, job.event.space_slug, job.meta.attempt, why)
@@ -302,27 +308,29 @@ class Pipeline:
             error_kind=DlqReason.EXPIRED, status_code=0, called=False,
         )
         row = self._hold_row(job, c.STATUS_FAILED, job.meta.held_since_ms or now, DlqReason.EXPIRED, detail)
-        await _all([
-            self._producer().publish(c.DLQ_TOPIC, job.event.body, job.delivery_id, headers),
+        await self.out.publish_all([
+            Outgoing(c.DLQ_TOPIC, job.event.body, job.delivery_id, headers, "dead letter"),
             self._record(row),
             self._exhausted(job, DlqReason.EXPIRED, job.meta.run_attempt - 1, None),
-        ])
+        ], job.origin)
         self._metrics.dead_lettered.labels(DlqReason.EXPIRED).inc()
         log.info("expired delivery=%s space=%s attempt=%d unspent",
                  job.delivery_id, job.event.space_slug, job.meta.attempt)
 
     async def dead_letter_invalid(self, msg: Message, reason: str, detail: str) -> None:
         """Bad input: the original bytes and headers go to the DLQ with the reason."""
-        headers = invalid_input_headers(header_list(msg), position(msg), reason=reason, detail=detail)
-        await self._producer().publish(c.DLQ_TOPIC, msg.value(), msg.key(), headers)
-        self._metrics.dead_lettered.labels(reason).inc()
+        origin = position(msg)
+        headers = invalid_input_headers(header_list(msg), origin, reason=reason, detail=detail)
+        letter = Outgoing(c.DLQ_TOPIC, msg.value(), msg.key(), headers, "dead letter")
+        if await self.out.publish(letter, origin) is not None:  # else it went out as a stub
+            self._metrics.dead_lettered.labels(reason).inc()
 
     # Records ---------------------------------------------------------------------------------
 
-    def _record(self, row: AttemptRow) -> Awaitable[Any]:
-        return self._producer().publish(c.ATTEMPTS_TOPIC, attempts.encode(row), row.delivery_id)
+    def _record(self, row: AttemptRow) -> Outgoing:
+        return Outgoing(c.ATTEMPTS_TOPIC, attempts.encode(row), row.delivery_id, None, "attempt record")
 
-    async def _exhausted(self, job: Job, reason: str, calls: int, result: AttemptResult | None) -> None:
+    def _exhausted(self, job: Job, reason: str, calls: int, result: AttemptResult | None) -> Outgoing:
         record = operational.delivery_exhausted(
             job.endpoint.space, job.endpoint.id, job.endpoint.host, time.time(),
             delivery_id=job.delivery_id, event_id=job.event.id, event_type=job.event.type,
@@ -330,8 +338,8 @@ class Pipeline:
             last_error_kind=result.outcome if result else reason,
             last_status_code=result.status_code if result else 0,
         )
-        await self._producer().publish(c.OPERATIONAL_TOPIC, record, job.endpoint.space)
         self._metrics.operational_events.labels(operational.DELIVERY_EXHAUSTED).inc()
+        return Outgoing(c.OPERATIONAL_TOPIC, record, job.endpoint.space, None, "operational record")
 
     def row(
         self, job: Job, result: AttemptResult, status: str, at_ms: int, next_at: int | None
@@ -374,14 +382,3 @@ class Pipeline:
         row.error = error
         self._observe.fill_hold(row, job.meta)
         return row
-
-
-async def _all(publishes: list[Awaitable[Any]]) -> None:
-    """Wait for every publish; the first failure is raised after all have settled."""
-    if len(publishes) == 1:
-        await publishes[0]
-        return
-    results = await asyncio.gather(*publishes, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result

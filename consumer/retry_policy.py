@@ -54,9 +54,15 @@ def schedule_span_s(tiers: Sequence[tuple[str, float]]) -> float:
     return sum(delay for _, delay in tiers) * (1 + JITTER_FRACTION)
 
 
+def due_ahead_s(delay_s: float) -> float:
+    """The furthest ahead a due time this service writes for a tier of `delay_s` can lie (its
+    delay at full jitter, plus a second of slack for clocks)."""
+    return delay_s * (1 + JITTER_FRACTION) + 1.0
+
+
 def max_due_ahead_s(tiers: Sequence[tuple[str, float]]) -> float:
-    """The furthest ahead a due time written by this service can lie (plus a second of slack)."""
-    return max(delay for _, delay in tiers) * (1 + JITTER_FRACTION) + 1.0
+    """The furthest ahead a due time on any tier can lie."""
+    return max(due_ahead_s(delay) for _, delay in tiers)
 
 
 @dataclass(frozen=True, slots=True)

@@ -109,6 +109,11 @@ class DeliveryService:
         return self._stopping.is_set()
 
     @property
+    def writes_blocked(self) -> bool:
+        """True while a message is being tried again because Kafka cannot take it now."""
+        return self.pipeline.out.writes_waiting > 0
+
+    @property
     def in_flight(self) -> int:
         return self._in_flight
 
@@ -209,7 +214,7 @@ class DeliveryService:
         halted: set[TP] = set()  # partitions paused mid-batch: the rest of their batch is dropped
         now = now_ms()
         retry_topics = self.pipeline.retry_topics
-        max_ahead = self.pipeline.max_due_ahead_ms
+        due_ahead = self.pipeline.due_ahead_ms
         taken: dict[str, int] = {}  # per topic, counted into the metric once per batch
         for msg in msgs:
             if msg.error() is not None:
@@ -223,7 +228,7 @@ class DeliveryService:
             if topic in retry_topics:
                 due = due_ms(header_map(msg))
                 # A due time beyond any tier's reach is not waited for: prepare dead-letters it.
-                if due is not None and now < due <= now + max_ahead:
+                if due is not None and now < due <= now + due_ahead[topic]:
                     # Not due: pause, then seek back to exactly this message, so it and the
                     # messages after it (dropped from this batch) are fetched again on resume.
                     if self._parts.hold_until_due(st, due):
