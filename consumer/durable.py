@@ -68,11 +68,22 @@ def cut_headers(headers: Headers | None, most: int = KEPT_HEADERS_MAX) -> Header
     return out
 
 
+def own_reason(out: Outgoing) -> str | None:
+    """The dead-letter reason a message already carries (bad input, exhausted, ...), if any."""
+    for name, value in out.headers or ():
+        if name == c.K_DLQ_REASON:
+            return value.decode("ascii", "replace")
+    return None
+
+
 def stub_of(
     out: Outgoing, origin: tuple[str, int, int], reason: str, detail: str
 ) -> Outgoing:
     """The dead letter that stands for a message Kafka cannot take whole."""
     value = out.value or b""
+    had = dict(out.headers or ()).get(c.K_DLQ_DETAIL)
+    if had:  # a dead letter's own detail comes first
+        detail = f"{had.decode('utf-8', 'replace')}; {detail}"
     kept = [(k, v) for k, v in cut_headers(out.headers) if k not in _STUB_OWN]
     kept += [
         (c.K_DLQ_REASON, reason.encode()),
@@ -137,17 +148,24 @@ class DurablePublisher:
             return None
 
     async def _stub(self, out: Outgoing, origin: tuple[str, int, int], detail: str) -> None:
-        log.error("unpublishable %s for %s from %s[%d]@%d (%s): dead-lettered as a stub, offset "
-                  "released", out.what, out.topic, origin[0], origin[1], origin[2], detail)
-        self._metrics.child(self._metrics.unpublishable, out.topic).inc()
-        stub = stub_of(out, origin, DlqReason.UNPUBLISHABLE, detail)
+        """A dead letter keeps its own reason (an oversized event stays `oversized`); anything
+        else Kafka would not take is `unpublishable`, which an operator must look at."""
+        reason = own_reason(out)
+        if reason is None:
+            reason = DlqReason.UNPUBLISHABLE
+            log.error("unpublishable %s for %s from %s[%d]@%d (%s): dead-lettered as a stub, "
+                      "offset released", out.what, out.topic, origin[0], origin[1], origin[2], detail)
+            self._metrics.child(self._metrics.unpublishable, out.topic).inc()
+        else:
+            log.warning("%s (%s) from %s[%d]@%d kept as a stub: %s", out.what, reason, *origin, detail)
+        stub = stub_of(out, origin, reason, detail)
         try:
             await self._until_taken(stub)
         except KafkaWriteFailed as exc:  # the dead-letter topic refuses even the stub
             log.error("the stub dead letter of a %s for %s from %s[%d]@%d was refused too (%s); "
                       "nothing more can be kept of it", out.what, out.topic, *origin, exc.name)
             return
-        self._metrics.dead_lettered.labels(DlqReason.UNPUBLISHABLE).inc()
+        self._metrics.dead_lettered.labels(reason).inc()
 
     async def _until_taken(self, out: Outgoing) -> Message:
         """Publish, trying again while the failure is transient; raises a permanent one."""

@@ -72,7 +72,7 @@ import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from consumer.config import load_settings
-from consumer.constants import ATTEMPTS_TOPIC, HELD_TOPIC
+from consumer.constants import ATTEMPTS_TOPIC, HELD_TOPIC, REDELIVER_TOPIC
 from consumer.kafka_io import ensure_topics, wait_for_broker
 from consumer.retry_policy import tier_topic
 from consumer.topics import plan
@@ -767,7 +767,7 @@ class Bench:
         phases left messages there), and of `topics`."""
         group = unique("bench")
         fast_forward_group(self.broker.bootstrap, group,
-                           [*(tier_topic(t) for t in tiers.split(",")), HELD_TOPIC, *(topics or [])])
+                           [*(tier_topic(t) for t in tiers.split(",")), HELD_TOPIC, REDELIVER_TOPIC, *(topics or [])])
         return group
 
     @staticmethod

@@ -124,9 +124,9 @@ def topics(kafka: str) -> dict[str, Any]:
     settings = load_settings(kafka_bootstrap_servers=kafka, events_topics=[events], retry_tiers=TEST_TIERS)
     specs, _ = plan(settings, partitions=3, retention_hours=None)
     ensure_topics(kafka, [(s.name, s.partitions, s.config) for s in specs])
-    # "retry": the topics every test's group shares (the tiers and the held topic), which a new
+    # "retry": the topics every test's group shares (the tiers, held and redeliver), which a new
     # group fast-forwards past earlier tests' messages.
-    shared = [s.name for s in specs if ".retry." in s.name or s.name == c.HELD_TOPIC]
+    shared = [s.name for s in specs if ".retry." in s.name or s.name in (c.HELD_TOPIC, c.REDELIVER_TOPIC)]
     return {"events": events, "retry": shared}
 
 

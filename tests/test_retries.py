@@ -299,9 +299,9 @@ async def test_a_resend_after_exhausted_tiers_walks_the_tiers_again(harness, rec
         harness.settings([{"space": "s-resend", "url": receiver.url("/still-down")}], retry_tiers=["1s"])
     )
     event = make_event("s-resend")
-    produce(
+    produce(  # as the history role re-publishes a resend: on the redeliver topic, which it owns
         harness.kafka,
-        harness.events_topic,
+        c.REDELIVER_TOPIC,
         [orjson.dumps(event)],
         headers=[
             (c.K_DELIVERY_ID, b"dlv_resend_walks_tiers"),

@@ -161,6 +161,7 @@ class Message:
     attempt: int = 1
     expect: str = "either"
     reason: str = ""
+    topic: str = ""  # the scenario's events topic unless set (e.g. the redeliver topic)
 
 
 class Publisher:
@@ -196,7 +197,7 @@ class Publisher:
             while True:
                 try:
                     self._producer.produce(
-                        self.topic,
+                        m.topic or self.topic,
                         m.value,
                         key=m.key.encode()[:200],
                         headers=m.headers or None,
@@ -583,7 +584,7 @@ class Run:
         ensure_topics(env.bootstrap, [(s.name, s.partitions, s.config) for s in specs])
         self.retry_topics = [tier_topic(name) for name, _ in parse_tiers(self.tiers)]
         # What the deliver group reads besides the events topic: retry tiers and held deliveries.
-        self.redelivery_topics = [*self.retry_topics, c.HELD_TOPIC]
+        self.redelivery_topics = [*self.retry_topics, c.HELD_TOPIC, c.REDELIVER_TOPIC]
         fast_forward_group(env.bootstrap, self.group, self.redelivery_topics)
         fast_forward_group(env.bootstrap, self.history_group, [c.ATTEMPTS_TOPIC])
         self.start_offsets = end_offsets(

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from consumer import constants as c
 from tests.faults.accounting import Accounting, Disruption, Receipt
 from tests.faults.faulty_run import DOWN, HOLD_COMMIT, INSERTED, SLOW
 from tests.faults.harness import FaultEnv, Message, Run, events, log, wait_until
@@ -480,7 +481,9 @@ def poison_origin_header(env: FaultEnv, n_events: int = 20, settle_s: float = 15
         space = _space("poison")
         run.consumer(run.endpoints_file({space: rec.url("/ok")}), drain_timeout_s=3, **QUICK)
         msgs = events(space, n_events)
+        # The service's own topic: only there are perkamo-* headers read at all.
         msgs[0].headers = [("perkamo-origin-topic", b"perkamo.events"), ("perkamo-origin-offset", b"9" * 20)]
+        msgs[0].topic = c.REDELIVER_TOPIC
         run.publisher.publish(msgs)
         return run.finish(settle_timeout=settle_s)
     finally:
@@ -498,8 +501,8 @@ def malformed_delivery_id(env: FaultEnv, settle_s: float = 20.0) -> Accounting:
         padded, control, plain = events(space, 3)
         padded.headers = [("perkamo-delivery-id", b" dlv_padded ")]
         control.headers = [("perkamo-delivery-id", b"dlv_\x1cctl")]
-        for m in (padded, control):
-            m.expect, m.reason = "dlq", "bad_header"
+        for m in (padded, control):  # on the service's own topic, where the headers are read
+            m.expect, m.reason, m.topic = "dlq", "bad_header", c.REDELIVER_TOPIC
         plain.expect = "deliver"
         run.publisher.publish([padded, control, plain])
         return run.finish(settle_timeout=settle_s)
