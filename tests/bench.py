@@ -766,8 +766,8 @@ class Bench:
         """A fresh deliver group, at the end of its retry topics and the held topic (earlier
         phases left messages there), and of `topics`."""
         group = unique("bench")
-        fast_forward_group(self.broker.bootstrap, group,
-                           [*(tier_topic(t) for t in tiers.split(",")), HELD_TOPIC, REDELIVER_TOPIC, *(topics or [])])
+        shared = [*(tier_topic(t) for t in tiers.split(",")), HELD_TOPIC, REDELIVER_TOPIC]
+        fast_forward_group(self.broker.bootstrap, group, [*shared, *(topics or [])])
         return group
 
     @staticmethod
