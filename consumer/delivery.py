@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import ssl
 import time
 from collections.abc import Mapping
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 
 # aiohttp adds Accept and Accept-Encoding by default; the contract's header set has neither.
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding")
+# aiohttp rounds the deadline of any timeout of 5 s or more up to the next whole second of the
+# loop's clock (`ceil_threshold`, to batch timers): a 5 s setting timed out after 5 to 6 s. An
+# infinite threshold turns the rounding off, so an attempt times out at the setting.
+_NO_CEIL = math.inf
 
 
 def contract_headers(event: Event, delivery_id: str, attempt: int) -> dict[str, str]:
@@ -67,7 +72,8 @@ class Deliverer:
         self._settings = settings
         self._metrics = metrics
         self._policy = AddressPolicy(settings.allow_private_networks)
-        self._timeout = aiohttp.ClientTimeout(total=settings.delivery_timeout_s)
+        self._timeout = aiohttp.ClientTimeout(total=settings.delivery_timeout_s,
+                                              ceil_threshold=_NO_CEIL)
         self._excerpt = settings.response_excerpt_bytes
         self._proxy = settings.https_proxy or None
         self._session: aiohttp.ClientSession | None = None
@@ -97,6 +103,7 @@ class Deliverer:
             socket_factory=GuardedSocketFactory(self._policy, trusted),
             ttl_dns_cache=30,
             enable_cleanup_closed=True,
+            timeout_ceil_threshold=_NO_CEIL,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
