@@ -5,7 +5,8 @@ deliver role adds its view of endpoint health, the history role the history API
 (consumer.history_api) and the console. Who may call what is `consumer.auth`: every /api/v1
 call needs a token and a Host header naming this service. Errors are JSON `{"error": "..."}`
 with 400/401/403/404/409/421/429/502/503; bad input is a 400 naming the parameter, and an
-unexpected failure a 503 that repeats nothing of it.
+unexpected failure a 503 that repeats nothing of it. Every answer (the API's carry customer data)
+says `Cache-Control: no-store` and `X-Content-Type-Options: nosniff`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from consumer.errors import PerkamoError
 from consumer.metrics import Metrics
 from consumer.queries import (
     BadRequest,
+    Busy,
 )
 from consumer.republish_plan import Conflict, NotFound, NotReady, PublishFailed
 
@@ -39,9 +41,8 @@ HealthView = Callable[[], dict[str, dict[str, Any]]]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 API = "/api/v1"
-NDJSON = "application/x-ndjson"
-_LIST_PARAMS = frozenset({"space", "status", "event_type", "since", "until", "limit", "cursor"})
-_REPLAY_FIELDS = frozenset({"space", "since", "until", "status", "dry_run", "force"})
+# On every answer of the admin listener, streamed ones and errors included.
+ANSWER_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 
 
 class ApiError(PerkamoError):
@@ -75,6 +76,7 @@ def build_app(
     needs a token (consumer.auth)."""
     app = web.Application(middlewares=[_errors])
     install(app, AdminAuth.from_settings(settings))
+    app.on_response_prepare.append(_answer_headers)
 
     async def metrics_handler(_: web.Request) -> web.Response:
         body = await asyncio.to_thread(generate_latest, metrics.registry)
@@ -102,6 +104,11 @@ def build_app(
     return app
 
 
+async def _answer_headers(_: web.Request, response: web.StreamResponse) -> None:
+    for name, value in ANSWER_HEADERS.items():
+        response.headers.setdefault(name, value)
+
+
 @web.middleware
 async def _errors(  # noqa: PLR0911 - one answer per error type
     request: web.Request, handler: Handler
@@ -114,6 +121,10 @@ async def _errors(  # noqa: PLR0911 - one answer per error type
     except ApiError as exc:
         response = json_answer({"error": str(exc), **exc.extra}, status=exc.status)
         response.headers.update(exc.headers or {})
+        return response
+    except Busy as exc:
+        response = json_answer({"error": str(exc)}, status=429)
+        response.headers["Retry-After"] = str(exc.retry_after_s)
         return response
     except BadRequest as exc:
         return json_answer({"error": str(exc)}, status=400)

@@ -52,7 +52,8 @@ def add_subcommands(sub: Any) -> None:
         description="Deliveries by their first attempt's time, with the status of their latest "
         "attempt. --delivery-id shows every attempt of one delivery (other filters ignored).",
     )
-    history.add_argument("--space", default="", help="the Space's slug")
+    history.add_argument("--space", default="", help="the Space's slug (with --delivery-id: "
+                         "that Space's rows only)")
     history.add_argument("--status", choices=STATUSES, help="status of the latest attempt")
     history.add_argument("--event-type", default="", help="e.g. purchase.completed")
     history.add_argument("--since", help=f"first attempt at or after this time; {_TIME_HELP}")
@@ -67,8 +68,11 @@ def add_subcommands(sub: Any) -> None:
         "resend", help="re-publish one delivery to Kafka (same delivery id, next attempt number)"
     )
     resend.add_argument("delivery_id")
+    resend.add_argument("--space", default="", help="the delivery's Space (needed only when its id "
+                        "has rows in several Spaces)")
     resend.add_argument("--force", action="store_true",
-                        help="resend even if it is still in the retry tiers or was just resent")
+                        help="resend even if it is still in the retry tiers or held (never one "
+                        "re-published moments ago that history does not show yet)")
     resend.add_argument("--json", action="store_true")
     resend.set_defaults(fn=_resend)
 
@@ -98,9 +102,9 @@ def _history(args: argparse.Namespace, settings: Settings) -> int:
         direct = settings.history_dsn_resolved.startswith(("http://", "https://"))
         if args.delivery_id:
             if direct:
-                return _direct_detail(settings, args.delivery_id)
+                return _direct_detail(settings, args.delivery_id, args.space)
             quoted = urllib.parse.quote(args.delivery_id, safe="")
-            return AdminApiClient(settings).get(f"/deliveries/{quoted}")
+            return AdminApiClient(settings).get(f"/deliveries/{quoted}", {"space": args.space})
         since = parse_time(args.since, name="--since") if args.since else None
         until = parse_time(args.until, name="--until") if args.until else None
         if direct:
@@ -127,7 +131,7 @@ def _history(args: argparse.Namespace, settings: Settings) -> int:
 def _resend(args: argparse.Namespace, settings: Settings) -> int:
     client = AdminApiClient(settings)
     path = f"/deliveries/{urllib.parse.quote(args.delivery_id, safe='')}/resend"
-    doc = _call(lambda: _one(client.post(path, {"force": args.force})))
+    doc = _call(lambda: _one(client.post(path, {"force": args.force, "space": args.space})))
     if isinstance(doc, int):
         return doc
     if args.json:
@@ -157,8 +161,7 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
         else:
             print(f"dry run, nothing published: {doc['eligible']} of {doc['matched']} matched "
                   f"deliveries of {args.space} first attempted in {window} would be replayed "
-                  f"({doc['skipped_in_retry']} still in the retry tiers are left to them); "
-                  f"replay id {doc['replay_id']}")
+                  f"({_skipped(doc)}); replay id {doc['replay_id']}")
         return 0
     result = _call(lambda: _stream_replay(client, body))
     if isinstance(result, int):
@@ -171,8 +174,15 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print(f"replay {result['replay_id']}: {result['published']} of {result['matched']} matched "
               f"deliveries of {args.space} first attempted in {window} re-published "
-              f"({result['skipped_in_retry']} still in the retry tiers are left to them)")
+              f"({_skipped(result)})")
     return 0
+
+
+def _skipped(doc: dict[str, Any]) -> str:
+    """What a replay left alone, in words."""
+    return (f"{doc['skipped_in_retry']} still in the retry tiers are left to them, "
+            f"{doc.get('skipped_on_the_way', 0)} re-published moments ago and on their way "
+            "are skipped")
 
 
 def _stream_replay(client: AdminApiClient, body: dict[str, Any]) -> dict[str, Any]:
@@ -232,10 +242,10 @@ def _direct_list(
         store.close()
 
 
-def _direct_detail(settings: Settings, delivery_id: str) -> dict[str, Any]:
+def _direct_detail(settings: Settings, delivery_id: str, space: str = "") -> dict[str, Any]:
     store = _direct_store(settings)
     try:
-        detail = delivery_detail(store, delivery_id)
+        detail = delivery_detail(store, delivery_id, space=space)
     finally:
         store.close()
     if detail is None:

@@ -4,33 +4,32 @@ The embedded history engine opens in one process only, so the CLI and support to
 history and ask for resends and replays through this API.
 
     GET  /api/v1/deliveries?space=&status=&event_type=&since=&until=&limit=&cursor=
-    GET  /api/v1/deliveries/{delivery_id}[?include_body=true]
+    GET  /api/v1/deliveries/{delivery_id}[?space=&include_body=true]
     GET  /api/v1/endpoints/health
-    POST /api/v1/deliveries/{delivery_id}/resend        {"force": false}
+    POST /api/v1/deliveries/{delivery_id}/resend        {"force": false, "space"?}
     POST /api/v1/replay  {"space", "since", "until"?, "status"?, "dry_run"?, "force"?}
 
 Reads need the read-only or the admin token; resend, replay and stored payloads the admin
 token (consumer.auth). Every read has a bounded window (PERKAMO_HISTORY_MAX_SPAN_DAYS), a
 server-side time limit (PERKAMO_HISTORY_QUERY_TIMEOUT_S) and runs on a pool of its own, at
-most PERKAMO_HISTORY_MAX_CONCURRENT_QUERIES at once (more: 429 with Retry-After). A replay
+most PERKAMO_HISTORY_MAX_CONCURRENT_QUERIES at once (more: 429 with Retry-After); the console
+shares that pool (queries.ReadPool) and may hold all its places but one. A by-id call with
+`space` reads and re-publishes that Space's rows only (the filter is in the SQL). A replay
 asked for with `Accept: application/x-ndjson` streams one JSON line per published chunk, then
 the result.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn, Protocol, TypeVar
 
 import orjson
 from aiohttp import web
 
-from consumer.admin import API, ApiError, HealthView, ReadinessCheck, build_app, json_answer
+from consumer.admin import API, HealthView, ReadinessCheck, build_app, json_answer
 from consumer.auth import ADMIN, AdminAuth
 from consumer.config import Settings
 from consumer.console import ConsoleContext
@@ -41,6 +40,7 @@ from consumer.queries import (
     BadRequest,
     DeliveryFilter,
     Reader,
+    ReadPool,
     check_span,
     check_text,
     delivery_detail,
@@ -85,9 +85,15 @@ def history_app(
 ) -> web.Application:
     """The history role's admin application: probes, the history API and the console."""
     app = build_app(metrics, readiness, context.settings, health=health)
-    HistoryApi(context, metrics).register(app.router)
+    api = HistoryApi(context, metrics)
+    api.register(app.router)
+
+    async def close_pool(_: web.Application) -> None:
+        api.close()
+
+    app.on_cleanup.append(close_pool)
     if console is not None:
-        mount_console(app, console)
+        mount_console(app, console, reads=api.reads)
     return app
 
 
@@ -100,34 +106,14 @@ class HistoryApi:
         self._store = context.store
         self._auth = AdminAuth.from_settings(settings)
         self._max_span = timedelta(days=settings.history_max_span_days)
-        self._slots = settings.history_max_concurrent_queries
-        self._busy = 0
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            self._slots, thread_name_prefix="history-read"
-        )
+        # The history reads' pool and places, shared with the console (history_app).
+        self.reads = ReadPool(settings.history_max_concurrent_queries)
+        self._slot = self.reads.slot
         self._republisher = context.republisher
-
-    @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        """One of the PERKAMO_HISTORY_MAX_CONCURRENT_QUERIES places, or 429 at once."""
-        if self._busy >= self._slots:
-            raise ApiError(
-                429,
-                f"{self._busy} history queries are running (PERKAMO_HISTORY_MAX_CONCURRENT_QUERIES);"
-                " retry in a moment",
-                headers={"Retry-After": "1"},
-            )
-        self._busy += 1
-        try:
-            yield
-        finally:
-            self._busy -= 1
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking read on the history pool, within a concurrency place."""
-        async with self._slot():
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._pool, fn, *args)
+        return await self.reads.run(fn, *args)
 
     def register(self, router: web.UrlDispatcher) -> None:
         router.add_get(f"{API}/deliveries", self.deliveries)
@@ -155,21 +141,26 @@ class HistoryApi:
 
     async def delivery(self, request: web.Request) -> web.Response:
         delivery_id = check_text("delivery_id", request.match_info["delivery_id"], required=True)
+        unknown = set(request.query) - {"space", "include_body"}
+        if unknown:
+            raise BadRequest(f"unknown parameter {sorted(unknown)[0]!r}; known: include_body, space")
+        space = check_text("space", request.query.get("space", ""))
         with_body = _bool(request.query.get("include_body"), "include_body")
         if with_body:  # the payload is customer data
             self._authorize(request)
-        detail = await self._read(delivery_detail, self._store, delivery_id, with_body)
+        detail = await self._read(delivery_detail, self._store, delivery_id, with_body, space)
         if detail is None:
             raise NotFound(f"history has no attempt of delivery {delivery_id}")
         return json_answer(detail)
 
     async def resend(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        body = await _body(request, frozenset({"force"}), required=False)
+        body = await _body(request, frozenset({"force", "space"}), required=False)
         force = _field_bool(body, "force")
+        space = check_text("space", _field_str(body, "space"))
         delivery_id = check_text("delivery_id", request.match_info["delivery_id"], required=True)
         async with self._slot():
-            result = await self._republisher.resend(delivery_id, force=force)
+            result = await self._republisher.resend(delivery_id, force=force, space=space)
         return json_answer(result.as_json(), status=202)
 
     async def replay(self, request: web.Request) -> web.StreamResponse:
@@ -236,7 +227,7 @@ class HistoryApi:
         self._auth.require(request, ADMIN)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.reads.close()
 
 
 def _missing(name: str) -> NoReturn:

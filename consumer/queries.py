@@ -1,29 +1,36 @@
-"""Reading delivery history: the inputs a caller gives (times, filters, cursors) and the reads
-built on the project's SQL (consumer.sql), returning JSON-ready dicts."""
+"""Reading delivery history: the inputs a caller gives (times, filters, cursors), the reads
+built on the project's SQL (consumer.sql), returning JSON-ready dicts, and the ReadPool every
+read of the history API and the console runs on."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import concurrent.futures
+import contextlib
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import orjson
 
 from consumer.constants import STATUS_DELIVERED, STATUS_FAILED, STATUS_HELD, STATUS_RETRYING
 from consumer.errors import PerkamoError
 from consumer.sql import (
+    ATTEMPT_BODY,
     DELIVERIES,
-    DELIVERY_ATTEMPTS,
-    DELIVERY_ATTEMPTS_WITH_BODY,
     DELIVERY_SEARCH,
     SEARCH_CANDIDATES,
+    SPACE_DELIVERY_ATTEMPTS,
+    SPACE_DELIVERY_ATTEMPTS_WITH_BODY,
     SUCCESS_RATES,
 )
+
+T = TypeVar("T")
 
 STATUSES: Final = (STATUS_DELIVERED, STATUS_RETRYING, STATUS_HELD, STATUS_FAILED)
 # A delivery whose latest attempt is `retrying` and whose next attempt was due longer ago than
@@ -46,6 +53,17 @@ NARROWING_STEPS: Final = (timedelta(hours=1), timedelta(days=1), timedelta(days=
 
 class BadRequest(PerkamoError):
     """A filter, time or cursor the caller gave is not valid; the message says which and why."""
+
+
+class SeveralSpaces(BadRequest):
+    """An admin asked for a delivery id that has rows in more than one Space (only a forged
+    header could make that): the answer names the Spaces, the caller names one."""
+
+
+class Busy(PerkamoError):
+    """Every history read place is taken (or this caller's share of them): retry shortly."""
+
+    retry_after_s: Final = 1
 
 
 class Reader(Protocol):
@@ -263,7 +281,7 @@ def list_deliveries(
 
 def list_newest_first(
     store: Reader, flt: DeliveryFilter, limit: int = DEFAULT_LIMIT, cursor: str | None = None,
-    now: datetime | None = None,
+    *, now: datetime | None = None, max_span: timedelta | None = None,
 ) -> Page:
     """The same page as list_deliveries, found faster on a large table when no Space is given:
     it aggregates the newest hour, day and week below the page's upper bound first, and the
@@ -271,7 +289,7 @@ def list_newest_first(
     first attempt and every later attempt is newer: a window [t, upper) holds exactly the
     deliveries that began in it, all their attempts included, in the same order."""
     if flt.space:  # one Space is one key range of the table's ORDER BY: already cheap
-        return list_deliveries(store, flt, limit, cursor)
+        return list_deliveries(store, flt, limit, cursor, max_span)
     upper = flt.until or (now or datetime.now(UTC))
     if cursor:
         upper = min(upper, _decode_cursor(flt, cursor)[0])
@@ -279,28 +297,51 @@ def list_newest_first(
         since = upper - step
         if flt.since is not None and since <= flt.since:
             break
-        page = list_deliveries(store, replace(flt, since=since), limit, cursor)
+        page = list_deliveries(store, replace(flt, since=since), limit, cursor, max_span)
         if page.next_cursor is not None:  # more than a page began in the window: it is the answer
             return page
-    return list_deliveries(store, flt, limit, cursor)
+    return list_deliveries(store, flt, limit, cursor, max_span)
 
 
 def delivery_attempts(
-    store: Reader, delivery_id: str, with_body: bool = False
+    store: Reader, delivery_id: str, with_body: bool = False, space: str = ""
 ) -> list[dict[str, Any]]:
-    """Every attempt of one delivery, deduplicated, by attempt number; [] if unknown."""
-    sql = DELIVERY_ATTEMPTS_WITH_BODY if with_body else DELIVERY_ATTEMPTS
-    columns, rows = store.query(sql, {"delivery_id": delivery_id})
+    """Every attempt of one delivery in `space`, deduplicated, by attempt number; [] if unknown.
+
+    The Space is a filter of the SQL: an id of another Space, or one with rows in two Spaces,
+    gives []. `space` '' reads every Space (admins): a caller then checks `spaces_of`."""
+    sql = SPACE_DELIVERY_ATTEMPTS_WITH_BODY if with_body else SPACE_DELIVERY_ATTEMPTS
+    columns, rows = store.query(sql, {"delivery_id": delivery_id, "space": space})
     return _dicts(columns, rows)
 
 
+def spaces_of(delivery_id: str, rows: Sequence[dict[str, Any]]) -> str:
+    """The one Space of a delivery's rows; SeveralSpaces when they span more than one."""
+    spaces = sorted({str(row["space_slug"]) for row in rows})
+    if len(spaces) > 1:
+        raise SeveralSpaces(
+            f"delivery id {delivery_id} has rows in {len(spaces)} Spaces ({', '.join(spaces[:5])}); "
+            "name the Space to read one (space=<slug>)"
+        )
+    return spaces[0] if spaces else ""
+
+
+def attempt_body(store: Reader, space: str, delivery_id: str, attempt: int) -> str:
+    """The request body recorded with one attempt ('' when none)."""
+    _, rows = store.query(ATTEMPT_BODY, {"space": space, "delivery_id": delivery_id,
+                                         "attempt": attempt})
+    return str(_jsonable(rows[0][0])) if rows else ""
+
+
 def delivery_detail(
-    store: Reader, delivery_id: str, with_body: bool = False
+    store: Reader, delivery_id: str, with_body: bool = False, space: str = ""
 ) -> dict[str, Any] | None:
-    """A delivery's summary and its attempts, or None if history has no row of it."""
-    rows = delivery_attempts(store, delivery_id, with_body)
+    """A delivery's summary and its attempts in `space` ('' = any, but one), or None if
+    history has no row of it there."""
+    rows = delivery_attempts(store, delivery_id, with_body, space)
     if not rows:
         return None
+    spaces_of(delivery_id, rows)
     attempts = [row for row in rows if row["attempt"] > 0]
     hold = next((row for row in rows if row["attempt"] == 0), None)
     newest = max(rows, key=lambda row: (row["attempted_at"], row["attempt"]))
@@ -317,14 +358,19 @@ def delivery_detail(
 
 
 def search_deliveries(
-    store: Reader, flt: DeliveryFilter, q: str, limit: int = SEARCH_LIMIT
+    store: Reader, flt: DeliveryFilter, q: str, limit: int = SEARCH_LIMIT,
+    max_span: timedelta | None = None,
 ) -> list[dict[str, Any]]:
     """Deliveries whose delivery id, event id or transaction id is `q`, within the filters;
-    the window is [since, until) with since defaulting to SEARCH_WINDOW ago (never open)."""
+    the window is [since, until) with since defaulting to SEARCH_WINDOW ago (never open), and
+    with `max_span` never longer than that."""
     check_text("q", q, required=True)
     check_limit(limit)
     until = flt.until or LATEST
-    since = flt.since or min(until, datetime.now(UTC)) - SEARCH_WINDOW
+    end = min(until, datetime.now(UTC))
+    since = flt.since or end - (min(SEARCH_WINDOW, max_span) if max_span else SEARCH_WINDOW)
+    if max_span is not None:
+        check_span(since, end, max_span)
     window = {"space": flt.space, "since": since, "until": until, "q": q.strip()}
     _, found = store.query(SEARCH_CANDIDATES, window)
     if not found:
@@ -351,3 +397,62 @@ def success_rates(
         "day_ago": now - timedelta(days=1),
     })
     return {row["space"]: row for row in _dicts(columns, rows)}
+
+
+# The read pool ---------------------------------------------------------------------------
+
+
+class ReadPool:
+    """The bounded thread pool and slot counter every history read of the API and the console
+    runs on: at most `slots` reads at once (PERKAMO_HISTORY_MAX_CONCURRENT_QUERIES), more are
+    Busy at once (429), never queued. The store's client blocks, so reads run on this pool and
+    the loop's default executor stays free for /metrics and the rest.
+
+    A read may name shares it counts against: (key, most at once). The console gives each of
+    its reads the console's share (all slots but one, so the API always finds one) and its
+    session's (one at a time), so one link flooding pages gets 429 pages, not the store."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._busy = 0
+        self._held: dict[str, int] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(slots, thread_name_prefix="history-read")
+
+    @property
+    def busy(self) -> int:
+        return self._busy
+
+    @contextlib.asynccontextmanager
+    async def slot(self, shares: Sequence[tuple[str, int]] = ()) -> AsyncIterator[None]:
+        """One place (and one of each share's), or Busy at once."""
+        if self._busy >= self.slots:
+            raise Busy(f"{self._busy} history queries are running "
+                       "(PERKAMO_HISTORY_MAX_CONCURRENT_QUERIES); retry in a moment")
+        for key, most in shares:
+            if self._held.get(key, 0) >= most:
+                raise Busy("this session's earlier history queries are still running; "
+                           "retry in a moment")
+        self._busy += 1
+        for key, _ in shares:
+            self._held[key] = self._held.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            self._busy -= 1
+            for key, _ in shares:
+                left = self._held[key] - 1
+                if left:
+                    self._held[key] = left
+                else:
+                    del self._held[key]
+
+    async def run(
+        self, fn: Callable[..., T], *args: Any, shares: Sequence[tuple[str, int]] = ()
+    ) -> T:
+        """Run a blocking read on the pool, within a place."""
+        async with self.slot(shares):
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._pool, fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,6 +1,6 @@
 """Resend one delivery or replay many by re-publishing them to Kafka (docs/support.md).
 
-Nothing here calls an endpoint. A re-published message goes to the first events topic with
+Nothing here calls an endpoint. A re-published message goes to the redeliver topic with
 the delivery's id, the next attempt number (history's highest + 1), a `resend`/`replay`
 trigger, a replay id and the original topic/partition/offset in headers; the Kafka loop then
 delivers it like any event, to the Space's endpoint as it is now, and records the attempt.
@@ -10,12 +10,15 @@ Double work is refused, not done silently:
   selection asked for twice gets the same id and is refused (409) while history holds rows of
   it, or while this process has published it and the rows have not landed yet;
 - a delivery whose latest attempt belongs to an EARLIER replay is not replayed again by an
-  overlapping selection (e.g. `--since 24h` run twice), and a delivery published here whose
-  attempt has not reached history yet is not published again: both refuse the request;
+  overlapping selection (e.g. `--since 24h` run twice): that refuses the request;
 - a delivery still waiting in the retry tiers is left to them (its next attempt would collide
   with the re-published one); only one stuck past its due time (queries.STUCK_AFTER) is taken.
-`force` overrides each of these on purpose. The in-process guard covers one consumer
-instance; history covers all of them once the rows land.
+`force` overrides these on purpose. Two things it never overrides: a delivery published here
+whose attempt has not reached history yet is "on its way" (a resend refuses it, a replay
+skips it and counts it), and a Space has at most one replay publishing at a time (the next is
+a Conflict naming it). The in-process guard covers one consumer instance; history covers all
+of them once the rows land. A delivery is a (Space, delivery id) pair throughout: an id with
+rows in two Spaces is no Space's to re-publish.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from consumer.headers import republish_headers
 from consumer.kafka_io import AsyncProducer
 from consumer.metrics import Metrics
 from consumer.models import stable_id
-from consumer.queries import LATEST, Reader, check_text, iso
+from consumer.queries import LATEST, Reader, SeveralSpaces, check_text, iso
 from consumer.republish_plan import (
     MAX_ATTEMPT,
     MAX_REPLAY,
@@ -67,6 +70,7 @@ _CHUNK = 500
 
 ProducerRef = Callable[[], AsyncProducer | None]
 Progress = Callable[[int], Awaitable[None]]
+Key = tuple[str, str]  # (space, delivery id)
 
 
 @dataclass(slots=True)
@@ -88,23 +92,33 @@ class Republisher:
         self._producer = producer
         self._metrics = metrics
         self._lock = asyncio.Lock()
-        # delivery id -> the attempt published here that has not reached history yet
-        self._pending: dict[str, _Pending] = {}
+        # (space, delivery id) -> the attempt published here that has not reached history yet
+        self._pending: dict[Key, _Pending] = {}
         self._replays: dict[str, float] = {}  # replay id -> expiry of the in-process guard
+        # space -> (replay id, expiry) of the replay publishing now: one per Space at a time
+        self._running: dict[str, tuple[str, float]] = {}
 
     # Resend ------------------------------------------------------------------------------
 
-    async def resend(self, delivery_id: str, force: bool = False) -> ResendResult:
-        """Re-publish one delivery with the next attempt number and a `resend` trigger."""
+    async def resend(self, delivery_id: str, force: bool = False, space: str = "") -> ResendResult:
+        """Re-publish one delivery with the next attempt number and a `resend` trigger.
+
+        `space` confines it to one Space's rows ('' = any, but one: an id with rows in two
+        Spaces is SeveralSpaces then, and NotFound to every Space)."""
         check_text("delivery_id", delivery_id, required=True)
+        check_text("space", space)
         producer = self._ready()
         async with self._lock:
             self._prune()
             _, rows = await asyncio.to_thread(
-                self._store.query, REPUBLISH_ONE, {"delivery_id": delivery_id}
+                self._store.query, REPUBLISH_ONE, {"delivery_id": delivery_id, "space": space}
             )
             if not rows:
                 raise NotFound(f"history has no attempt of delivery {delivery_id}")
+            if len(rows) > 1:
+                spaces = ", ".join(sorted(str(row[1]) for row in rows)[:5])
+                raise SeveralSpaces(f"delivery id {delivery_id} has rows in {len(rows)} Spaces "
+                                    f"({spaces}); name the Space to resend one (space)")
             state = DeliveryState.of(rows[0])
             self._check_endpoint(state.space)
             now = datetime.now(UTC)
@@ -120,16 +134,18 @@ class Republisher:
                     "Use force to resend now."
                 )
             pending = self._pending_attempt(state)
-            if pending and not force:
+            if pending:  # force or not: a second copy would be delivered twice
                 raise Conflict(
                     f"attempt {pending} of delivery {delivery_id} was re-published moments ago "
-                    "and has not reached history yet; wait for it, or use force"
+                    "and has not reached history yet; wait for it (force does not resend a "
+                    "delivery on its way)"
                 )
-            attempt = max(state.last_attempt, pending) + 1
+            attempt = state.last_attempt + 1
             if attempt > MAX_ATTEMPT:
                 raise Conflict(f"delivery {delivery_id} reached the {MAX_ATTEMPT} attempt limit")
             resend_id = stable_id(RESEND_PREFIX, delivery_id, str(attempt))
-            self._pending[delivery_id] = _Pending(attempt, time.monotonic() + PENDING_TTL_S)
+            key = (state.space, delivery_id)
+            self._pending[key] = _Pending(attempt, time.monotonic() + PENDING_TTL_S)
         try:
             bodies = await asyncio.to_thread(self._bodies, state.space, [delivery_id])
             if delivery_id not in bodies:
@@ -138,7 +154,7 @@ class Republisher:
                 producer, state, (attempt, c.TRIGGER_RESEND, resend_id), bodies[delivery_id]
             )
         except BaseException:
-            self._pending.pop(delivery_id, None)
+            self._pending.pop(key, None)
             raise
         self._metrics.republished.labels(c.TRIGGER_RESEND).inc()
         log.info("resend of delivery %s (space %s) published as attempt %d",
@@ -153,18 +169,20 @@ class Republisher:
         """Select and check; with `reserve`, guard the selection until execute() published it.
 
         Raises Conflict when the same selection was replayed, or when matched deliveries were
-        replayed by another selection or re-published moments ago (unless `force`).
+        replayed by another selection (unless `force`), and, with `reserve`, while another
+        replay of the Space is publishing. Deliveries on their way are skipped and counted.
         """
         async with self._lock:
             self._prune()
+            running = self._running.get(selection.space)
+            if reserve and running is not None:
+                raise Conflict(
+                    f"replay {running[0]} of space {selection.space} is still publishing; one "
+                    "replay per Space runs at a time: wait for it to finish, then try again",
+                    replay_id=running[0],
+                )
             base_id = selection.replay_id
-            _, rows = await asyncio.to_thread(self._store.query, REPLAY_SELECTION, {
-                "space": selection.space,
-                "since": selection.since,
-                "until": selection.until or LATEST,
-                "status": selection.status,
-            })
-            states = [DeliveryState.of(row) for row in rows]
+            states = await asyncio.to_thread(self._selected, selection)
             if states:
                 self._check_endpoint(selection.space)
             if not force:
@@ -176,6 +194,13 @@ class Republisher:
 
     async def execute(self, plan: ReplayPlan, progress: Progress | None = None) -> int:
         """Publish a reserved plan in chunks; returns how many Kafka acknowledged."""
+        try:
+            return await self._execute(plan, progress)
+        finally:
+            if self._running.get(plan.selection.space, ("",))[0] == plan.replay_id:
+                del self._running[plan.selection.space]
+
+    async def _execute(self, plan: ReplayPlan, progress: Progress | None) -> int:
         done: set[str] = set()
         try:
             producer = self._ready()
@@ -213,6 +238,16 @@ class Republisher:
 
     # Helpers -----------------------------------------------------------------------------
 
+    def _selected(self, selection: Selection) -> list[DeliveryState]:
+        """The selection's deliveries (at most MAX_REPLAY + 1): in a thread, rows and all."""
+        _, rows = self._store.query(REPLAY_SELECTION, {
+            "space": selection.space,
+            "since": selection.since,
+            "until": selection.until or LATEST,
+            "status": selection.status,
+        })
+        return [DeliveryState.of(row) for row in rows]
+
     async def _refuse_repeat(self, selection: Selection, replay_id: str, matched: int) -> None:
         _, result = await asyncio.to_thread(
             self._store.query, REPLAY_ROWS, {"space": selection.space, "replay_id": replay_id}
@@ -232,8 +267,9 @@ class Republisher:
         expires = time.monotonic() + PENDING_TTL_S
         self._replays[plan.replay_id] = expires
         self._replays[plan.selection.replay_id] = expires
+        self._running[plan.selection.space] = (plan.replay_id, expires)
         for state, attempt in plan.todo:
-            self._pending[state.delivery_id] = _Pending(attempt, expires)
+            self._pending[(state.space, state.delivery_id)] = _Pending(attempt, expires)
 
     def _check_endpoint(self, space: str) -> None:
         """The loop drops events of a Space with no active endpoint: re-publishing would be lost."""
@@ -253,7 +289,7 @@ class Republisher:
 
     def _pending_attempt(self, state: DeliveryState) -> int:
         """The attempt re-published here that history does not show yet, or 0."""
-        entry = self._pending.get(state.delivery_id)
+        entry = self._pending.get((state.space, state.delivery_id))
         if entry is None or entry.attempt <= state.last_attempt:
             return 0
         return entry.attempt
@@ -262,12 +298,13 @@ class Republisher:
         now = time.monotonic()
         self._pending = {k: v for k, v in self._pending.items() if v.expires > now}
         self._replays = {k: v for k, v in self._replays.items() if v > now}
+        self._running = {k: v for k, v in self._running.items() if v[1] > now}
 
     def _release(self, plan: ReplayPlan, done: set[str]) -> None:
         """Drop the guard of what a failed replay did not publish (its published part stays)."""
         for state, _ in plan.todo:
             if state.delivery_id not in done:
-                self._pending.pop(state.delivery_id, None)
+                self._pending.pop((state.space, state.delivery_id), None)
         if not done:
             self._replays.pop(plan.replay_id, None)
             self._replays.pop(plan.selection.replay_id, None)

@@ -18,10 +18,11 @@ from consumer import constants as c
 from consumer.errors import PerkamoError
 from consumer.models import stable_id
 from consumer.queries import STUCK_AFTER, BadRequest, check_range, check_status, check_text, iso
+from consumer.sql import REPLAY_CAP
 from consumer.tracecontext import TraceContext, of_ids
 
 MAX_ATTEMPT: Final = 10_000  # the Kafka loop refuses attempt headers above this
-MAX_REPLAY: Final = 100_000  # deliveries per replay request: split larger ranges
+MAX_REPLAY: Final = REPLAY_CAP  # deliveries per replay request: split larger ranges
 REPLAY_PREFIX: Final = "rpl"
 RESEND_PREFIX: Final = "rsn"
 
@@ -137,6 +138,8 @@ class ReplayPlan:
     in_retry: int
     todo: list[tuple[DeliveryState, int]] = field(default_factory=list)
     forced: bool = False
+    # Re-published moments ago (a resend, another replay) and not in history yet: skipped.
+    on_the_way: int = 0
 
     def as_json(self, published: int, dry_run: bool) -> dict[str, Any]:
         return {
@@ -145,6 +148,7 @@ class ReplayPlan:
             "eligible": len(self.todo),
             "published": published,
             "skipped_in_retry": self.in_retry,
+            "skipped_on_the_way": self.on_the_way,
             "dry_run": dry_run,
             "forced": self.forced,
             "selection": self.selection.describe(),
@@ -158,40 +162,40 @@ def plan_of(
     """The deliveries a replay publishes and their next attempt numbers.
 
     `pending_attempt` gives the attempt re-published moments ago that history does not show
-    yet (0: none). Deliveries still in the retry tiers are left to them. Raises Conflict when
-    some were replayed by an earlier selection or are on their way (unless `force`), and
-    BadRequest when more than MAX_REPLAY would go out."""
+    yet (0: none): such a delivery is on its way and is skipped, counted, forced or not (a
+    second copy would deliver it twice). Deliveries still in the retry tiers are left to them.
+    Raises Conflict when some were replayed by an earlier selection (unless `force`), and
+    BadRequest when more than MAX_REPLAY matched (the selection reads MAX_REPLAY + 1 rows)."""
+    if len(states) > MAX_REPLAY:
+        raise BadRequest(
+            f"the selection has more than {MAX_REPLAY} deliveries, the most one request "
+            "replays: split the time range"
+        )
     base_id = selection.replay_id
     plan = ReplayPlan(selection, base_id, matched=len(states), in_retry=0, forced=force)
     if force:
         plan.replay_id = stable_id(REPLAY_PREFIX, base_id, "forced", str(time.time_ns()))
     earlier: dict[str, int] = {}
-    pending = 0
     for state in states:
         if state.in_retry(now):
             plan.in_retry += 1
             continue
-        attempt = max(state.last_attempt, pending_attempt(state)) + 1
         if pending_attempt(state):
-            pending += 1
-        elif state.last_replay_id.startswith(REPLAY_PREFIX + "_"):
+            plan.on_the_way += 1
+            continue
+        if state.last_replay_id.startswith(REPLAY_PREFIX + "_"):
             earlier[state.last_replay_id] = earlier.get(state.last_replay_id, 0) + 1
+        attempt = state.last_attempt + 1
         if attempt <= MAX_ATTEMPT:
             plan.todo.append((state, attempt))
-    if (earlier or pending) and not force:
+    if earlier and not force:
         ids = sorted(earlier, key=lambda k: -earlier[k])
         raise Conflict(
-            f"{sum(earlier.values()) + pending} of the {len(states)} matched deliveries "
-            "were already re-published (their latest attempt is from an earlier replay, "
-            "or is on its way); nothing published. Check them, then use force to replay "
-            "them again.",
-            replay_id=ids[0] if ids else "",
+            f"{sum(earlier.values())} of the {len(states)} matched deliveries were already "
+            "replayed (their latest attempt is from an earlier replay); nothing published. "
+            "Check them, then use force to replay them again.",
+            replay_id=ids[0],
             details={"earlier_replay_ids": ids[:10], "matched": len(states),
-                     "already_replayed": sum(earlier.values()), "on_the_way": pending},
-        )
-    if len(plan.todo) > MAX_REPLAY:
-        raise BadRequest(
-            f"the selection has {len(plan.todo)} deliveries to replay, more than "
-            f"{MAX_REPLAY} per request: split the time range"
+                     "already_replayed": sum(earlier.values()), "on_the_way": plan.on_the_way},
         )
     return plan

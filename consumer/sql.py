@@ -20,6 +20,10 @@ from __future__ import annotations
 
 from typing import Final
 
+# The most deliveries one replay request takes (consumer.republish_plan.MAX_REPLAY): the
+# selection reads one more row, to know the cap was passed without loading every row.
+REPLAY_CAP: Final = 100_000
+
 # The API's SQL -------------------------------------------------------------------------
 
 # One row per delivery: what the delivery list shows, over the rows of a Space (or every
@@ -109,21 +113,44 @@ _ATTEMPT_COLUMNS = """
     attempted_at, next_attempt_at, event_id, event_type, space_slug, environment,
     endpoint_id, endpoint_host, user_id, transaction_id, response_excerpt, replay_id,
     source_topic, source_partition, source_offset, pending_attempt,
-    trace_id, span_id, dns_ms, connect_ms, tls_ms, ttfb_ms, connection_reused, cert_not_after"""
+    trace_id, span_id, dns_ms, connect_ms, tls_ms, ttfb_ms, connection_reused, cert_not_after,
+    request_body_truncated, request_body_bytes, request_body_sha256"""
 _OF_ONE_DELIVERY = """
 FROM perkamo.webhook_attempts FINAL
 WHERE delivery_id = {delivery_id:String}
 ORDER BY attempt
 """
 DELIVERY_ATTEMPTS: Final = "\nSELECT" + _ATTEMPT_COLUMNS + _OF_ONE_DELIVERY
+
+# The API's and the console's by-id read: the rows of one delivery id in one Space ({space}
+# '' = every Space, for admins). With a Space, an id that also has rows in another Space (a
+# collision only a forged header could make) matches nothing: neither Space can own it.
+_ONE_DELIVERY_IN_SPACE = """
+FROM perkamo.webhook_attempts FINAL
+WHERE delivery_id = {delivery_id:String}
+  AND ({space:String} = '' OR (space_slug = {space:String} AND (
+      SELECT uniqExact(space_slug) FROM perkamo.webhook_attempts
+      WHERE delivery_id = {delivery_id:String}) = 1))
+ORDER BY space_slug, attempt
+"""
+SPACE_DELIVERY_ATTEMPTS: Final = "\nSELECT" + _ATTEMPT_COLUMNS + _ONE_DELIVERY_IN_SPACE
 # The same with the payload sent (admin token only: consumer.auth).
-DELIVERY_ATTEMPTS_WITH_BODY: Final = "\nSELECT" + _ATTEMPT_COLUMNS + ",\n    request_body" + _OF_ONE_DELIVERY
+SPACE_DELIVERY_ATTEMPTS_WITH_BODY: Final = (
+    "\nSELECT" + _ATTEMPT_COLUMNS + ",\n    request_body" + _ONE_DELIVERY_IN_SPACE)
+# The payload of the one attempt a page shows (the delivery page reads no other body).
+ATTEMPT_BODY: Final = """
+SELECT request_body
+FROM perkamo.webhook_attempts FINAL
+WHERE space_slug = {space:String} AND delivery_id = {delivery_id:String}
+  AND attempt = {attempt:UInt32}
+LIMIT 1
+"""
 
 # What a re-publish needs of a delivery: where it stands and where it first came from.
 _REPUBLISH_SELECT = """
 SELECT
     delivery_id,
-    any(space_slug) AS space,
+    space_slug AS space,
     greatest(max(attempt), max(pending_attempt)) AS last_attempt,
     argMax(status, (attempted_at, attempt)) AS last_status,
     argMax(tuple(next_attempt_at), attempt).1 AS next_attempt_at,
@@ -136,21 +163,27 @@ SELECT
 FROM perkamo.webhook_attempts FINAL"""
 
 # The deliveries of one Space whose first attempt is in [since, until), optionally only those
-# whose latest attempt has `status`; oldest first, so a replay re-publishes in order.
+# whose latest attempt has `status`; oldest first, so a replay re-publishes in order. At most
+# REPLAY_CAP + 1 rows: one past the cap says "split the range" without loading the rest.
 REPLAY_SELECTION: Final = _REPUBLISH_SELECT + """
 WHERE space_slug = {space:String}
   AND attempted_at >= {since:DateTime64(3, 'UTC')}
-GROUP BY delivery_id
+GROUP BY space_slug, delivery_id
 HAVING min(if(attempt = 0, pending_attempt, attempt)) = 1
   AND first_attempted_at < {until:DateTime64(3, 'UTC')}
   AND ({status:String} = '' OR last_status = {status:String})
 ORDER BY first_attempted_at, delivery_id
-"""
+""" + f"LIMIT {REPLAY_CAP + 1}\n"
 
+# One delivery id, one row per Space it has rows in ({space} '' = any Space; with a Space, an
+# id with rows in another Space too matches nothing, as in SPACE_DELIVERY_ATTEMPTS).
 REPUBLISH_ONE: Final = _REPUBLISH_SELECT + """
 WHERE delivery_id = {delivery_id:String}
-GROUP BY delivery_id
-"""
+  AND ({space:String} = '' OR (space_slug = {space:String} AND (
+      SELECT uniqExact(space_slug) FROM perkamo.webhook_attempts
+      WHERE delivery_id = {delivery_id:String}) = 1))
+GROUP BY space_slug, delivery_id
+"""  # noqa: S608 - constant text; every value is a bound parameter
 
 # The payload to re-publish: the body recorded with the first attempt, base64 so the bytes
 # come back exactly as they were sent.

@@ -17,14 +17,16 @@ from consumer.console.auth import Keys
 from consumer.console.base import PREFIX
 from consumer.console.context import ConsoleContext, ConsoleSettings, EndpointDirectory, Republishing
 from consumer.console.views import Console
+from consumer.queries import ReadPool
 
 __all__ = ["ConsoleContext", "ConsoleSettings", "EndpointDirectory", "Keys", "Republishing",
            "console_link", "mount"]
 
 
-def mount(app: web.Application, ctx: ConsoleContext) -> None:
-    """Serve the console under /console/ of `app` (before the app is started)."""
-    app.add_subapp(f"{PREFIX}/", Console(ctx).application())
+def mount(app: web.Application, ctx: ConsoleContext, reads: ReadPool | None = None) -> None:
+    """Serve the console under /console/ of `app` (before the app is started); its history reads
+    run on `reads`, the history API's pool and places (a pool of its own without one)."""
+    app.add_subapp(f"{PREFIX}/", Console(ctx, reads).application())
 
     async def to_console(_: web.Request) -> web.StreamResponse:
         raise web.HTTPPermanentRedirect(f"{PREFIX}/")

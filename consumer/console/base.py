@@ -6,20 +6,27 @@ session (from a `console-link`) has its Space forced into every query and checke
 action, on the server, whatever the URL or form says. A delivery, replay or endpoint of
 another Space answers exactly like one that does not exist (404), so guessing ids tells
 nothing. Every POST needs the session's CSRF token, and a same-origin request.
+
+Reads run on the history API's pool and places (queries.ReadPool): the console may hold all
+places but one (the API always finds one), each session one at a time; past that a page is a
+429 page, never a queue. Resends and replay confirms are limited per session
+(ACTIONS_PER_WINDOW in ACTION_WINDOW_S).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import cache
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
@@ -29,6 +36,7 @@ from consumer.console.auth import Keys, Revoked, Session, Throttle
 from consumer.console.context import ConsoleContext
 from consumer.console.render import render
 from consumer.errors import PerkamoError
+from consumer.queries import Busy, ReadPool
 from consumer.republish_plan import ReplayPlan
 from consumer.schemas import schema_path
 
@@ -53,8 +61,13 @@ RESEND_WAIT_S: Final = 120  # how long a delivery page refreshes itself waiting 
 JOBS_KEPT: Final = 100
 TIMING_COLUMNS: Final = ("dns_ms", "connect_ms", "tls_ms", "ttfb_ms")
 _HTML: Final = "text/html"
+# Resends and replay confirms one session may ask for per window (a person clicks a few; a
+# script flooding the redeliver topic is stopped after these).
+ACTIONS_PER_WINDOW: Final = 10
+ACTION_WINDOW_S: Final = 60.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 
 
 class ConsoleError(PerkamoError):
@@ -96,13 +109,40 @@ class ReplayJob:
     task: asyncio.Task[None] | None = None
 
 
+class ActionLimit:
+    """At most ACTIONS_PER_WINDOW resends and replay confirms per session per window."""
+
+    def __init__(self, most: int = ACTIONS_PER_WINDOW, window_s: float = ACTION_WINDOW_S) -> None:
+        self._most = most
+        self._window_s = window_s
+        self._times: dict[str, list[float]] = {}
+
+    def take(self, sid: str, now: float | None = None) -> float:
+        """Count one action; 0 if allowed, else the seconds until the next one is."""
+        now = time.monotonic() if now is None else now
+        if len(self._times) > 10_000:  # forget sessions whose window has passed
+            self._times = {k: v for k, v in self._times.items() if v and v[-1] > now - self._window_s}
+        recent = [t for t in self._times.get(sid, []) if t > now - self._window_s]
+        if len(recent) >= self._most:
+            self._times[sid] = recent
+            return recent[0] + self._window_s - now
+        recent.append(now)
+        self._times[sid] = recent
+        return 0.0
+
+
 class ConsoleBase:
     """Sessions, forms and rendering over one ConsoleContext."""
 
 
-    def __init__(self, ctx: ConsoleContext) -> None:
+    def __init__(self, ctx: ConsoleContext, reads: ReadPool | None = None) -> None:
         self._ctx = ctx
         settings = ctx.settings
+        # The history API's pool when mounted beside it (history_api.history_app), else one of
+        # its own (its idle threads end with the process).
+        self._reads = reads or ReadPool(settings.history_max_concurrent_queries)
+        self._max_span = timedelta(days=settings.history_max_span_days)
+        self._actions = ActionLimit()
         self._keys = Keys.from_settings(settings.console_secret.get_secret_value(),
                                         settings.admin_token.get_secret_value())
         self._ttl_s = settings.console_session_ttl_s
@@ -115,6 +155,35 @@ class ConsoleBase:
     async def _stop_jobs(self, _: web.Application) -> None:
         for task in list(self._running):
             task.cancel()
+
+    def _shares(self, session: Session) -> list[tuple[str, int]]:
+        return [("console", max(1, self._reads.slots - 1)), (f"session:{session.sid}", 1)]
+
+    async def _read(self, session: Session, fn: Callable[..., T], *args: Any) -> T:
+        """A blocking history read on the shared pool, within the console's and the session's
+        shares of its places; a 429 page when they are taken."""
+        try:
+            return await self._reads.run(fn, *args, shares=self._shares(session))
+        except Busy as exc:
+            raise _busy_page(exc) from None
+
+    @contextlib.asynccontextmanager
+    async def _place(self, session: Session) -> AsyncIterator[None]:
+        """A place for a resend's or replay's reads (they run on the Republisher's threads)."""
+        try:
+            async with self._reads.slot(self._shares(session)):
+                yield
+        except Busy as exc:
+            raise _busy_page(exc) from None
+
+    def _count_action(self, session: Session) -> None:
+        """Count a resend or replay confirm against the session's limit; 429 past it."""
+        wait = self._actions.take(session.sid)
+        if wait:
+            raise ConsoleError(
+                429, f"This session asked for {ACTIONS_PER_WINDOW} resends or replays in the last "
+                     f"{ACTION_WINDOW_S:.0f} seconds, the most allowed; nothing was done. Try again "
+                     f"in {int(wait) + 1} seconds.", headers={"Retry-After": str(int(wait) + 1)})
 
     @web.middleware
     async def _error_pages(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -213,6 +282,11 @@ class ConsoleBase:
                             headers=headers)
 
 # Helpers -----------------------------------------------------------------------------------
+
+
+def _busy_page(exc: Busy) -> ConsoleError:
+    return ConsoleError(429, f"The history store is busy: {exc}. Reload the page in a moment.",
+                        headers={"Retry-After": str(exc.retry_after_s)})
 
 
 def int_param(value: str | None) -> int:

@@ -33,12 +33,18 @@ class ConsoleSettings(Protocol):
     @property
     def console_base_url(self) -> str: ...
 
+    @property
+    def history_max_concurrent_queries(self) -> int: ...
+
+    @property
+    def history_max_span_days(self) -> float: ...
+
 
 class Republishing(Protocol):
     """Resend and replay through Kafka (consumer.republish.Republisher). Share ONE instance
     with the history API: its double-work guard is per instance."""
 
-    async def resend(self, delivery_id: str, force: bool = False) -> ResendResult: ...
+    async def resend(self, delivery_id: str, force: bool = False, space: str = "") -> ResendResult: ...
 
     async def plan_replay(
         self, selection: Selection, force: bool = False, reserve: bool = True

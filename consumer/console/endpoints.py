@@ -3,7 +3,6 @@ forms that publish to the registry topic."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from collections.abc import Mapping
@@ -50,7 +49,7 @@ class EndpointPages(ConsoleBase):
         session = self._require(request)
         if session.scope:
             return see_other(f"{PREFIX}/endpoints/{session.scope}")
-        rates = await asyncio.to_thread(success_rates, self._ctx.reader, "")
+        rates = await self._read(session, success_rates, self._ctx.reader, "")
         rows = [{"endpoint": ep, "health": self._ctx.endpoint_health(ep.space) or {},
                  "rates": _rates(rates.get(ep.space))} for ep in self._ctx.endpoints.all()]
         return self._page(request, "endpoints.html", session, title="Endpoints", rows=rows)
@@ -64,7 +63,7 @@ class EndpointPages(ConsoleBase):
     async def _endpoint_page(self, request: web.Request, session: Session, space: str, *,
                              published: str = "", error: str = "", status: int = 200,
                              revealed: str = "") -> web.Response:
-        rates = await asyncio.to_thread(success_rates, self._ctx.reader, space)
+        rates = await self._read(session, success_rates, self._ctx.reader, space)
         receipt = re.fullmatch(r"(\d{1,6})-(\d{1,19})", published)
         return self._page(
             request, "endpoint.html", session, status=status, title=f"Endpoint of {space}",
