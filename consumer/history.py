@@ -30,7 +30,7 @@ TABLE = f"{HISTORY_DATABASE}.{HISTORY_TABLE}"
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(AttemptRow))
 # attrgetter, not dataclasses.astuple: astuple deep-copies every field and halved insert speed.
 _row_values = operator.attrgetter(*COLUMNS)
-_COLUMN_RE = re.compile(r"^\s{4}([a-z_]+)\s+(.+?),?$")
+_COLUMN_RE = re.compile(r"^\s{4}([a-z_][a-z0-9_]*)\s+(.+?),?$")
 
 
 def _ddl(ttl_days: int) -> str:

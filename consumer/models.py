@@ -118,7 +118,7 @@ class AttemptRow:
     error: str
     attempted_at: datetime
     next_attempt_at: datetime | None
-    request_body: str  # the exact POSTed bytes, decoded: an event body is valid UTF-8 JSON
+    request_body: str  # the exact POSTed bytes, decoded (valid UTF-8 JSON); a prefix when cut
     response_excerpt: str
     source_topic: str
     source_partition: int
@@ -138,3 +138,8 @@ class AttemptRow:
     connection_reused: bool | None = None
     # The endpoint certificate's notAfter, when this attempt opened a new TLS connection.
     cert_not_after: datetime | None = None
+    # Set when the record carries a cut request_body (consumer.attempts): the POSTed body's
+    # full length in bytes and its SHA-256 (hex); 0 and '' when request_body is the whole body.
+    request_body_truncated: bool = False
+    request_body_bytes: int = 0
+    request_body_sha256: str = ""

@@ -18,6 +18,11 @@
 -- connect_ms, tls_ms and ttfb_ms where its time went (0 = a step a kept-alive connection
 -- skipped, NULL = not measured or not reached); cert_not_after the endpoint certificate's
 -- expiry when the attempt opened a new TLS connection.
+--
+-- A cut body (added later, the same way): request_body_truncated says request_body holds only
+-- the first bytes of the POSTed body (the attempt record has a size budget, consumer.attempts);
+-- request_body_bytes and request_body_sha256 are then the whole body's length and SHA-256,
+-- which a resend checks the original against (consumer.originals). Older rows read false, 0, ''.
 CREATE TABLE IF NOT EXISTS perkamo.webhook_attempts
 (
     delivery_id       String,
@@ -54,6 +59,9 @@ CREATE TABLE IF NOT EXISTS perkamo.webhook_attempts
     ttfb_ms           Nullable(UInt32),
     connection_reused Nullable(Bool),
     cert_not_after    Nullable(DateTime64(3, 'UTC')),
+    request_body_truncated Bool DEFAULT false,
+    request_body_bytes     UInt32 DEFAULT 0,
+    request_body_sha256    String DEFAULT '',
     written_at        DateTime64(3, 'UTC') DEFAULT now64(3),
     INDEX idx_delivery_id delivery_id TYPE bloom_filter(0.01) GRANULARITY 4,
     INDEX idx_event_id event_id TYPE bloom_filter(0.01) GRANULARITY 4,
