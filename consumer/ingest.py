@@ -29,6 +29,7 @@ from consumer.kafka_io import consumer_config
 from consumer.metrics import Metrics
 from consumer.models import AttemptRow
 from consumer.partitions import record_lag
+from consumer.store_errors import cause_of
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ class HistoryIngest:
                     self.healthy = False
                     self._metrics.history_write_errors.inc()
                     log.error("history insert of %d rows failed (%s); keeping them, retrying in %.1fs",
-                              len(self._rows), type(exc).__name__, backoff)
+                              len(self._rows), cause_of(exc), backoff)
                 else:
                     self.healthy = True
                     self._metrics.history_flush_duration.observe(time.perf_counter() - started)
