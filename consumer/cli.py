@@ -73,6 +73,9 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _topics(args: argparse.Namespace, settings: Settings) -> int:
+    """Create what is missing, keep max.message.bytes and min.insync.replicas in step on what
+    exists, then print what the broker reports (read back, not what was asked)."""
+    from consumer.kafka_admin import topic_state
     from consumer.kafka_io import ensure_topics
     from consumer.topics import plan
 
@@ -84,9 +87,14 @@ def _topics(args: argparse.Namespace, settings: Settings) -> int:
         [(s.name, s.partitions, s.config) for s in specs],
         replication_factor=args.replication_factor,
     )
+    state = topic_state(settings, [s.name for s in specs])
     for spec in specs:
-        state = "created" if spec.name in created else "exists"
-        print(f"{spec.name:40} {spec.partitions:3} partitions  {state}")
+        state_word = "created" if spec.name in created else "exists"
+        config = state.configs.get(spec.name, {})
+        print(f"{spec.name:40} {spec.partitions:3} partitions  {state_word:7}  "
+              f"replicas={state.replicas.get(spec.name, 0)}  "
+              f"min.insync.replicas={config.get('min.insync.replicas', '?')}  "
+              f"max.message.bytes={config.get('max.message.bytes', '?')}")
     return 0
 
 
@@ -196,7 +204,14 @@ def _add_service_commands(sub: Any) -> None:
     run.set_defaults(fn=_run)
     sub.add_parser("migrate", help="create or upgrade the history schema").set_defaults(fn=_migrate)
 
-    topics = sub.add_parser("topics", help="create every Kafka topic the service uses")
+    topics = sub.add_parser(
+        "topics",
+        help="create every Kafka topic the service uses; set max.message.bytes and "
+        "min.insync.replicas on existing ones",
+        description="Creates missing topics; on every topic sets max.message.bytes to the size "
+        "budget of PERKAMO_MAX_PAYLOAD_BYTES and min.insync.replicas to min(2, replicas), then "
+        "prints both as the broker reports them. Each role checks them at start-up.",
+    )
     topics.add_argument("--partitions", type=int, default=6)
     topics.add_argument("--replication-factor", type=int, default=1)
     topics.add_argument(

@@ -23,11 +23,13 @@ from consumer.admin import build_app, start_admin
 from consumer.config import Settings
 from consumer.endpoints import EndpointRegistry, load_file
 from consumer.errors import KafkaFailure
+from consumer.kafka_admin import BrokerWatch
 from consumer.kafka_io import use_settings, wait_for_broker
 from consumer.metrics import Metrics
 from consumer.models import Endpoint
 from consumer.registry_topic import RegistryFollower
 from consumer.service import DeliveryService
+from consumer.topic_check import check_topics
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +45,19 @@ class DeliverRole:
     follower: RegistryFollower | None = None
     worker: int = 0
     admin: web.AppRunner | None = None
+    watch: BrokerWatch | None = None  # a broker round trip every few seconds (readiness, lag)
     # Freeze the start-up heap and raise the GC thresholds (consumer.gctune); off where several
     # roles share one process (tests).
     tune_gc: bool = True
 
     async def readiness(self) -> dict[str, bool]:
+        """Not ready while Kafka does not answer, or while a write to it keeps failing (the
+        offsets stay uncommitted meanwhile: docs/operations.md, "While Kafka is unreachable")."""
         return {
-            "broker": self.service.started,
+            "broker": self.service.started and self.watch is not None and self.watch.reachable,
             "assignment": self.service.assigned_once,
             "endpoints": self.registry.loaded,
+            "kafka_writes": not getattr(self.service, "writes_blocked", False),
         }
 
     def stop(self) -> None:
@@ -86,6 +92,9 @@ async def serve_deliver(role: DeliverRole, install_signals: bool = True) -> None
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, role.stop)
     await asyncio.to_thread(wait_for_broker, role.settings, 30.0)
+    await asyncio.to_thread(check_topics, role.settings, "deliver")  # ConfigError: exit 78
+    role.watch = BrokerWatch(role.settings)
+    role.watch.start()
 
     # Registry changes arrive on the follower's thread; per-endpoint state lives on the loop.
     def on_change(space: str, before: Endpoint | None, after: Endpoint | None) -> None:
@@ -106,6 +115,7 @@ async def serve_deliver(role: DeliverRole, install_signals: bool = True) -> None
         if role.follower is not None:
             await asyncio.to_thread(role.follower.stop)
         await role.admin.cleanup()
+        await asyncio.to_thread(role.watch.stop)
         await asyncio.to_thread(tracing.current().flush)  # the batch processor's last spans
 
 

@@ -29,11 +29,13 @@ from consumer.health import HealthBook, HealthPolicy, HealthState
 from consumer.history import HistoryStore
 from consumer.history_api import history_app
 from consumer.ingest import HistoryIngest
+from consumer.kafka_admin import BrokerWatch
 from consumer.kafka_io import AsyncProducer, use_settings, wait_for_broker
 from consumer.metrics import Metrics
 from consumer.registry_publish import Receipt, publish_endpoint_record
 from consumer.registry_topic import RegistryFollower
 from consumer.republish import Republisher
+from consumer.topic_check import check_topics
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +51,12 @@ class HistoryRole:
     follower: RegistryFollower | None = None
     producer: AsyncProducer | None = None
     admin: web.AppRunner | None = None
+    watch: BrokerWatch | None = None  # a broker round trip every few seconds (readiness, lag)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def readiness(self) -> dict[str, bool]:
         return {
-            "broker": self.producer is not None,
+            "broker": self.producer is not None and self.watch is not None and self.watch.reachable,
             "assignment": self.ingest.assigned_once,
             "endpoints": self.registry.loaded,
             "history": self.ingest.healthy,
@@ -128,6 +131,9 @@ async def serve_history(role: HistoryRole, install_signals: bool = True) -> None
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, role.stop)
     await asyncio.to_thread(wait_for_broker, role.settings, 30.0)
+    await asyncio.to_thread(check_topics, role.settings, "history")  # ConfigError: exit 78
+    role.watch = BrokerWatch(role.settings)
+    role.watch.start()
     role.producer = AsyncProducer(role.settings)
     host, port = role.settings.admin_host_port
     app = history_app(role.metrics, role.readiness, role, health=role.endpoints_health, console=role)
@@ -146,4 +152,5 @@ async def serve_history(role: HistoryRole, install_signals: bool = True) -> None
         await role.admin.cleanup()
         if role.producer is not None:
             await asyncio.to_thread(role.producer.close, 10.0)
+        await asyncio.to_thread(role.watch.stop)
         log.info("stopped")

@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from consumer import constants as c
+from consumer.budget import budget_of
 from consumer.config import Settings
 from consumer.retry_policy import schedule_span_s, tier_topic
 
 DAY_MS = 86_400_000
 # A retry message must outlive its wait: keep it for the longest tier plus this slack.
 RETENTION_SLACK = 2.0
+MIN_INSYNC = 2
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,15 @@ def plan(
             f"retry tier ({longest_ms / 3_600_000:.1f}h): waiting retries could be deleted before "
             "they are due"
         )
-    keep = {"retention.ms": str(retention_ms), "cleanup.policy": "delete"}
+    # Every topic takes the largest message the service may write (consumer.budget); `topics`
+    # sets it on existing topics too, and each role reads it back at start-up.
+    # min.insync.replicas: with acks=all, two copies of every write; the topic creation caps it
+    # at each topic's replica count (kafka_io.ensure_topics), so it is min(2, replicas).
+    size = {
+        "max.message.bytes": str(budget_of(settings.max_payload_bytes).message_max_bytes),
+        "min.insync.replicas": str(MIN_INSYNC),
+    }
+    keep = {"retention.ms": str(retention_ms), "cleanup.policy": "delete", **size}
     specs = [TopicSpec(topic, partitions, keep) for topic in settings.events_topics]
     specs += [TopicSpec(tier_topic(name), partitions, keep) for name, _ in settings.tier_seconds]
     # A held delivery may wait out the schedule's whole span on the held topic.
@@ -49,5 +59,7 @@ def plan(
     specs.append(TopicSpec(c.OPERATIONAL_TOPIC, partitions, keep))
     # The history role may be stopped for a while: its records wait here (7 days by default).
     specs.append(TopicSpec(c.ATTEMPTS_TOPIC, partitions, keep))
-    specs.append(TopicSpec(c.ENDPOINTS_TOPIC, 1, {"cleanup.policy": "compact", "min.compaction.lag.ms": "0"}))
+    compacted = {"cleanup.policy": "compact", "min.compaction.lag.ms": "0", **size}
+    specs.append(TopicSpec(c.ENDPOINTS_TOPIC, 1, compacted))
     return specs, warnings
+

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import orjson
 
+from consumer.config import load_settings
+from consumer.kafka_io import ensure_topics
+from consumer.topics import plan
 from tests.support import free_port, make_event, produce, unique, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,6 +59,9 @@ async def test_the_deliver_role_has_no_clickhouse_in_its_address_space(harness, 
 
 
 def test_all_runs_both_roles_and_drains_them_on_sigterm(kafka, tmp_path):
+    # Each role checks its topics at start-up: the default ones must exist (`topics`).
+    specs, _ = plan(load_settings(kafka_bootstrap_servers=kafka), partitions=1, retention_hours=None)
+    ensure_topics(kafka, [(s.name, s.partitions, s.config) for s in specs])
     history, deliver = free_port(), free_port()
     env = {
         **os.environ,
