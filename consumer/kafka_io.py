@@ -23,6 +23,8 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import (  # type: ignore[attr-defined]  # the stubs omit re-exports
     AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
     ConfigResource,
     NewTopic,
 )
@@ -255,19 +257,28 @@ def admin_client(source: Source) -> AdminClient:
     return client
 
 
+# Kept in step on existing topics too: the size budget and the write durability depend on them.
+KEPT_IN_STEP = ("max.message.bytes", "min.insync.replicas")
+
+
 def ensure_topics(
     source: Source,
     topics: Sequence[tuple[str, int, dict[str, str]]],
     replication_factor: int = 1,
     timeout: float = 30.0,
 ) -> list[str]:
-    """Create topics that do not exist (name, partitions, config); returns the ones created."""
+    """Create topics that do not exist (name, partitions, config); returns the ones created.
+
+    On topics that exist, the KEPT_IN_STEP keys of their config are set where the broker's
+    value differs (an incremental alter: nothing else changes). `min.insync.replicas` is
+    capped at each topic's replica count (a topic cannot have more in-sync replicas)."""
     admin = admin_client(source)
-    existing = set(admin.list_topics(timeout=timeout).topics)
+    meta = admin.list_topics(timeout=timeout).topics
     wanted = [
-        NewTopic(name, num_partitions=parts, replication_factor=replication_factor, config=cfg)
+        NewTopic(name, num_partitions=parts, replication_factor=replication_factor,
+                 config=_capped(cfg, replication_factor))
         for name, parts, cfg in topics
-        if name not in existing
+        if name not in meta
     ]
     created = []
     if wanted:
@@ -279,7 +290,45 @@ def ensure_topics(
                 if "TOPIC_ALREADY_EXISTS" not in str(exc):
                     raise KafkaFailure(f"cannot create topic {name}: {exc}") from None
         _wait_for_leaders(admin, [name for name, _, _ in topics], timeout)
+        meta = admin.list_topics(timeout=timeout).topics  # another client may have won a race
+    existing = {name: _capped(cfg, _replicas(meta[name])) for name, _, cfg in topics
+                if name in meta and name not in created and any(k in cfg for k in KEPT_IN_STEP)}
+    _keep_in_step(admin, existing, timeout)
     return created
+
+
+def _replicas(topic_meta: Any) -> int:
+    return max((len(p.replicas) for p in topic_meta.partitions.values()), default=1)
+
+
+def _capped(config: dict[str, str], replicas: int) -> dict[str, str]:
+    if "min.insync.replicas" not in config:
+        return config
+    return {**config, "min.insync.replicas": str(min(int(config["min.insync.replicas"]), max(1, replicas)))}
+
+
+def _keep_in_step(admin: AdminClient, wanted: dict[str, dict[str, str]], timeout: float) -> None:
+    """Set the KEPT_IN_STEP keys of existing topics where the broker's value differs."""
+    if not wanted:
+        return
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, name) for name in wanted]
+    changes = []
+    for resource, fut in admin.describe_configs(resources, request_timeout=timeout).items():
+        current = {k: v.value for k, v in fut.result(timeout).items()}
+        differ = {k: v for k, v in wanted[resource.name].items()
+                  if k in KEPT_IN_STEP and current.get(k) != v}
+        if differ:
+            changes.append(ConfigResource(
+                ConfigResource.Type.TOPIC, resource.name,
+                incremental_configs=[ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
+                                     for k, v in differ.items()]))
+    if not changes:
+        return
+    for resource, fut in admin.incremental_alter_configs(changes, request_timeout=timeout).items():
+        try:
+            fut.result(timeout)
+        except KafkaException as exc:
+            raise KafkaFailure(f"cannot change the config of topic {resource.name}: {exc}") from None
 
 
 def _wait_for_leaders(admin: AdminClient, names: Sequence[str], timeout: float) -> None:
