@@ -90,6 +90,7 @@ class Settings(BaseSettings):
     # The delivery console (/console/ on the admin listener). Its signing key comes from
     # console_secret, or from admin_token (HKDF) when that is empty.
     console_secret: SecretStr = SecretStr("")
+    console_secret_file: Path | None = None
     console_session_ttl: str = "8h"
     console_url: str = ""  # empty: http://<admin listen>/console/
     admin_token_file: Path | None = None
@@ -131,7 +132,7 @@ class Settings(BaseSettings):
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        for name in ("admin_token", "admin_read_token", "history_password"):
+        for name in ("admin_token", "admin_read_token", "history_password", "console_secret"):
             path = data.get(f"{name}_file")
             if path in (None, ""):
                 continue
@@ -214,8 +215,7 @@ class Settings(BaseSettings):
     @field_validator("console_secret")
     @classmethod
     def _console_secret(cls, value: SecretStr) -> SecretStr:
-        if value.get_secret_value() and len(value.get_secret_value()) < CONSOLE_SECRET_MIN:
-            raise ValueError(f"must be at least {CONSOLE_SECRET_MIN} characters (or empty)")
+        values.check_console_secret(ENV_PREFIX + "CONSOLE_SECRET", value.get_secret_value())
         return value
 
     @field_validator("console_session_ttl")
@@ -304,14 +304,15 @@ class Settings(BaseSettings):
             value = getattr(self, name)
             if name == "kafka":
                 for prop, text in sorted(self.kafka.items()):
-                    out[kafka_env_name(prop)] = "********" if is_secret_property(prop) else text
+                    out[kafka_env_name(prop)] = ("********" if is_secret_property(prop)
+                                                 else values.mask_url(text))
                 continue
             if isinstance(value, SecretStr):
                 shown = "********" if value.get_secret_value() else ""
-            elif name in ("https_proxy", "history_dsn") and value:
-                shown = values.mask_userinfo(str(value))
+            elif isinstance(value, str) and "://" in value:  # any URL: credentials masked
+                shown = values.mask_url(value)
             elif isinstance(value, list):
-                shown = ",".join(value)
+                shown = ",".join(values.mask_url(str(item)) for item in value)
             else:
                 shown = "" if value is None else str(value)
             out[ENV_PREFIX + name.upper()] = shown

@@ -193,10 +193,58 @@ def console_url(value: str) -> str:
     return value if value.endswith("/") else value + "/"
 
 
-def mask_userinfo(url: str) -> str:
-    """The URL with any user:password@ replaced by ********@."""
+def check_console_secret(env: str, secret: str) -> None:
+    """The console's signing secret: no shipped or `change-me`-style placeholder, at least
+    CONSOLE_SECRET_MIN printable characters; '' (a key derived from the admin token) passes."""
+    if not secret:
+        return
+    folded = secret.strip().lower()
+    if folded in _FOLDED_PLACEHOLDERS or any(word in folded for word in _PLACEHOLDER_WORDS):
+        raise ValueError(f"{env} is a placeholder, not a secret; generate one with "
+                         "`openssl rand -hex 32`")
+    if len(secret) < CONSOLE_SECRET_MIN:
+        raise ValueError(f"{env} must be at least {CONSOLE_SECRET_MIN} characters (it has "
+                         f"{len(secret)}); generate one with `openssl rand -hex 32`, or leave "
+                         "it empty to derive the key from PERKAMO_ADMIN_TOKEN")
+    if not secret.isprintable():
+        raise ValueError(f"{env} must be printable characters (no control characters)")
+
+
+_FOLDED_PLACEHOLDERS: Final = frozenset(p.lower() for p in TOKEN_PLACEHOLDERS)
+_PLACEHOLDER_WORDS: Final = ("change-me", "changeme", "change_me", "replace-me", "replaceme",
+                             "replace_me")
+# Query parameters whose value is a credential, by any part of their name: masked in `settings`.
+_SECRET_PARAM_WORDS: Final = ("pass", "pwd", "secret", "token", "key", "sig", "auth",
+                              "credential", "session", "cookie")
+MASK: Final = "********"
+
+
+def mask_url(url: str) -> str:
+    """The URL with its credentials replaced by ********: any user:password@, and the value of
+    every query parameter whose name says it is a secret (password, token, key, sig, ...).
+
+    Errs towards hiding: the user part ends at the last `@` before the query, even in what a
+    strict parser would call the path (an unencoded `/` in a password is common)."""
     scheme, sep, rest = url.partition("://")
-    authority, slash, path = rest.partition("/")
-    if sep and "@" in authority:
-        return f"{scheme}://********@{authority.rpartition('@')[2]}{slash}{path}"
-    return url
+    if not sep:
+        return url
+    head, mark, tail = _split_query(rest)
+    if "@" in head:
+        head = f"{MASK}@{head.rpartition('@')[2]}"
+    if mark == "?":
+        query, hash_mark, fragment = tail.partition("#")
+        tail = "&".join(_mask_param(part) for part in query.split("&")) + hash_mark + fragment
+    return f"{scheme}://{head}{mark}{tail}"
+
+
+def _split_query(rest: str) -> tuple[str, str, str]:
+    """`host/path?q#f` -> (`host/path`, `?`, `q#f`); the mark is whichever of ? or # comes first."""
+    cut = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=-1)
+    return (rest, "", "") if cut < 0 else (rest[:cut], rest[cut], rest[cut + 1:])
+
+
+def _mask_param(part: str) -> str:
+    name, eq, _value = part.partition("=")
+    if eq and any(word in name.lower() for word in _SECRET_PARAM_WORDS):
+        return f"{name}={MASK}"
+    return part

@@ -263,6 +263,89 @@ def test_describe_masks_password_containing_at_sign(monkeypatch: pytest.MonkeyPa
     assert shown == "http://********@proxy.internal:3128"
 
 
+def test_describe_masks_credentials_in_every_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Measured: `settings` printed PERKAMO_CONSOLE_URL's user:password@ as given.
+    secrets = ("cons0le-pw", "ch-pw/with-slash", "tok-in-query", "sig-in-query", "oauth-pw",
+               "proxy-pw")
+    monkeypatch.setenv("PERKAMO_CONSOLE_URL", "https://ops:cons0le-pw@support.example.com/console/")
+    monkeypatch.setenv("PERKAMO_HISTORY_DSN",
+                       "https://writer:ch-pw/with-slash@ch.internal:8443/db?access_token=tok-in-query"
+                       "&database=perkamo&X-Amz-Signature=sig-in-query#frag")
+    monkeypatch.setenv("PERKAMO_HTTPS_PROXY", "http://u:proxy-pw@proxy.internal:3128")
+    monkeypatch.setenv("PERKAMO_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL",
+                       "https://client:oauth-pw@idp.example/token")
+    monkeypatch.setenv("PERKAMO_KAFKA_CLIENT_RACK", "https://rack:oauth-pw@not-a-url-setting/")
+    described = load_settings().describe()
+    shown = "\n".join(f"{k}={v}" for k, v in described.items())
+    for secret in secrets:
+        assert secret not in shown, secret
+    assert described["PERKAMO_CONSOLE_URL"] == "https://********@support.example.com/console/"
+    assert described["PERKAMO_HISTORY_DSN"] == (
+        "https://********@ch.internal:8443/db?access_token=********&database=perkamo"
+        "&X-Amz-Signature=********#frag")
+    assert described["PERKAMO_KAFKA_CLIENT_RACK"] == "https://********@not-a-url-setting/"
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("https://host/path?db=x&user=me", "https://host/path?db=x&user=me"),  # nothing secret
+    ("https://host/?password=p&Password=q", "https://host/?password=********&Password=********"),
+    ("https://host?apikey=k", "https://host?apikey=********"),
+    ("https://host#token=k", "https://host#token=k"),  # a fragment is not a query
+    ("https://a@b@host:1/p", "https://********@host:1/p"),
+    ("https://host/p?x=1&flag&session_id=s", "https://host/p?x=1&flag&session_id=********"),
+    ("chdb:///var/lib/perkamo/history", "chdb:///var/lib/perkamo/history"),
+    ("not a url", "not a url"),
+])
+def test_mask_url(url: str, shown: str) -> None:
+    from consumer.setting_values import mask_url
+
+    assert mask_url(url) == shown
+
+
+# The console secret: placeholders, length, a file ---------------------------------------
+
+CONSOLE_SECRET = "c0nsole-" + "k" * 40
+
+
+@pytest.mark.parametrize("secret", ["change-me", "CHANGE-ME", "changeme", "secret", "admin",
+                                    "change-me-change-me-change-me-change-me",
+                                    "CHANGE_ME_to_a_long_random_console_secret_value",
+                                    "replace-me-0123456789abcdef0123456789abcdef"])
+def test_console_secret_placeholders_are_refused_naming_the_setting(secret: str) -> None:
+    with pytest.raises(ConfigError, match="PERKAMO_CONSOLE_SECRET is a placeholder"):
+        load_settings(console_secret=secret)
+
+
+def test_console_secret_length_at_the_limit() -> None:
+    with pytest.raises(ConfigError, match="PERKAMO_CONSOLE_SECRET must be at least 32 characters "
+                                          r"\(it has 31\)"):
+        load_settings(console_secret="k" * 31)
+    assert load_settings(console_secret="k" * 32).console_secret.get_secret_value() == "k" * 32
+    assert load_settings(console_secret="").console_secret.get_secret_value() == ""
+    with pytest.raises(ConfigError, match="PERKAMO_CONSOLE_SECRET must be printable"):
+        load_settings(console_secret="k" * 32 + "\x00")
+
+
+def test_console_secret_from_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "console-secret"
+    path.write_text(CONSOLE_SECRET + "\n")
+    settings = load_settings(console_secret_file=path)
+    assert settings.console_secret.get_secret_value() == CONSOLE_SECRET
+    assert CONSOLE_SECRET not in str(settings.describe())
+    assert settings.describe()["PERKAMO_CONSOLE_SECRET"] == "********"
+    monkeypatch.setenv("PERKAMO_CONSOLE_SECRET_FILE", str(path))
+    assert load_settings().console_secret.get_secret_value() == CONSOLE_SECRET
+    monkeypatch.setenv("PERKAMO_CONSOLE_SECRET", CONSOLE_SECRET)
+    assert "PERKAMO_CONSOLE_SECRET and PERKAMO_CONSOLE_SECRET_FILE are both set" in config_error()
+    monkeypatch.delenv("PERKAMO_CONSOLE_SECRET")
+    placeholder = tmp_path / "placeholder"
+    placeholder.write_text("change-me\n")
+    monkeypatch.setenv("PERKAMO_CONSOLE_SECRET_FILE", str(placeholder))
+    assert "PERKAMO_CONSOLE_SECRET is a placeholder" in config_error()
+    monkeypatch.setenv("PERKAMO_CONSOLE_SECRET_FILE", str(tmp_path / "missing"))
+    assert "PERKAMO_CONSOLE_SECRET_FILE: cannot read" in config_error()
+
+
 # docs/configuration.md ------------------------------------------------------------------
 
 
