@@ -174,8 +174,8 @@ def record_lag(
     except orjson.JSONDecodeError:
         return
     brokers = stats.get("brokers")
-    up = None if brokers is None else {
-        int(b.get("nodeid", -1)) for b in brokers.values() if b.get("state") == "UP"}
+    up = None if brokers is None else {  # logical brokers (the group coordinator) have no id
+        int(b.get("nodeid", -1)) for b in brokers.values() if b.get("state") == "UP"} - {-1}
     seen: list[TP] = []
     for topic, tstats in stats.get("topics", {}).items():
         for pid, pstats in tstats.get("partitions", {}).items():

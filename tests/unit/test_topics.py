@@ -81,3 +81,21 @@ def test_warning_follows_configured_tiers(monkeypatch: pytest.MonkeyPatch) -> No
     assert warnings == []
     assert "perkamo.webhooks.retry.4s" in [spec.name for spec in specs]
     assert "perkamo.webhooks.retry.24h" not in [spec.name for spec in specs]
+
+
+def test_every_topic_takes_the_size_budget_and_asks_two_in_sync_copies() -> None:
+    from consumer.budget import budget_of
+
+    settings = load_settings(max_payload_bytes=2_000_000)
+    for spec in plan(settings, partitions=3, retention_hours=None)[0]:
+        assert spec.config["max.message.bytes"] == str(budget_of(2_000_000).message_max_bytes), spec.name
+        assert spec.config["min.insync.replicas"] == "2", spec.name
+
+
+@pytest.mark.parametrize(("replicas", "expected"), [(1, "1"), (2, "2"), (3, "2"), (5, "2")])
+def test_min_insync_replicas_is_capped_at_the_topics_replicas(replicas: int, expected: str) -> None:
+    from consumer.kafka_io import _capped
+
+    capped = _capped({"min.insync.replicas": "2", "x": "y"}, replicas)
+    assert capped == {"min.insync.replicas": expected, "x": "y"}
+    assert _capped({"x": "y"}, replicas) == {"x": "y"}
