@@ -156,6 +156,31 @@ def broker_restart(
         run.cleanup()
 
 
+def broker_outage_past_the_message_timeout(
+    env: FaultEnv, n_events: int = 1500, down_s: float = 10.0, timeout_ms: int = 2000
+) -> Accounting:
+    """The broker is away longer than the producer's message timeout, while deliveries are
+    in flight: their records and retries fail to publish, are tried again until the broker is
+    back, and nothing is dead-lettered, abandoned or delivered again beyond the uncommitted
+    window."""
+    run = Run(env, "broker-outage")
+    try:
+        endpoints_file, msgs = _healthy(run, n_events, 2, (200, 400), "outage")
+        run.consumer(endpoints_file, max_in_flight=100, kafka_message_timeout_ms=timeout_ms, **QUICK)
+        run.publisher.publish(msgs)
+        run.wait_receipts(max(1, n_events // 5), 120, "deliveries before the broker stops")
+        before = run.committed()
+        log(f"stopping the broker at {len(run.receipts())} requests, for {down_s}s")
+        env.broker("stop")
+        time.sleep(down_s)
+        env.broker("start")
+        log("broker back")
+        run.disruptions.append(Disruption("broker", time.time(), before))
+        return run.finish(settle_timeout=180)
+    finally:
+        run.cleanup()
+
+
 def _rate(receipts: list[Receipt], start: float, end: float) -> float:
     """Requests per second the receivers saw between two wall-clock times."""
     if end <= start:
