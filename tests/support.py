@@ -158,8 +158,17 @@ def fast_forward_group(bootstrap: str, group: str, topics: list[str]) -> None:
     """Commit the group's offsets at the topics' ends, so messages of earlier tests are skipped."""
     ends = end_offsets(bootstrap, topics)
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    deadline = time.monotonic() + 30
     try:
-        consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()], asynchronous=False)
+        while True:
+            try:
+                consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()],
+                                asynchronous=False)
+                return
+            except KafkaException as exc:  # a new broker's group coordinator is still loading
+                if not exc.args[0].retriable() or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
     finally:
         consumer.close()
 
