@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from consumer.history import TABLE
 
@@ -154,6 +154,10 @@ def _watermark(consumer: Consumer, tp: TopicPartition) -> int:
             time.sleep(0.2)
 
 
+_COORDINATOR_ERRORS = frozenset({KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+                                  KafkaError.COORDINATOR_NOT_AVAILABLE})
+
+
 def fast_forward_group(bootstrap: str, group: str, topics: list[str]) -> None:
     """Commit the group's offsets at the topics' ends, so messages of earlier tests are skipped."""
     ends = end_offsets(bootstrap, topics)
@@ -166,7 +170,8 @@ def fast_forward_group(bootstrap: str, group: str, topics: list[str]) -> None:
                                 asynchronous=False)
                 return
             except KafkaException as exc:  # a new broker's group coordinator is still loading
-                if not exc.args[0].retriable() or time.monotonic() > deadline:
+                err = exc.args[0]
+                if not (err.retriable() or err.code() in _COORDINATOR_ERRORS) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
     finally:
