@@ -14,15 +14,18 @@ one middleware:
   listen host) stops DNS rebinding: a page on another origin whose name was re-pointed at
   this listener sends its own Host, which is answered 421.
 
-Tokens are compared in constant time (`hmac.compare_digest`) as bytes; a header that is not
-ASCII is a 400 naming Authorization, never an exception.
+Tokens are compared in constant time (`hmac.compare_digest`) as bytes. A wrong token, or an
+Authorization header that is not ASCII or absurdly long, is a 401 (never an exception) and is
+counted by a throttle (consumer.throttle) per peer address and per token prefix: 5 wrong tokens
+with one prefix from one address in a minute, or 20 in all from one address, and that address
+gets 429 for the rest of the minute; a caller with another token behind the same proxy does not.
 """
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import orjson
@@ -30,6 +33,7 @@ from aiohttp import web
 
 from consumer.config import Settings
 from consumer.errors import PerkamoError
+from consumer.throttle import Throttle, Throttled, subject_of
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -83,6 +87,7 @@ class AdminAuth:
     read_token: str
     allowed_hosts: frozenset[str]
     protected_prefixes: tuple[str, ...] = ("/api/",)
+    throttle: Throttle = field(default_factory=Throttle, compare=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AdminAuth:
@@ -116,15 +121,32 @@ class AdminAuth:
             setting = "PERKAMO_ADMIN_TOKEN" if scope == ADMIN else (
                 "PERKAMO_ADMIN_READ_TOKEN or PERKAMO_ADMIN_TOKEN")
             raise AuthError(403, f"set {setting} on the consumer to allow this call")
-        given = bearer_token(request.headers.get("Authorization"))
+        which = "admin token" if scope == ADMIN else "read or admin token"
+        setting = "PERKAMO_ADMIN_TOKEN" if scope == ADMIN else "PERKAMO_ADMIN_READ_TOKEN"
+        header = request.headers.get("Authorization")
+        if header is None:  # no credential tried: nothing to count
+            raise AuthError(401, f"missing {which} (Authorization: Bearer <{setting}>)",
+                            headers={"WWW-Authenticate": _REALM})
+        # The header is admitted before anything is compared, and checked against the limits of
+        # its token prefix from this address (no await from here to the verdict).
+        try:
+            attempt = self.throttle.admit(request.remote or "?")
+            given = bearer_token(header)
+            subject = subject_of("bearer", given or header.strip().partition(" ")[2].strip())
+            self.throttle.check(attempt, subject, across_peers=False)
+        except Throttled as exc:
+            raise AuthError(429, f"too many wrong tokens from this address: try again in "
+                                 f"{exc.retry_after} s", headers={"Retry-After": str(exc.retry_after)}
+                            ) from None
         if given is None or not any(token_ok(token, given) for token in accepted):
-            which = "admin token" if scope == ADMIN else "read or admin token"
-            setting = "PERKAMO_ADMIN_TOKEN" if scope == ADMIN else "PERKAMO_ADMIN_READ_TOKEN"
+            self.throttle.failed(attempt, subject, across_peers=False)
+            shape = "" if given is not None or header.isascii() else "; it must be ASCII"
             raise AuthError(
                 401,
-                f"missing or wrong {which} (Authorization: Bearer <{setting}>)",
+                f"missing or wrong {which} (Authorization: Bearer <{setting}>){shape}",
                 headers={"WWW-Authenticate": _REALM},
             )
+        self.throttle.release(attempt)
 
     def _tokens(self, scope: str) -> tuple[str, ...]:
         if scope == ADMIN:
@@ -145,13 +167,10 @@ class AdminAuth:
 
 
 def bearer_token(header: str | None) -> str | None:
-    """The token of `Authorization: Bearer <token>`; None if absent or another scheme.
-
-    Raises AuthError(400) for a header that is not ASCII or absurdly long."""
-    if header is None:
+    """The token of `Authorization: Bearer <token>`; None if absent, another scheme, not
+    ASCII or absurdly long (no token of ours is either)."""
+    if header is None or not header.isascii() or len(header) > _MAX_AUTHORIZATION:
         return None
-    if not header.isascii() or len(header) > _MAX_AUTHORIZATION:
-        raise AuthError(400, "Authorization must be ASCII: Bearer <token>")
     scheme, _, token = header.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None

@@ -186,18 +186,50 @@ async def _raw_get(client: TestClient[Any, Any], path: str, header: bytes) -> tu
     return int(head.split()[1]), body
 
 
-async def test_non_ascii_authorization_is_a_400_naming_it(
+async def test_non_ascii_authorization_is_a_401_and_counted(
     admin_api: MakeClient, seeded: tuple[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Measured: a non-ASCII Authorization answered 503 with a traceback in the log.
+    # Measured: a non-ASCII Authorization answered 503 with a traceback in the log; then a 400
+    # that the throttle never counted. Now a 401 like any wrong token, and counted.
     client = await admin_api()
     caplog.set_level(logging.DEBUG)
-    for header in ("Authorization: Bearer tök".encode(), b"Authorization: Bearer \xff\xfe",
-                   ("Authorization: Bearer " + READ + "\u00e9").encode()):
-        status, body = await _raw_get(client, f"/api/v1/deliveries/{seeded[1]}", header)
-        assert status == 400, body
+    path = f"/api/v1/deliveries/{seeded[1]}"
+    headers = ["Authorization: Bearer tök".encode(), b"Authorization: Bearer \xff\xfe",
+               ("Authorization: Bearer " + READ + "\u00e9").encode(),
+               b"Authorization: Bearer " + b"x" * 5000]
+    for header in headers:
+        status, body = await _raw_get(client, path, header)
+        assert status == 401, body
         assert b"Authorization" in body
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    # The same malformed token again: its prefix has failed 1 time; 4 more, then 429.
+    for _ in range(4):
+        status, _ = await _raw_get(client, path, "Authorization: Bearer tök".encode())
+        assert status == 401
+    status, body = await _raw_get(client, path, "Authorization: Bearer tök".encode())
+    assert status == 429 and b"try again" in body
+    # Another token from the same address is not locked out by those.
+    assert (await client.get(path, headers=bearer(READ))).status == 200
+
+
+async def test_wrong_tokens_are_throttled_per_prefix_and_per_address(
+    admin_api: MakeClient, seeded: tuple[str, str]
+) -> None:
+    client = await admin_api()
+    path = f"/api/v1/deliveries/{seeded[1]}"
+    for n in range(5):  # at the limit: every one is checked (401)
+        response = await client.get(path, headers=bearer(f"stale-{n}" + "s" * 40))
+        assert response.status == 401
+    response = await client.get(path, headers=bearer("stale-x" + "s" * 40))  # one past it
+    assert response.status == 429 and int(response.headers["Retry-After"]) >= 1
+    assert (await client.get(path, headers=bearer(READ))).status == 200  # another prefix
+    assert (await client.get(path)).status == 401  # no token tried: not counted, not throttled
+    # 20 wrong tokens from one address in all, whatever their prefixes: then everything waits.
+    for n in range(15):
+        response = await client.get(path, headers=bearer(f"{n:02d}guess" + "g" * 40))
+        assert response.status == 401, n
+    response = await client.get(path, headers=bearer(READ))
+    assert response.status == 429
 
 
 # --- settings: strength, placeholders, files --------------------------------------------------

@@ -1,12 +1,18 @@
 """Console credentials: signed sessions, Space-scoped links, CSRF tokens, sign-in throttling.
 
-Sessions are stateless: a cookie holds a signed, expiring claim (role, Space, session id), so
-any history-role process that shares the key accepts it (several may serve one ClickHouse
-server), a restart signs nobody out, and no session table grows with sign-ins. What that
-costs: sign-out revokes the session in this process only (its id is remembered until it would
-have expired); rotating PERKAMO_CONSOLE_SECRET (or the admin token, when no console secret is
-set) revokes every session and link at once. An admin session also carries a fingerprint of
-the admin token, so changing the token ends admin sessions even with a console secret set.
+Sessions are stateless: a cookie holds a signed, expiring claim (role, Space, session id, the
+link it was opened with, when it was issued), so any history-role process that shares the key
+accepts it (several may serve one ClickHouse server), a restart signs nobody out, and no
+session table grows with sign-ins. Sign-out is a cut-off, not a list of ids (`SignOuts`):
+signing out of a Space session ends every session opened with the same link until then (the
+link's generation moves on), signing out as the admin ends that admin session; memory grows
+with the links and admin sessions signed out, never with the sign-in rate, so cycling
+sign-ins cannot flush it. It holds in this process only, until a restart. Rotating
+PERKAMO_CONSOLE_SECRET (or the admin token, when no console secret is set) revokes every
+session and link at once. An admin session also carries a fingerprint of the admin token, so
+changing the token ends admin sessions even with a console secret set.
+
+Every check here takes any text (non-ASCII included) and answers no, never an exception.
 
 Key: HKDF-SHA256 (RFC 5869) over PERKAMO_CONSOLE_SECRET, or over PERKAMO_ADMIN_TOKEN when
 that is empty; one sub-key per purpose (session, link, csrf, token fingerprint), so a value
@@ -21,7 +27,6 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -55,6 +60,11 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def _ascii_equal(given: str, expected: str) -> bool:
+    """Constant-time equality that answers False (never TypeError) for non-ASCII input."""
+    return given.isascii() and hmac.compare_digest(given, expected)
+
+
 @dataclass(frozen=True, slots=True)
 class Session:
     """Who is signed in: the admin (every Space) or one Space's developers."""
@@ -63,10 +73,20 @@ class Session:
     role: str
     space: str  # "" for the admin
     expires: float  # epoch seconds
+    issued: float = 0.0  # epoch seconds
+    link: str = ""  # the id of the link a Space session was opened with
 
     @property
     def admin(self) -> bool:
         return self.role == ROLE_ADMIN
+
+    @property
+    def subject(self) -> str:
+        """What a sign-out ends: every session of the same link (or Space, for a session made
+        without one), or this one admin session."""
+        if self.admin:
+            return f"admin:{self.sid}"
+        return f"link:{self.link}" if self.link else f"space:{self.space}"
 
     @property
     def scope(self) -> str:
@@ -80,6 +100,7 @@ class Link:
 
     space: str
     expires: float
+    id: str = ""
 
 
 class Keys:
@@ -106,7 +127,7 @@ class Keys:
         return f"{_VERSION}.{body}.{self._mac(purpose, body)}"
 
     def _verify(self, purpose: str, token: str) -> dict[str, Any] | None:
-        if not token or len(token) > _MAX_TOKEN_CHARS:
+        if not token or len(token) > _MAX_TOKEN_CHARS or not token.isascii():
             return None
         version, _, rest = token.partition(".")
         body, _, mac = rest.partition(".")
@@ -128,18 +149,24 @@ class Keys:
 
     # Sessions ------------------------------------------------------------------------------
 
-    def new_session(self, role: str, space: str, ttl_s: float, not_after: float | None = None) -> Session:
-        expires = self._clock() + ttl_s
+    def new_session(self, role: str, space: str, ttl_s: float, not_after: float | None = None,
+                    link_id: str = "") -> Session:
+        now = self._clock()
+        expires = now + ttl_s
         if not_after is not None:
             expires = min(expires, not_after)
-        return Session(secrets.token_urlsafe(12), role, space if role == ROLE_SPACE else "", int(expires))
+        space_session = role == ROLE_SPACE
+        return Session(secrets.token_urlsafe(12), role, space if space_session else "",
+                       int(expires), round(now, 6), link_id if space_session else "")
 
     def session_cookie(self, session: Session) -> str:
-        claims: dict[str, Any] = {"sid": session.sid, "role": session.role, "exp": session.expires}
+        claims: dict[str, Any] = {"sid": session.sid, "role": session.role, "exp": session.expires,
+                                  "iat": session.issued}
         if session.admin:
             claims["tfp"] = self._token_fingerprint()
         else:
             claims["space"] = session.space
+            claims["lid"] = session.link
         return self._sign("session", claims)
 
     def session(self, cookie: str) -> Session | None:
@@ -147,18 +174,20 @@ class Keys:
         claims = self._verify("session", cookie)
         if claims is None:
             return None
-        sid, role = claims.get("sid"), claims.get("role")
-        if not isinstance(sid, str) or role not in (ROLE_ADMIN, ROLE_SPACE):
+        sid, role, issued = claims.get("sid"), claims.get("role"), claims.get("iat")
+        # A cookie without `iat` predates sign-out cut-offs: it is refused (sign in again).
+        if not isinstance(sid, str) or role not in (ROLE_ADMIN, ROLE_SPACE) \
+                or not isinstance(issued, int | float):
             return None
         if role == ROLE_ADMIN:
             fingerprint = self._token_fingerprint()
-            if not fingerprint or not hmac.compare_digest(str(claims.get("tfp", "")), fingerprint):
+            if not fingerprint or not _ascii_equal(str(claims.get("tfp", "")), fingerprint):
                 return None
-            return Session(sid, role, "", float(claims["exp"]))
-        space = claims.get("space")
-        if not isinstance(space, str) or not space:
+            return Session(sid, role, "", float(claims["exp"]), float(issued))
+        space, link = claims.get("space"), claims.get("lid", "")
+        if not isinstance(space, str) or not space or not isinstance(link, str):
             return None
-        return Session(sid, role, space, float(claims["exp"]))
+        return Session(sid, role, space, float(claims["exp"]), float(issued), link)
 
     # Links ---------------------------------------------------------------------------------
 
@@ -171,7 +200,7 @@ class Keys:
         claims = self._verify("link", token)
         if claims is None or not isinstance(claims.get("space"), str) or not claims["space"]:
             return None
-        return Link(str(claims["space"]), float(claims["exp"]))
+        return Link(str(claims["space"]), float(claims["exp"]), str(claims.get("lid", "")))
 
     # CSRF ----------------------------------------------------------------------------------
 
@@ -180,75 +209,57 @@ class Keys:
         return self._mac("csrf", session.sid)[:32]
 
     def csrf_ok(self, session: Session, given: str) -> bool:
-        return bool(given) and hmac.compare_digest(given, self.csrf(session))
+        return bool(given) and _ascii_equal(given, self.csrf(session))
 
     def login_csrf(self, nonce: str) -> str:
         """The sign-in form's token, bound to the pre-session nonce cookie (login CSRF)."""
         return self._mac("login", nonce)[:32]
 
     def login_csrf_ok(self, nonce: str, given: str) -> bool:
-        return bool(nonce) and bool(given) and hmac.compare_digest(given, self.login_csrf(nonce))
+        return (bool(nonce) and bool(given) and nonce.isascii()
+                and _ascii_equal(given, self.login_csrf(nonce)))
 
     def admin_token_ok(self, given: str) -> bool:
         """Constant-time check of the admin token (compared as HMACs: no length leak)."""
-        if not self._admin_token or not given:
+        if not self._admin_token or not given or not given.isascii():
             return False
         return hmac.compare_digest(self._mac("token", given), self._mac("token", self._admin_token))
 
 
-class Revoked:
-    """Session ids signed out in this process, kept until the session would have expired."""
+class SignOuts:
+    """Sign-outs in this process, as cut-offs: a session is refused when its subject (its link,
+    or the admin session itself) signed out at or after the session was issued.
 
-    def __init__(self, cap: int = 10_000, clock: Callable[[], float] = time.time) -> None:
-        self._ids: OrderedDict[str, float] = OrderedDict()
+    One entry per subject, kept `keep_s` (the longest a session lives) after its sign-out: no
+    session issued before then is alive later. More than `cap` subjects at once (only minted
+    links and admin sign-ins make subjects) turns the entries into one cut-off for every
+    session issued so far: memory stays bounded and nothing signed out comes back."""
+
+    def __init__(self, keep_s: float, cap: int = 10_000, clock: Callable[[], float] = time.time) -> None:
+        self._keep_s = keep_s
         self._cap = cap
         self._clock = clock
+        self._cutoffs: dict[str, tuple[float, float]] = {}  # subject -> (cut-off, forget at)
+        self._floor = 0.0
 
-    def add(self, session: Session) -> None:
-        self._prune()
-        self._ids[session.sid] = session.expires
-        while len(self._ids) > self._cap:
-            self._ids.popitem(last=False)
-
-    def __contains__(self, sid: object) -> bool:
-        return sid in self._ids
-
-    def _prune(self) -> None:
+    def sign_out(self, session: Session) -> None:
         now = self._clock()
-        for sid in [s for s, exp in self._ids.items() if exp <= now]:
-            del self._ids[sid]
+        cutoff = max(now, session.issued)
+        if len(self._cutoffs) >= self._cap:
+            self._prune(now)
+        self._cutoffs[session.subject] = (cutoff, now + self._keep_s)
+        if len(self._cutoffs) > self._cap:
+            self._floor, self._cutoffs = max(self._floor, cutoff), {}
 
+    def refused(self, session: Session) -> bool:
+        if session.issued <= self._floor:
+            return True
+        entry = self._cutoffs.get(session.subject)
+        return entry is not None and session.issued <= entry[0]
 
-class Throttle:
-    """Wrong tokens per client address: after `failures` in `window_s`, refuse until it passes.
+    def __len__(self) -> int:
+        return len(self._cutoffs)
 
-    In memory and per address (the peer address; behind a proxy every client shares one), with
-    a bounded number of addresses tracked.
-    """
-
-    def __init__(self, failures: int = 5, window_s: float = 60.0, cap: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._failures = failures
-        self._window_s = window_s
-        self._cap = cap
-        self._clock = clock
-        self._seen: OrderedDict[str, list[float]] = OrderedDict()
-
-    def retry_after(self, key: str) -> float:
-        """Seconds until `key` may try again; 0 when it may now."""
-        times = self._recent(key)
-        if len(times) < self._failures:
-            return 0.0
-        return max(0.0, times[0] + self._window_s - self._clock())
-
-    def failed(self, key: str) -> None:
-        times = self._recent(key)
-        times.append(self._clock())
-        self._seen[key] = times[-self._failures:]
-        self._seen.move_to_end(key)
-        while len(self._seen) > self._cap:
-            self._seen.popitem(last=False)
-
-    def _recent(self, key: str) -> list[float]:
-        cutoff = self._clock() - self._window_s
-        return [t for t in self._seen.get(key, []) if t > cutoff]
+    def _prune(self, now: float) -> None:
+        for subject in [s for s, (_, forget) in self._cutoffs.items() if forget <= now]:
+            del self._cutoffs[subject]

@@ -8,9 +8,10 @@ another Space answers exactly like one that does not exist (404), so guessing id
 nothing. Every POST needs the session's CSRF token, and a same-origin request.
 
 Reads run on the history API's pool and places (queries.ReadPool): the console may hold all
-places but one (the API always finds one), each session one at a time; past that a page is a
-429 page, never a queue. Resends and replay confirms are limited per session
-(ACTIONS_PER_WINDOW in ACTION_WINDOW_S).
+places but one (the API always finds one), and each Space (or admin session) one at a time;
+past that a page is a 429 page, never a queue. Resends and replay confirms are limited the same
+way, per Space or admin session (ACTIONS_PER_WINDOW in ACTION_WINDOW_S): opening a link again
+starts no new allowance.
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import web
 
-from consumer.console.auth import Keys, Revoked, Session, Throttle
+from consumer.console.auth import Keys, Session, SignOuts
 from consumer.console.context import ConsoleContext
 from consumer.console.render import render
 from consumer.errors import PerkamoError
 from consumer.queries import Busy, ReadPool
 from consumer.republish_plan import ReplayPlan
 from consumer.schemas import schema_path
+from consumer.throttle import Attempt, Throttle, Throttled, subject_of
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,8 @@ class ReplayJob:
 
 
 class ActionLimit:
-    """At most ACTIONS_PER_WINDOW resends and replay confirms per session per window."""
+    """At most ACTIONS_PER_WINDOW resends and replay confirms per window, per owner (a Space
+    session's Space, an admin session)."""
 
     def __init__(self, most: int = ACTIONS_PER_WINDOW, window_s: float = ACTION_WINDOW_S) -> None:
         self._most = most
@@ -147,7 +150,7 @@ class ConsoleBase:
                                         settings.admin_token.get_secret_value())
         self._ttl_s = settings.console_session_ttl_s
         self._base_url = settings.console_base_url
-        self._revoked = Revoked()
+        self._signed_out = SignOuts(self._ttl_s)
         self._throttle = Throttle()
         self._jobs: OrderedDict[str, ReplayJob] = OrderedDict()
         self._running: set[asyncio.Task[None]] = set()  # strong references until they finish
@@ -157,7 +160,7 @@ class ConsoleBase:
             task.cancel()
 
     def _shares(self, session: Session) -> list[tuple[str, int]]:
-        return [("console", max(1, self._reads.slots - 1)), (f"session:{session.sid}", 1)]
+        return [("console", max(1, self._reads.slots - 1)), (_owner(session), 1)]
 
     async def _read(self, session: Session, fn: Callable[..., T], *args: Any) -> T:
         """A blocking history read on the shared pool, within the console's and the session's
@@ -178,7 +181,7 @@ class ConsoleBase:
 
     def _count_action(self, session: Session) -> None:
         """Count a resend or replay confirm against the session's limit; 429 past it."""
-        wait = self._actions.take(session.sid)
+        wait = self._actions.take(_owner(session))
         if wait:
             raise ConsoleError(
                 429, f"This session asked for {ACTIONS_PER_WINDOW} resends or replays in the last "
@@ -211,12 +214,25 @@ class ConsoleBase:
         if self._keys is None:
             return None
         session = self._keys.session(request.cookies.get(COOKIE, ""))
-        if session is None or session.sid in self._revoked:
+        if session is None or self._signed_out.refused(session):
             return None
         return session
 
+    def _refuse_malformed_cookie(self, request: web.Request) -> None:
+        """A session cookie the console never makes (not ASCII) is a forgery: counted by the
+        sign-in throttle, answered 403, and deleted."""
+        cookie = request.cookies.get(COOKIE, "")
+        if cookie.isascii():
+            return
+        attempt = self._admit(request)
+        self._throttle.failed(attempt, subject_of("cookie", cookie, signed=True), across_peers=False)
+        log.warning("console refused a malformed session cookie from %s", request.remote)
+        raise ConsoleError(403, "Your session cookie is malformed: sign in again; nothing was done.",
+                           headers={"Set-Cookie": f"{COOKIE}=; Max-Age=0; Path={PREFIX}"})
+
     def _require(self, request: web.Request) -> Session:
         self._require_keys()
+        self._refuse_malformed_cookie(request)
         session = self._session(request)
         if session is None:
             if request.method == "GET":
@@ -265,11 +281,20 @@ class ConsoleBase:
                             secure=self._secure(request), max_age=3600)
         return response
 
-    def _throttled(self, request: web.Request) -> None:
-        wait = self._throttle.retry_after(request.remote or "?")
-        if wait > 0:
-            raise ConsoleError(429, f"Too many wrong tokens from your address: try again in "
-                                    f"{int(wait) + 1} s.", headers={"Retry-After": str(int(wait) + 1)})
+    def _admit(self, request: web.Request) -> Attempt:
+        """Count a sign-in, link or token attempt before its body is read (consumer.throttle);
+        every path then settles it: `_check` and `_throttle.failed`, or `_throttle.release`."""
+        try:
+            return self._throttle.admit(request.remote or "?")
+        except Throttled as exc:
+            raise _too_many(exc) from None
+
+    def _check(self, attempt: Attempt, subject: str, across_peers: bool = True) -> None:
+        """429 when this credential was wrong too often; call it just before testing it."""
+        try:
+            self._throttle.check(attempt, subject, across_peers)
+        except Throttled as exc:
+            raise _too_many(exc) from None
 
     # Rendering ------------------------------------------------------------------------------
 
@@ -282,6 +307,17 @@ class ConsoleBase:
                             headers=headers)
 
 # Helpers -----------------------------------------------------------------------------------
+
+
+def _too_many(exc: Throttled) -> ConsoleError:
+    return ConsoleError(429, f"Too many wrong tokens or links: try again in {exc.retry_after} s; "
+                             "nothing was checked.", headers={"Retry-After": str(exc.retry_after)})
+
+
+def _owner(session: Session) -> str:
+    """Whose share a read or action counts against: a Space session's Space (opening its link
+    again starts no new allowance), an admin session's own id."""
+    return f"space:{session.scope}" if session.scope else f"admin:{session.sid}"
 
 
 def _busy_page(exc: Busy) -> ConsoleError:

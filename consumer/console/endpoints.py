@@ -27,6 +27,7 @@ from consumer.models import Endpoint
 from consumer.queries import (
     success_rates,
 )
+from consumer.throttle import subject_of
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +100,24 @@ class EndpointPages(ConsoleBase):
 
     async def endpoint_reveal(self, request: web.Request) -> web.StreamResponse:
         session = self._require(request)
-        form = await self._form(request, session)
-        space = self._visible_space(session, request.match_info["space"])
-        if not session.admin:
-            raise ConsoleError(403, "Only the admin can reveal an endpoint URL.")
-        self._throttled(request)
-        keys = self._require_keys()
-        if not keys.admin_token_ok(form.get("token", "")):
-            self._throttle.failed(request.remote or "?")
-            log.warning("console URL reveal refused (wrong token) for space %s from %s",
-                        space, request.remote)
-            return await self._endpoint_page(request, session, space, status=401,
-                                             error="Wrong admin token: the URL stays hidden.")
+        attempt = self._admit(request)  # counted before the body is read
+        try:
+            form = await self._form(request, session)
+            space = self._visible_space(session, request.match_info["space"])
+            if not session.admin:
+                raise ConsoleError(403, "Only the admin can reveal an endpoint URL.")
+            keys = self._require_keys()
+            token = form.get("token", "")
+            subject = subject_of("admin", token)
+            self._check(attempt, subject, across_peers=False)
+            if not keys.admin_token_ok(token):
+                self._throttle.failed(attempt, subject, across_peers=False)
+                log.warning("console URL reveal refused (wrong token) for space %s from %s",
+                            space, request.remote)
+                return await self._endpoint_page(request, session, space, status=401,
+                                                 error="Wrong admin token: the URL stays hidden.")
+        finally:
+            self._throttle.release(attempt)
         endpoint = self._endpoint_of(space)
         if endpoint is None:
             raise not_found("endpoint")

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from consumer.console.auth import ROLE_ADMIN, ROLE_SPACE
+from consumer.console.auth import ROLE_ADMIN, ROLE_SPACE, Link
 from consumer.console.base import (
     COOKIE,
     PRE_COOKIE,
@@ -23,6 +23,7 @@ from consumer.console.render import STATIC
 from consumer.queries import (
     iso,
 )
+from consumer.throttle import Attempt, subject_of
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class Console(DeliveryPages, EndpointPages):
 
     async def index(self, request: web.Request) -> web.StreamResponse:
         self._require_keys()
+        self._refuse_malformed_cookie(request)
         if self._session(request) is not None:
             return see_other(f"{PREFIX}/deliveries")
         return self._sign_in_page(request)
@@ -68,15 +70,23 @@ class Console(DeliveryPages, EndpointPages):
 
     async def sign_in(self, request: web.Request) -> web.StreamResponse:
         keys = self._require_keys()
-        self._throttled(request)
-        same_origin(request, self._base_url)
-        form = await request.post()
-        if not keys.login_csrf_ok(request.cookies.get(PRE_COOKIE, ""), str(form.get("csrf", ""))):
-            return self._sign_in_page(request, 403, "The sign-in form was out of date; try again.")
-        if not keys.admin_token_ok(str(form.get("token", ""))):
-            self._throttle.failed(request.remote or "?")
-            log.warning("console sign-in refused (wrong token) from %s", request.remote)
-            return self._sign_in_page(request, 401, "Wrong token.")
+        attempt = self._admit(request)  # counted before the body is read
+        try:
+            same_origin(request, self._base_url)
+            form = await request.post()
+            if not keys.login_csrf_ok(request.cookies.get(PRE_COOKIE, ""), str(form.get("csrf", ""))):
+                return self._sign_in_page(request, 403, "The sign-in form was out of date; try again.")
+            token = str(form.get("token", ""))
+            # Keyed by the token's first characters: not by the admin token as a whole, which
+            # anyone reaching this page could then lock.
+            subject = subject_of("admin", token)
+            self._check(attempt, subject, across_peers=False)
+            if not keys.admin_token_ok(token):
+                self._throttle.failed(attempt, subject, across_peers=False)
+                log.warning("console sign-in refused (wrong token) from %s", request.remote)
+                return self._sign_in_page(request, 401, "Wrong token.")
+        finally:
+            self._throttle.release(attempt)
         session = keys.new_session(ROLE_ADMIN, "", self._ttl_s)
         log.info("console sign-in (admin) from %s", request.remote)
         response = see_other(f"{PREFIX}/deliveries")
@@ -86,36 +96,47 @@ class Console(DeliveryPages, EndpointPages):
     async def sign_out(self, request: web.Request) -> web.StreamResponse:
         session = self._require(request)
         await self._form(request, session)
-        self._revoked.add(session)
+        self._signed_out.sign_out(session)
         response = see_other(f"{PREFIX}/")
         response.del_cookie(COOKIE, path=PREFIX)
         return response
 
     async def link_landing(self, request: web.Request) -> web.StreamResponse:
-        keys = self._require_keys()
-        self._throttled(request)
-        link = keys.link(request.query.get("token", ""))
-        if link is None:
-            self._throttle.failed(request.remote or "?")
-            raise ConsoleError(403, "This console link is not valid or has expired: ask for a new one.")
+        self._require_keys()
+        link = self._open_link(request, self._admit(request), request.query.get("token", ""))
         return self._pre_page(request, "link.html", title="Open the console", space=link.space,
                               expires=iso(datetime.fromtimestamp(link.expires, UTC)),
                               token=request.query["token"])
 
     async def link_open(self, request: web.Request) -> web.StreamResponse:
         keys = self._require_keys()
-        self._throttled(request)
-        same_origin(request, self._base_url)
-        form = await request.post()
-        if not keys.login_csrf_ok(request.cookies.get(PRE_COOKIE, ""), str(form.get("csrf", ""))):
-            raise ConsoleError(403, "The form was out of date: open the link again.")
-        link = keys.link(str(form.get("token", "")))
-        if link is None:
-            self._throttle.failed(request.remote or "?")
-            raise ConsoleError(403, "This console link is not valid or has expired: ask for a new one.")
-        session = keys.new_session(ROLE_SPACE, link.space, self._ttl_s, not_after=link.expires)
+        attempt = self._admit(request)  # counted before the body is read
+        try:
+            same_origin(request, self._base_url)
+            form = await request.post()
+            if not keys.login_csrf_ok(request.cookies.get(PRE_COOKIE, ""), str(form.get("csrf", ""))):
+                raise ConsoleError(403, "The form was out of date: open the link again.")
+        except BaseException:
+            self._throttle.release(attempt)
+            raise
+        link = self._open_link(request, attempt, str(form.get("token", "")))
+        session = keys.new_session(ROLE_SPACE, link.space, self._ttl_s, not_after=link.expires,
+                                   link_id=link.id)
         log.info("console link opened for space %s from %s", link.space, request.remote)
         response = see_other(f"{PREFIX}/deliveries")
         self._set_session(request, response, session)
         return response
 
+    def _open_link(self, request: web.Request, attempt: Attempt, token: str) -> Link:
+        """The link a token carries, checked against the throttle (per link, from this peer
+        and from all); a 403 for a forged, malformed or expired one, which is counted."""
+        keys = self._require_keys()
+        subject = subject_of("link", token, signed=True)
+        self._check(attempt, subject)
+        link = keys.link(token)
+        if link is None:
+            self._throttle.failed(attempt, subject)
+            log.warning("console refused a link that is not valid from %s", request.remote)
+            raise ConsoleError(403, "This console link is not valid or has expired: ask for a new one.")
+        self._throttle.release(attempt)
+        return link
