@@ -166,7 +166,7 @@ def broker_outage_past_the_message_timeout(
     run = Run(env, "broker-outage")
     try:
         endpoints_file, msgs = _healthy(run, n_events, 2, (200, 400), "outage")
-        run.consumer(endpoints_file, max_in_flight=100, kafka_message_timeout_ms=timeout_ms, **QUICK)
+        proc = run.consumer(endpoints_file, max_in_flight=100, kafka_message_timeout_ms=timeout_ms, **QUICK)
         run.publisher.publish(msgs)
         run.wait_receipts(max(1, n_events // 5), 120, "deliveries before the broker stops")
         before = run.committed()
@@ -176,7 +176,10 @@ def broker_outage_past_the_message_timeout(
         env.broker("start")
         log("broker back")
         run.disruptions.append(Disruption("broker", time.time(), before))
-        return run.finish(settle_timeout=180)
+        result = run.finish(settle_timeout=180)
+        text = proc.log_text()  # the outage outlasted the producer's timeout: writes were retried
+        assert "Kafka did not take" in text and "Kafka takes writes again" in text, proc.log_tail()
+        return result
     finally:
         run.cleanup()
 
