@@ -93,8 +93,9 @@ async def serve_deliver(role: DeliverRole, install_signals: bool = True) -> None
             loop.add_signal_handler(sig, role.stop)
     await asyncio.to_thread(wait_for_broker, role.settings, 30.0)
     await asyncio.to_thread(check_topics, role.settings, "deliver")  # ConfigError: exit 78
-    role.watch = BrokerWatch(role.settings)
-    role.watch.start()
+    role.watch = watch = BrokerWatch(role.settings)
+    watch.start()
+    role.metrics.kafka_reachable.set_function(lambda: float(watch.reachable))
 
     # Registry changes arrive on the follower's thread; per-endpoint state lives on the loop.
     def on_change(space: str, before: Endpoint | None, after: Endpoint | None) -> None:

@@ -132,8 +132,9 @@ async def serve_history(role: HistoryRole, install_signals: bool = True) -> None
             loop.add_signal_handler(sig, role.stop)
     await asyncio.to_thread(wait_for_broker, role.settings, 30.0)
     await asyncio.to_thread(check_topics, role.settings, "history")  # ConfigError: exit 78
-    role.watch = BrokerWatch(role.settings)
-    role.watch.start()
+    role.watch = watch = BrokerWatch(role.settings)
+    watch.start()
+    role.metrics.kafka_reachable.set_function(lambda: float(watch.reachable))
     role.producer = AsyncProducer(role.settings)
     host, port = role.settings.admin_host_port
     app = history_app(role.metrics, role.readiness, role, health=role.endpoints_health, console=role)

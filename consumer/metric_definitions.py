@@ -74,6 +74,12 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "topic they were meant for.",
         ("topic",),
     ),
+    "kafka_reachable": (
+        "gauge",
+        "1 while this process's last Kafka metadata round trip is at most 10 s old, 0 while "
+        "Kafka does not answer (its /readyz is false then).",
+        (),
+    ),
     "invalid_events_total": ("counter", "Input events rejected as invalid, by reason.", ("reason",)),
     "no_endpoint_total": (
         "counter",

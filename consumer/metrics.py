@@ -123,6 +123,9 @@ class _Null:
     def set(self, *_: Any) -> None:
         pass
 
+    def set_function(self, *_: Any) -> None:
+        pass
+
     def observe(self, *_: Any) -> None:
         pass
 
@@ -192,6 +195,7 @@ class Metrics:
         self.kafka_writes_waiting: Any = made["kafka_writes_waiting"]
         self.kafka_write_retries: Any = made["kafka_write_retries_total"]
         self.unpublishable: Any = made["unpublishable_total"]
+        self.kafka_reachable: Any = made["kafka_reachable"]
         self.no_endpoint: Any = made["no_endpoint_total"]
         self.circuit_state: Any = made["circuit_state"]
         self.endpoint_health: Any = made["endpoint_health"]

@@ -304,14 +304,15 @@ def list_newest_first(
 
 
 def delivery_attempts(
-    store: Reader, delivery_id: str, with_body: bool = False, space: str = ""
+    store: Reader, delivery_id: str, with_body: bool = False, space: str = "", scoped: bool = False,
 ) -> list[dict[str, Any]]:
     """Every attempt of one delivery in `space`, deduplicated, by attempt number; [] if unknown.
 
-    The Space is a filter of the SQL: an id of another Space, or one with rows in two Spaces,
-    gives []. `space` '' reads every Space (admins): a caller then checks `spaces_of`."""
+    The Space is a filter of the SQL: an id of another Space gives [], and so does, for a
+    `scoped` caller (a Space session), an id with rows in two Spaces. `space` '' reads every
+    Space (admins): a caller then checks `spaces_of`."""
     sql = SPACE_DELIVERY_ATTEMPTS_WITH_BODY if with_body else SPACE_DELIVERY_ATTEMPTS
-    columns, rows = store.query(sql, {"delivery_id": delivery_id, "space": space})
+    columns, rows = store.query(sql, {"delivery_id": delivery_id, "space": space, "scoped": scoped})
     return _dicts(columns, rows)
 
 

@@ -100,18 +100,22 @@ class Republisher:
 
     # Resend ------------------------------------------------------------------------------
 
-    async def resend(self, delivery_id: str, force: bool = False, space: str = "") -> ResendResult:
+    async def resend(
+        self, delivery_id: str, force: bool = False, space: str = "", scoped: bool = False
+    ) -> ResendResult:
         """Re-publish one delivery with the next attempt number and a `resend` trigger.
 
         `space` confines it to one Space's rows ('' = any, but one: an id with rows in two
-        Spaces is SeveralSpaces then, and NotFound to every Space)."""
+        Spaces is SeveralSpaces then); for a `scoped` caller (a Space session) such an id is
+        NotFound."""
         check_text("delivery_id", delivery_id, required=True)
         check_text("space", space)
         producer = self._ready()
         async with self._lock:
             self._prune()
             _, rows = await asyncio.to_thread(
-                self._store.query, REPUBLISH_ONE, {"delivery_id": delivery_id, "space": space}
+                self._store.query, REPUBLISH_ONE,
+                {"delivery_id": delivery_id, "space": space, "scoped": scoped and bool(space)}
             )
             if not rows:
                 raise NotFound(f"history has no attempt of delivery {delivery_id}")

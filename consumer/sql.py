@@ -123,14 +123,15 @@ ORDER BY attempt
 DELIVERY_ATTEMPTS: Final = "\nSELECT" + _ATTEMPT_COLUMNS + _OF_ONE_DELIVERY
 
 # The API's and the console's by-id read: the rows of one delivery id in one Space ({space}
-# '' = every Space, for admins). With a Space, an id that also has rows in another Space (a
-# collision only a forged header could make) matches nothing: neither Space can own it.
+# '' = every Space, for admins). For a caller confined to the Space ({scoped}: a Space
+# session), an id that also has rows in another Space (a collision only a forged header could
+# make) matches nothing: neither Space can own it.
 _ONE_DELIVERY_IN_SPACE = """
 FROM perkamo.webhook_attempts FINAL
 WHERE delivery_id = {delivery_id:String}
-  AND ({space:String} = '' OR (space_slug = {space:String} AND (
+  AND ({space:String} = '' OR (space_slug = {space:String} AND (NOT {scoped:Bool} OR (
       SELECT uniqExact(space_slug) FROM perkamo.webhook_attempts
-      WHERE delivery_id = {delivery_id:String}) = 1))
+      WHERE delivery_id = {delivery_id:String}) = 1)))
 ORDER BY space_slug, attempt
 """
 SPACE_DELIVERY_ATTEMPTS: Final = "\nSELECT" + _ATTEMPT_COLUMNS + _ONE_DELIVERY_IN_SPACE
@@ -175,13 +176,13 @@ HAVING min(if(attempt = 0, pending_attempt, attempt)) = 1
 ORDER BY first_attempted_at, delivery_id
 """ + f"LIMIT {REPLAY_CAP + 1}\n"
 
-# One delivery id, one row per Space it has rows in ({space} '' = any Space; with a Space, an
-# id with rows in another Space too matches nothing, as in SPACE_DELIVERY_ATTEMPTS).
+# One delivery id, one row per Space it has rows in ({space} '' = any Space; {scoped} as in
+# SPACE_DELIVERY_ATTEMPTS).
 REPUBLISH_ONE: Final = _REPUBLISH_SELECT + """
 WHERE delivery_id = {delivery_id:String}
-  AND ({space:String} = '' OR (space_slug = {space:String} AND (
+  AND ({space:String} = '' OR (space_slug = {space:String} AND (NOT {scoped:Bool} OR (
       SELECT uniqExact(space_slug) FROM perkamo.webhook_attempts
-      WHERE delivery_id = {delivery_id:String}) = 1))
+      WHERE delivery_id = {delivery_id:String}) = 1)))
 GROUP BY space_slug, delivery_id
 """  # noqa: S608 - constant text; every value is a bound parameter
 

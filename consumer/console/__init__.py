@@ -26,12 +26,13 @@ __all__ = ["ConsoleContext", "ConsoleSettings", "EndpointDirectory", "Keys", "Re
 def mount(app: web.Application, ctx: ConsoleContext, reads: ReadPool | None = None) -> None:
     """Serve the console under /console/ of `app` (before the app is started); its history reads
     run on `reads`, the history API's pool and places (a pool of its own without one)."""
-    app.add_subapp(f"{PREFIX}/", Console(ctx, reads).application())
 
     async def to_console(_: web.Request) -> web.StreamResponse:
         raise web.HTTPPermanentRedirect(f"{PREFIX}/")
 
+    # Before the sub-application: its resource also claims the bare prefix (and answers 404).
     app.router.add_get(PREFIX, to_console)
+    app.add_subapp(f"{PREFIX}/", Console(ctx, reads).application())
 
 
 def console_link(settings: ConsoleSettings, space: str, ttl_s: float) -> str:

@@ -44,7 +44,9 @@ class Republishing(Protocol):
     """Resend and replay through Kafka (consumer.republish.Republisher). Share ONE instance
     with the history API: its double-work guard is per instance."""
 
-    async def resend(self, delivery_id: str, force: bool = False, space: str = "") -> ResendResult: ...
+    async def resend(
+        self, delivery_id: str, force: bool = False, space: str = "", scoped: bool = False
+    ) -> ResendResult: ...
 
     async def plan_replay(
         self, selection: Selection, force: bool = False, reserve: bool = True

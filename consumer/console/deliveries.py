@@ -114,7 +114,7 @@ class DeliveryPages(ConsoleBase):
         except BadRequest:
             raise not_found("delivery") from None
         attempts = await self._read(session, delivery_attempts, self._ctx.reader, delivery_id,
-                                    False, session.scope or space)
+                                    False, session.scope or space, bool(session.scope))
         if not attempts or (session.scope and any(a["space_slug"] != session.scope for a in attempts)):
             raise not_found("delivery")
         try:
@@ -174,7 +174,8 @@ class DeliveryPages(ConsoleBase):
         self._count_action(session)
         try:
             async with self._place(session):
-                result = await self._ctx.republisher.resend(delivery_id, force=force, space=space)
+                result = await self._ctx.republisher.resend(delivery_id, force=force, space=space,
+                                                            scoped=bool(session.scope))
         except Conflict as exc:
             return await self._delivery_page(request, session, delivery_id, error=str(exc), status=409,
                                              space=space)
