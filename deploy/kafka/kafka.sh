@@ -11,6 +11,12 @@
 #   KAFKA_PORT (9092)  KAFKA_CONTROLLER_PORT (KAFKA_PORT+1)  KAFKA_HOST (127.0.0.1)
 #   KAFKA_DIR (.data/kafka: log dirs, pid and log file)  KAFKA_CACHE (.cache/kafka)
 #   KAFKA_HEAP (512m)  KAFKA_START_TIMEOUT_S (60)  JAVA (java)
+#   KAFKA_EXTRA_PROPS  more server.properties lines (e.g. "auto.create.topics.enable=false")
+#
+# One node of a cluster (tests/faults/cluster.py starts three), when
+#   KAFKA_NODE_ID (1)  KAFKA_VOTERS (node.id@host:controller_port, comma-separated; this node alone)
+#   KAFKA_CLUSTER_ID   the id every node's storage is formatted with (random for one node)
+#   KAFKA_INTERNAL_RF  replication of the internal topics (1)
 #
 # A secured listener as well (SCRAM-SHA-512 over TLS, like a managed cluster), when
 #   KAFKA_SASL_PORT      the SASL_SSL listener's port
@@ -32,6 +38,11 @@ JAVA="${JAVA:-java}"
 KAFKA_SASL_PORT="${KAFKA_SASL_PORT:-}"
 KAFKA_TLS_KEYSTORE="${KAFKA_TLS_KEYSTORE:-}"
 KAFKA_SCRAM_USERS="${KAFKA_SCRAM_USERS:-}"
+KAFKA_EXTRA_PROPS="${KAFKA_EXTRA_PROPS:-}"
+KAFKA_NODE_ID="${KAFKA_NODE_ID:-1}"
+KAFKA_VOTERS="${KAFKA_VOTERS:-$KAFKA_NODE_ID@$KAFKA_HOST:$KAFKA_CONTROLLER_PORT}"
+KAFKA_CLUSTER_ID="${KAFKA_CLUSTER_ID:-}"
+KAFKA_INTERNAL_RF="${KAFKA_INTERNAL_RF:-1}"
 libs="$KAFKA_CACHE/libs"
 pidfile="$KAFKA_DIR/broker.pid"
 
@@ -65,8 +76,8 @@ write_config() {
   fi
   cat > "$KAFKA_DIR/server.properties" <<PROPS
 process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@$KAFKA_HOST:$KAFKA_CONTROLLER_PORT
+node.id=$KAFKA_NODE_ID
+controller.quorum.voters=$KAFKA_VOTERS
 listeners=$listeners
 advertised.listeners=$advertised
 controller.listener.names=CONTROLLER
@@ -74,16 +85,17 @@ listener.security.protocol.map=$protocols
 inter.broker.listener.name=PLAINTEXT
 log.dirs=$KAFKA_DIR/logs
 num.partitions=1
-offsets.topic.replication.factor=1
+offsets.topic.replication.factor=$KAFKA_INTERNAL_RF
 offsets.topic.num.partitions=10
-transaction.state.log.replication.factor=1
+transaction.state.log.replication.factor=$KAFKA_INTERNAL_RF
 transaction.state.log.min.isr=1
-share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.replication.factor=$KAFKA_INTERNAL_RF
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 log.cleaner.backoff.ms=1000
 log.segment.delete.delay.ms=1000
 PROPS
+  if [ -n "$KAFKA_EXTRA_PROPS" ]; then printf '%s\n' "$KAFKA_EXTRA_PROPS" >> "$KAFKA_DIR/server.properties"; fi
   if [ -n "$KAFKA_SASL_PORT" ]; then
     cat >> "$KAFKA_DIR/server.properties" <<PROPS
 sasl.enabled.mechanisms=SCRAM-SHA-512
@@ -113,8 +125,9 @@ start() {
   if [ ! -f "$KAFKA_DIR/logs/meta.properties" ]; then
     local scram=()
     if [ -n "$KAFKA_SCRAM_USERS" ]; then mapfile -t scram < <(scram_args); fi
-    "$JAVA" -cp "$libs/*" kafka.tools.StorageTool format \
-      -t "$("$JAVA" -cp "$libs/*" kafka.tools.StorageTool random-uuid 2>/dev/null)" \
+    local cluster_id="$KAFKA_CLUSTER_ID"
+    if [ -z "$cluster_id" ]; then cluster_id="$("$JAVA" -cp "$libs/*" kafka.tools.StorageTool random-uuid 2>/dev/null)"; fi
+    "$JAVA" -cp "$libs/*" kafka.tools.StorageTool format -t "$cluster_id" \
       -c "$KAFKA_DIR/server.properties" "${scram[@]}" >> "$KAFKA_DIR/broker.log" 2>&1
   fi
   nohup "$JAVA" "-Xmx$KAFKA_HEAP" "-Xms$KAFKA_HEAP" -XX:+UseG1GC \

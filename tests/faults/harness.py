@@ -566,7 +566,8 @@ class Run:
     the shared attempts topic, so its store holds this run's rows only."""
 
     def __init__(
-        self, env: FaultEnv, name: str, tiers: Sequence[str] = ("1s", "2s"), partitions: int = 3
+        self, env: FaultEnv, name: str, tiers: Sequence[str] = ("1s", "2s"), partitions: int = 3,
+        replication: int = 1,
     ) -> None:
         self.env = env
         self.name = name
@@ -581,7 +582,9 @@ class Run:
             kafka_bootstrap_servers=env.bootstrap, events_topics=[self.events_topic], retry_tiers=self.tiers
         )
         specs, _ = plan(settings, partitions=partitions, retention_hours=None)
-        ensure_topics(env.bootstrap, [(s.name, s.partitions, s.config) for s in specs])
+        isr = {"min.insync.replicas": str(min(2, replication))}
+        ensure_topics(env.bootstrap, [(s.name, s.partitions, {**s.config, **isr}) for s in specs],
+                      replication_factor=replication)
         self.retry_topics = [tier_topic(name) for name, _ in parse_tiers(self.tiers)]
         # What the deliver group reads besides the events topic: retry tiers and held deliveries.
         self.redelivery_topics = [*self.retry_topics, c.HELD_TOPIC, c.REDELIVER_TOPIC]

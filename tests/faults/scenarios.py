@@ -184,6 +184,35 @@ def broker_outage_past_the_message_timeout(
         run.cleanup()
 
 
+def two_of_three_brokers_down(
+    env: FaultEnv, cluster: Any, n_events: int = 1500, down_s: float = 20.0, timeout_ms: int = 5000
+) -> tuple[Accounting, int]:
+    """On a three-node cluster (replication 3, min.insync.replicas 2), two nodes stop mid-stream
+    for longer than the producer's message timeout, then come back. Returns the accounting
+    and the number of requests the receivers saw beyond one per event (duplicates)."""
+    run = Run(env, "two-down", replication=3)
+    try:
+        endpoints_file, msgs = _healthy(run, n_events, 2, (200, 400), "twodown")
+        proc = run.consumer(endpoints_file, max_in_flight=100, kafka_message_timeout_ms=timeout_ms, **QUICK)
+        run.publisher.publish(msgs)
+        run.wait_receipts(max(1, n_events // 5), 120, "deliveries before two nodes stop")
+        before = run.committed()
+        log(f"stopping nodes 2 and 3 at {len(run.receipts())} requests, for {down_s}s")
+        cluster.stop(1)
+        cluster.stop(2)
+        time.sleep(down_s)
+        cluster.start(1)
+        cluster.start(2)
+        log("nodes back")
+        run.disruptions.append(Disruption("brokers", time.time(), before))
+        result = run.finish(settle_timeout=240)
+        assert "Kafka did not take" in proc.log_text(), proc.log_tail()
+        duplicates = len(run.receipts()) - len({r.event_id for r in run.receipts()})
+        return result, duplicates
+    finally:
+        run.cleanup()
+
+
 def _rate(receipts: list[Receipt], start: float, end: float) -> float:
     """Requests per second the receivers saw between two wall-clock times."""
     if end <= start:
