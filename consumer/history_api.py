@@ -189,7 +189,11 @@ class HistoryApi:
 
     async def _stream_replay(self, request: web.Request, plan: ReplayPlan) -> web.StreamResponse:
         response = web.StreamResponse(status=202, headers={"Content-Type": NDJSON})
-        await response.prepare(request)
+        try:
+            await response.prepare(request)
+        except BaseException:  # the client left before anything was published
+            self._republisher.release(plan)
+            raise
         alive = True
 
         async def line(doc: dict[str, Any]) -> None:

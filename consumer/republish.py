@@ -196,6 +196,13 @@ class Republisher:
                 self._reserve(plan)
             return plan
 
+    def release(self, plan: ReplayPlan) -> None:
+        """Give up a reserved plan that will not be executed (its caller left before it began),
+        so the Space's next replay is not refused for it."""
+        self._release(plan, set())
+        if self._running.get(plan.selection.space, ("",))[0] == plan.replay_id:
+            del self._running[plan.selection.space]
+
     async def execute(self, plan: ReplayPlan, progress: Progress | None = None) -> int:
         """Publish a reserved plan in chunks; returns how many Kafka acknowledged."""
         try:

@@ -734,3 +734,25 @@ def test_newest_first_pages_equal_the_plain_list(store):
         plain = walk(list_deliveries, flt)
         assert walk(list_newest_first, flt) == plain, flt
         assert sum(len(p) for p in plain) > 5
+
+
+async def test_the_delivery_page_reads_the_body_of_the_attempt_shown_only(store, seeded):
+    from consumer.sql import ATTEMPT_BODY
+
+    class Spy:
+        def __init__(self) -> None:
+            self.sqls: list[str] = []
+
+        def query(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
+            self.sqls.append(sql)
+            return store.query(sql, parameters)
+
+    spy = Spy()
+    ctx = make_context(spy, seeded)
+    async with _served(ctx) as client:
+        await client.sign_in()
+        spy.sqls.clear()
+        status, html, _ = await client.get(f"/console/deliveries/{seeded.a_ids[0]}")
+        assert status == 200 and f"evt_{seeded.a}_0" in html
+    with_body = [sql for sql in spy.sqls if re.search(r"\brequest_body\b", sql)]
+    assert with_body == [ATTEMPT_BODY], spy.sqls  # one body, not one per attempt
