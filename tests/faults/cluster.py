@@ -46,19 +46,23 @@ class Cluster:
 
     def start_all(self) -> None:
         """Every node at once: a node answers only once a quorum of controllers is up."""
-        with ThreadPoolExecutor(len(self.envs)) as pool:
-            list(pool.map(self.start, range(len(self.envs))))
+        self.start(*range(len(self.envs)))
         wait_for_broker(self.bootstrap, 60)
 
-    def start(self, node: int) -> None:
-        self._script("start", node)
+    def start(self, *nodes: int) -> None:
+        """Start these nodes (by index), together."""
+        self._each("start", nodes)
 
-    def stop(self, node: int) -> None:
-        self._script("stop", node)
+    def stop(self, *nodes: int) -> None:
+        """Stop these nodes (by index), together: each waits for its clean shutdown."""
+        self._each("stop", nodes)
 
     def stop_all(self) -> None:
-        with ThreadPoolExecutor(len(self.envs)) as pool:
-            list(pool.map(self.stop, range(len(self.envs))))
+        self.stop(*range(len(self.envs)))
+
+    def _each(self, action: str, nodes: tuple[int, ...]) -> None:
+        with ThreadPoolExecutor(max(1, len(nodes))) as pool:
+            list(pool.map(lambda node: self._script(action, node), nodes))
 
     def _script(self, action: str, node: int) -> None:
         subprocess.run([str(KAFKA_SCRIPT), action], env=self.envs[node], check=True,
