@@ -3,7 +3,7 @@
 - `topic_state`: which topics exist, their replica counts and their configs as the broker
   reports them (describe_configs), for the start-up check (consumer.topic_check) and
   `perkamo-webhooks topics`.
-- `BrokerWatch`: a thread that makes a metadata round trip every few seconds; a role is ready
+- `BrokerWatch`: a thread that makes a broker round trip every few seconds; a role is ready
   only while the last one is recent (docs/operations.md, "While Kafka is unreachable"). Each
   round also reads the high watermarks of the role's assigned partitions, which librdkafka's
   statistics stop refreshing for a paused partition (consumer.watermarks).
@@ -67,7 +67,8 @@ def topic_state(source: Source, names: Collection[str], timeout: float = 15.0) -
 
 
 class BrokerWatch:
-    """A metadata round trip every `interval_s` on its own admin client; `reachable` while the
+    """A round trip (DescribeCluster: no topic metadata, so cheap on a cluster of many topics)
+    every `interval_s` on its own admin client; `reachable` while the
     last success is at most `stale_s` old. librdkafka's "all brokers down" error makes it
     unreachable at once. Each round also reads the high watermarks of the partitions whose
     lag is recorded in this process (consumer.watermarks)."""
@@ -86,7 +87,15 @@ class BrokerWatch:
         self._down_since: float | None = None
         self._said_down = False
         self._stop = threading.Event()
-        config = {**client_config(source), "error_cb": self._on_error}
+        config = {
+            **client_config(source),
+            "client.id": "perkamo-webhooks-watch",
+            "error_cb": self._on_error,
+            # Its own ERROR and WARNING lines say when Kafka stops and starts answering; without
+            # these, librdkafka logs a connection failure every few tens of milliseconds.
+            "log_level": 2,
+            "reconnect.backoff.max.ms": 2000,
+        }
         self._admin: AdminClient = make_client(AdminClient, config)
         self._thread = threading.Thread(target=self._run, name="broker-watch", daemon=True)
 
@@ -112,10 +121,10 @@ class BrokerWatch:
             self.check()
 
     def check(self) -> None:
-        """One round: metadata, then the high watermarks of the partitions wanted."""
+        """One round: the cluster's description, then the high watermarks of the partitions wanted."""
         timeout = max(1.0, self._interval)
         try:
-            self._admin.list_topics(timeout=timeout)
+            self._admin.describe_cluster(request_timeout=timeout).result(timeout + 1)
         except KafkaException:
             self._admin.poll(0)  # serve error events (all brokers down)
             self._unanswered()

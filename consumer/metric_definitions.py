@@ -76,7 +76,7 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     ),
     "kafka_reachable": (
         "gauge",
-        "1 while this process's last Kafka metadata round trip is at most 10 s old, 0 while "
+        "1 while this process's last round trip to Kafka is at most 10 s old, 0 while "
         "Kafka does not answer (its /readyz is false then).",
         (),
     ),
