@@ -80,6 +80,7 @@ class HistoryRole:
         return Republisher(
             self.store, c.REDELIVER_TOPIC, lambda: self.producer, self.metrics,
             has_endpoint=lambda space: registry.get(space) is not None,
+            originals=self.settings,  # where a cut body's original is read back from
         )
 
     async def publish_endpoint(self, space: str, record: Mapping[str, Any] | None) -> Receipt:

@@ -35,9 +35,10 @@ from typing import Final
 from consumer import constants as c
 from consumer.errors import KafkaFailure
 from consumer.headers import republish_headers
-from consumer.kafka_io import AsyncProducer
+from consumer.kafka_io import AsyncProducer, Source
 from consumer.metrics import Metrics
 from consumer.models import stable_id
+from consumer.originals import OriginalUnavailable, Wanted, read_originals
 from consumer.queries import LATEST, Reader, SeveralSpaces, check_text, iso
 from consumer.republish_plan import (
     MAX_ATTEMPT,
@@ -84,9 +85,12 @@ class Republisher:
 
     def __init__(
         self, store: Reader, topic: str, producer: ProducerRef, metrics: Metrics,
-        has_endpoint: Callable[[str], bool] | None = None,
+        has_endpoint: Callable[[str], bool] | None = None, *, originals: Source | None = None,
     ) -> None:
+        """`originals`: the Kafka cluster a cut body's original is read back from (the
+        settings or their bootstrap string); without it such deliveries are refused."""
         self._store = store
+        self._originals = originals
         self._has_endpoint = has_endpoint or (lambda _: True)
         self._topic = topic
         self._producer = producer
@@ -151,7 +155,9 @@ class Republisher:
             key = (state.space, delivery_id)
             self._pending[key] = _Pending(attempt, time.monotonic() + PENDING_TTL_S)
         try:
-            bodies = await asyncio.to_thread(self._bodies, state.space, [delivery_id])
+            bodies, refused = await asyncio.to_thread(self._bodies, state.space, [delivery_id])
+            if delivery_id in refused:
+                raise refused[delivery_id]
             if delivery_id not in bodies:
                 raise NotFound(f"history has no request body of delivery {delivery_id}")
             await self._publish(
@@ -218,7 +224,9 @@ class Republisher:
             for start in range(0, len(plan.todo), _CHUNK):
                 chunk = plan.todo[start : start + _CHUNK]
                 ids = [state.delivery_id for state, _ in chunk]
-                bodies = await asyncio.to_thread(self._bodies, plan.selection.space, ids)
+                bodies, refused = await asyncio.to_thread(self._bodies, plan.selection.space, ids)
+                for delivery_id in refused:  # not on its way: free for a later resend or replay
+                    self._pending.pop((plan.selection.space, delivery_id), None)
                 sent = [(state, attempt) for state, attempt in chunk if state.delivery_id in bodies]
                 results = await asyncio.gather(
                     *(self._publish(producer, state, (attempt, c.TRIGGER_REPLAY, plan.replay_id),
@@ -320,9 +328,35 @@ class Republisher:
             self._replays.pop(plan.replay_id, None)
             self._replays.pop(plan.selection.replay_id, None)
 
-    def _bodies(self, space: str, delivery_ids: list[str]) -> dict[str, bytes]:
+    def _bodies(
+        self, space: str, delivery_ids: list[str]
+    ) -> tuple[dict[str, bytes], dict[str, OriginalUnavailable]]:
+        """The bodies to publish, and the deliveries refused with why. History holds the whole
+        body, or, where its records carry a cut one, the original is read back from its source
+        topic and checked (consumer.originals): a cut body is never published."""
         _, rows = self._store.query(BODIES, {"space": space, "delivery_ids": delivery_ids})
-        return {str(did): base64.b64decode(body) for did, body in rows}
+        bodies: dict[str, bytes] = {}
+        wanted: list[Wanted] = []
+        for did, body, truncated, size, sha256, topic, partition, offset in rows:
+            if truncated:
+                wanted.append(Wanted(str(did), str(topic), int(partition), int(offset),
+                                     int(size), str(sha256)))
+            else:
+                bodies[str(did)] = base64.b64decode(body)
+        if not wanted:
+            return bodies, {}
+        if self._originals is None:
+            return bodies, {w.delivery_id: OriginalUnavailable(
+                f"delivery {w.delivery_id} cannot be re-published: history keeps only the first bytes "
+                "of its body, and this process has no Kafka connection to read the original from"
+            ) for w in wanted}
+        refused: dict[str, OriginalUnavailable] = {}
+        for did, found in read_originals(self._originals, wanted).items():
+            if isinstance(found, OriginalUnavailable):
+                refused[did] = found
+            else:
+                bodies[did] = found
+        return bodies, refused
 
     async def _publish(
         self, producer: AsyncProducer, state: DeliveryState, how: tuple[int, str, str], body: bytes

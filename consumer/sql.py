@@ -187,9 +187,17 @@ GROUP BY space_slug, delivery_id
 """  # noqa: S608 - constant text; every value is a bound parameter
 
 # The payload to re-publish: the body recorded with the first attempt, base64 so the bytes
-# come back exactly as they were sent.
+# come back exactly as they were sent; or, where that record carries a cut body, what a resend
+# needs to read the original back from Kafka and check it (consumer.originals).
 BODIES: Final = """
-SELECT delivery_id, base64Encode(argMin(request_body, attempt)) AS body
+SELECT delivery_id,
+    base64Encode(argMin(if(request_body_truncated, '', request_body), attempt)) AS body,
+    argMin(request_body_truncated, attempt) AS truncated,
+    argMin(request_body_bytes, attempt) AS body_bytes,
+    argMin(request_body_sha256, attempt) AS body_sha256,
+    argMin(source_topic, attempt) AS source_topic,
+    argMin(source_partition, attempt) AS source_partition,
+    argMin(source_offset, attempt) AS source_offset
 FROM perkamo.webhook_attempts FINAL
 WHERE space_slug = {space:String} AND delivery_id IN {delivery_ids:Array(String)}
 GROUP BY delivery_id
