@@ -110,3 +110,21 @@ def print_detail(doc: dict[str, Any]) -> None:
             _plain(str(a["error"])[:120]),
         )
     out.print(table)
+    cut = body_cut(doc["attempts"])
+    if cut:
+        out.print(cut, soft_wrap=True)
+
+
+def body_cut(attempts: list[dict[str, Any]]) -> str:
+    """A sentence when history keeps only the first bytes of the delivery's body ('' if whole)."""
+    a = next((a for a in attempts if a.get("request_body_truncated")), None)
+    if a is None:
+        return ""
+    whole = int(a.get("request_body_bytes") or 0)
+    if "request_body" in a:  # read with the payload
+        kept = f"{len(str(a['request_body']).encode()):,} of {whole:,} bytes kept"
+    else:
+        kept = f"the first bytes of {whole:,} kept"
+    return (f"body cut: {kept}, sha256 {a.get('request_body_sha256')} (the receiver got the whole "
+            f"body; a resend reads it back from {a['source_topic']}[{a['source_partition']}]"
+            f"@{a['source_offset']})")

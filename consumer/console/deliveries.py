@@ -157,7 +157,7 @@ class DeliveryPages(ConsoleBase):
         return self._page(
             request, "delivery.html", session, status=status, title=delivery_id,
             delivery_id=delivery_id, first=first, last=last, attempts=attempts, hold=hold,
-            body=pretty_body(body), sent_headers=headers,
+            body=pretty_body(body), body_kept=len(body.encode()), sent_headers=headers,
             signed=bool(endpoint and endpoint.signing_secrets), timings=timings,
             awaiting=awaiting, landed=landed, refresh=refresh, error=error,
             waited_out=bool(awaiting and not landed and refresh is None),
