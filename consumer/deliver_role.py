@@ -93,9 +93,6 @@ async def serve_deliver(role: DeliverRole, install_signals: bool = True) -> None
             loop.add_signal_handler(sig, role.stop)
     await asyncio.to_thread(wait_for_broker, role.settings, 30.0)
     await asyncio.to_thread(check_topics, role.settings, "deliver")  # ConfigError: exit 78
-    role.watch = watch = BrokerWatch(role.settings)
-    watch.start()
-    role.metrics.kafka_reachable.set_function(lambda: float(watch.reachable))
 
     # Registry changes arrive on the follower's thread; per-endpoint state lives on the loop.
     def on_change(space: str, before: Endpoint | None, after: Endpoint | None) -> None:
@@ -105,6 +102,9 @@ async def serve_deliver(role: DeliverRole, install_signals: bool = True) -> None
     host, port = role.settings.deliver_host_port(role.worker)
     app = build_app(role.metrics, role.readiness, role.settings, health=role.service.endpoint_health)
     role.admin = await start_admin(app, host, port)
+    role.watch = watch = BrokerWatch(role.settings)
+    watch.start()
+    role.metrics.kafka_reachable.set_function(lambda: float(watch.reachable))
     try:
         if role.follower is not None:
             role.follower.start()
@@ -116,7 +116,7 @@ async def serve_deliver(role: DeliverRole, install_signals: bool = True) -> None
         if role.follower is not None:
             await asyncio.to_thread(role.follower.stop)
         await role.admin.cleanup()
-        await asyncio.to_thread(role.watch.stop)
+        await asyncio.to_thread(watch.stop)
         await asyncio.to_thread(tracing.current().flush)  # the batch processor's last spans
 
 

@@ -133,13 +133,13 @@ async def serve_history(role: HistoryRole, install_signals: bool = True) -> None
             loop.add_signal_handler(sig, role.stop)
     await asyncio.to_thread(wait_for_broker, role.settings, 30.0)
     await asyncio.to_thread(check_topics, role.settings, "history")  # ConfigError: exit 78
-    role.watch = watch = BrokerWatch(role.settings)
-    watch.start()
-    role.metrics.kafka_reachable.set_function(lambda: float(watch.reachable))
     role.producer = AsyncProducer(role.settings)
     host, port = role.settings.admin_host_port
     app = history_app(role.metrics, role.readiness, role, health=role.endpoints_health, console=role)
     role.admin = await start_admin(app, host, port)
+    role.watch = watch = BrokerWatch(role.settings)
+    watch.start()
+    role.metrics.kafka_reachable.set_function(lambda: float(watch.reachable))
     try:
         role.ingest.start()
         if role.follower is not None:
@@ -154,5 +154,5 @@ async def serve_history(role: HistoryRole, install_signals: bool = True) -> None
         await role.admin.cleanup()
         if role.producer is not None:
             await asyncio.to_thread(role.producer.close, 10.0)
-        await asyncio.to_thread(role.watch.stop)
+        await asyncio.to_thread(watch.stop)
         log.info("stopped")
