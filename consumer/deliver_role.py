@@ -57,7 +57,7 @@ class DeliverRole:
             "broker": self.service.started and self.watch is not None and self.watch.reachable,
             "assignment": self.service.assigned_once,
             "endpoints": self.registry.loaded,
-            "kafka_writes": not getattr(self.service, "writes_blocked", False),
+            "kafka_writes": not self.service.writes_blocked,
         }
 
     def stop(self) -> None:
