@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import os
 import re
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,12 +23,13 @@ from confluent_kafka.admin import AdminClient
 from consumer import attempts
 from consumer import constants as c
 from consumer.budget import HISTORY_BODY_MAX, budget_of
-from consumer.cli_history_output import body_cut
+from consumer.cli_history_output import body_cut, print_detail
 from consumer.config import load_settings
 from consumer.endpoints import EndpointRegistry, endpoint_id_for, parse_record
 from consumer.kafka_io import ensure_topics
 from consumer.models import delivery_id_for
 from consumer.originals import OriginalUnavailable, Wanted, read_originals
+from tests.conftest import REPO
 from tests.support import end_offsets, event_records, make_event, produce, read_topic, unique, wait_for
 from tests.test_console import TOKEN as CONSOLE_TOKEN
 from tests.test_console import Context, _served
@@ -55,7 +60,9 @@ def attempt_records(kafka: str, since: dict[tuple[str, int], int], delivery_id: 
 
 @pytest.mark.integration
 @pytest.mark.timeout(120)
-async def test_a_quote_heavy_event_is_delivered_whole_recorded_cut_and_resent_whole(harness, receiver):
+async def test_a_quote_heavy_event_is_delivered_whole_recorded_cut_and_resent_whole(
+    harness, receiver, capsys
+):
     space = unique("cut")
     settings = harness.settings([{"space": space, "url": receiver.url("/cut")}], admin_token=TOKEN)
     await harness.start(settings)
@@ -78,12 +85,13 @@ async def test_a_quote_heavy_event_is_delivered_whole_recorded_cut_and_resent_wh
     assert (row["source_topic"], row["source_offset"] >= 0) == (harness.events_topic, True)
     records = await asyncio.to_thread(attempt_records, harness.kafka, records_since, delivery_id)
     largest = max(len(value) for value in records)
-    print(f"largest attempt record of the quote-heavy {len(body):,}-byte event: {largest:,} bytes "
-          f"(record_max_bytes {RECORD_MAX:,})")
     assert largest <= RECORD_MAX
     # `history --delivery-id` says so, from the API's detail.
-    assert body_cut(doc["attempts"]).startswith(
-        f"body cut: the first bytes of {len(body):,} kept, sha256 {hashlib.sha256(body).hexdigest()}")
+    print_detail(doc)
+    assert f"body cut: the first bytes of {len(body):,} kept, sha256 {sha}" in capsys.readouterr().out
+    with capsys.disabled():  # the figure issue 20's note asks for (run with -s to see it)
+        print(f"\nlargest attempt record of the quote-heavy {len(body):,}-byte event: {largest:,} bytes "
+              f"(record_max_bytes {RECORD_MAX:,})")
 
     # A resend publishes the original, read back from the events topic: never the cut body.
     since = redeliver_ends(harness.kafka)
@@ -193,3 +201,65 @@ def test_history_says_nothing_of_a_whole_body() -> None:
     row = attempts.decode(attempts.encode(attempt("dlv_x", 1, "s", c.STATUS_DELIVERED, datetime.now(UTC),
                                                   request_body='{"id":"evt"}')))
     assert body_cut([{name: getattr(row, name) for name in attempts.COLUMNS}]) == ""
+
+
+# An existing table gains the columns ------------------------------------------------------------
+
+# The table as it was before the cut-body columns, with one row; then `migrate`, twice; then what
+# the old row reads. In a process of its own: chDB opens one path per process.
+UPGRADE_SCRIPT = """
+import sys
+import clickhouse_connect
+from consumer.history import _ddl
+
+path = sys.argv[1]
+client = clickhouse_connect.get_client(dsn="chdb://" + path)
+client.command("CREATE DATABASE perkamo")
+client.command("\\n".join(line for line in _ddl(90).splitlines() if " request_body_" not in line))
+client.command(
+    "INSERT INTO perkamo.webhook_attempts (delivery_id, attempt, event_id, space_slug, status, "
+    "attempted_at, request_body) VALUES ('dlv_old', 1, 'evt_old', 'legacy', 'delivered', "
+    "now64(3) - INTERVAL 1 DAY, '{}')"
+)
+client.close()
+"""
+READ_SCRIPT = """
+import json, sys
+import clickhouse_connect
+client = clickhouse_connect.get_client(dsn="chdb://" + sys.argv[1])
+types = dict(client.query(
+    "SELECT name, type FROM system.columns WHERE database = 'perkamo' AND table = 'webhook_attempts' "
+    "AND name LIKE 'request_body_%'").result_rows)
+row = client.query("SELECT request_body_truncated, request_body_bytes, request_body_sha256 "
+                   "FROM perkamo.webhook_attempts FINAL").result_rows
+print(json.dumps({"types": types, "rows": [list(r) for r in row]}))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_migrate_adds_the_cut_body_columns_to_an_existing_table(tmp_path):
+    def python(script: str, *args: str) -> str:
+        done = subprocess.run([sys.executable, "-c", script, *args], check=False, capture_output=True,
+                              text=True, timeout=120, cwd=REPO)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    path = tmp_path / "history"
+    python(UPGRADE_SCRIPT, str(path))
+    env = {**os.environ, "PERKAMO_HISTORY_DSN": f"chdb://{path}", "PERKAMO_DATA_DIR": str(tmp_path),
+           "PYTHONPATH": str(REPO)}
+    env.pop("PERKAMO_SETTINGS_FILE", None)
+    def migrate() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "consumer", "migrate"], check=False,
+                              capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+
+    first = migrate()
+    assert first.returncode == 0, first.stderr
+    for column in ("request_body_truncated", "request_body_bytes", "request_body_sha256"):
+        assert f"added column {column}" in first.stdout
+    again = migrate()
+    assert again.returncode == 0 and "added column" not in again.stdout
+    after = json.loads(python(READ_SCRIPT, str(path)))
+    assert after["types"] == {"request_body_truncated": "Bool", "request_body_bytes": "UInt32",
+                              "request_body_sha256": "String"}
+    assert after["rows"] == [[False, 0, ""]]  # an old row: its body is whole
