@@ -109,17 +109,21 @@ async def test_a_quote_heavy_event_is_delivered_whole_recorded_cut_and_resent_wh
 # Originals that cannot be had -----------------------------------------------------------------
 
 
-@pytest.fixture
-def source_topic(kafka: str) -> tuple[str, list[bytes]]:
-    """A one-partition topic holding three bodies, the first removed as retention would."""
+def topic_holding(kafka: str, bodies: list[bytes]) -> str:
+    """A new one-partition topic holding `bodies`, the first removed as retention would."""
     topic = unique("perkamo.originals.test")
     ensure_topics(kafka, [(topic, 1, {})])
-    bodies = [orjson.dumps({"n": n, "pad": "x" * 100}) for n in range(3)]
     produce(kafka, topic, bodies, partition=0)
     admin = AdminClient({"bootstrap.servers": kafka})
     for future in admin.delete_records([TopicPartition(topic, 0, 1)]).values():
         future.result(timeout=30)
-    return topic, bodies
+    return topic
+
+
+@pytest.fixture
+def source_topic(kafka: str) -> tuple[str, list[bytes]]:
+    bodies = [orjson.dumps({"n": n, "pad": "x" * 100}) for n in range(3)]
+    return topic_holding(kafka, bodies), bodies
 
 
 def _wanted(name: str, topic: str, offset: int, body: bytes) -> Wanted:
@@ -150,30 +154,41 @@ def test_an_original_is_read_back_checked_or_refused_with_why(kafka, source_topi
 
 @pytest.mark.integration
 @pytest.mark.timeout(120)
-async def test_a_resend_whose_original_is_gone_is_refused_and_nothing_is_published(
-    harness, receiver, source_topic
+async def test_a_cut_body_whose_original_is_gone_is_refused_and_the_rest_of_a_replay_goes_out(
+    harness, receiver
 ):
-    topic, bodies = source_topic
     space = unique("gone")
+    bodies = [orjson.dumps(make_event(space)) for _ in range(2)]
+    topic = topic_holding(harness.kafka, bodies)  # the first is past retention, the second is there
     settings = harness.settings([{"space": space, "url": receiver.url("/gone")}], admin_token=TOKEN)
     await harness.start(settings)
     api = Api(settings)
     at = datetime.now(UTC) - timedelta(minutes=5)
-    delivery_id = f"dlv_{space}"
-    harness.store.insert([attempt(
-        delivery_id, 1, space, c.STATUS_DELIVERED, at, source_topic=topic, source_offset=0,
-        request_body=bodies[0][:10].decode(), request_body_truncated=True,
-        request_body_bytes=len(bodies[0]), request_body_sha256=hashlib.sha256(bodies[0]).hexdigest(),
-    )])
+    gone, kept = f"dlv_{space}_gone", f"dlv_{space}_kept"
+    harness.store.insert([
+        attempt(delivery_id, 1, space, c.STATUS_DELIVERED, at, source_topic=topic, source_offset=n,
+                request_body=bodies[n][:10].decode(), request_body_truncated=True,
+                request_body_bytes=len(bodies[n]), request_body_sha256=hashlib.sha256(bodies[n]).hexdigest())
+        for n, delivery_id in enumerate((gone, kept))
+    ])
     since = redeliver_ends(harness.kafka)
-    status, answer = await api.post(f"/deliveries/{delivery_id}/resend")
+    status, answer = await api.post(f"/deliveries/{gone}/resend")
     assert status == 404, answer
-    assert "past the topic's retention" in answer["error"] and delivery_id in answer["error"]
+    assert "past the topic's retention" in answer["error"] and gone in answer["error"]
     after = await asyncio.to_thread(read_topic, harness.kafka, c.REDELIVER_TOPIC, since, 3.0)
     assert [m for m in after if m.key() == space.encode()] == []
     # Refused, so not "on its way": asking again gets the same answer, not a conflict.
-    status, again = await api.post(f"/deliveries/{delivery_id}/resend")
+    status, again = await api.post(f"/deliveries/{gone}/resend")
     assert status == 404 and again["error"] == answer["error"]
+
+    # A replay of both publishes the one whose original is there, whole, and skips the other.
+    status, done = await api.post("/replay", {"space": space, "since": "1h"})
+    assert status == 202, done
+    assert (done["matched"], done["published"]) == (2, 1)
+    (message,) = await asyncio.to_thread(republished, harness.kafka, space, since)
+    assert message.value() == bodies[1] and dict(message.headers())[c.K_DELIVERY_ID] == kept.encode()
+    await wait_for(lambda: receiver.to("/gone"), timeout=30, what="the replayed delivery")
+    assert receiver.to("/gone")[0].body == bodies[1]
 
 
 # The console's delivery page -------------------------------------------------------------------
