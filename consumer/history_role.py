@@ -59,7 +59,7 @@ class HistoryRole:
             "broker": self.producer is not None and self.watch is not None and self.watch.reachable,
             "assignment": self.ingest.assigned_once,
             "endpoints": self.registry.loaded,
-            "history": self.ingest.healthy,
+            "history": self.ingest.healthy and self.ingest.running,
         }
 
     # What the history API (consumer.history_api.AdminContext) and the console

@@ -86,6 +86,11 @@ class HistoryIngest:
         self._thread = threading.Thread(target=self._run, name="history-ingest", daemon=True)
         self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        """The writer's thread is alive (it ends on a stop, or on an error it cannot get past)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self, timeout: float = 30.0) -> bool:
         """Insert and commit what is gathered, leave the group; False if rows were left."""
         self._stop.set()
@@ -115,7 +120,10 @@ class HistoryIngest:
             log.exception("history ingest stopped; attempt records wait on %s", ATTEMPTS_TOPIC)
             self.healthy = False
         finally:
-            consumer.close()
+            try:
+                consumer.close()
+            finally:  # no statistics come any more: a series left behind would freeze
+                self._drop([TopicPartition(t, p) for t, p in self._assigned])
 
     def _gather(self, msgs: list[Message]) -> None:
         for msg in msgs:

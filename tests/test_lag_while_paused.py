@@ -68,3 +68,36 @@ async def test_the_history_lag_grows_while_its_store_fails(kafka: str, topics: A
     finally:
         watch.stop()
         await asyncio.to_thread(ingest.stop, 5.0)
+    # Stopped: no statistics come any more, so no series is left to freeze.
+    assert not [s for m in metrics.registry.collect() if m.name == "perkamo_webhook_consumer_lag"
+                for s in m.samples]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+async def test_a_history_writer_that_died_leaves_no_lag_series(kafka: str, topics: Any) -> None:
+    group = unique("lag-dead")
+    fast_forward_group(kafka, group, [c.ATTEMPTS_TOPIC])
+    settings = load_settings(kafka_bootstrap_servers=kafka, history_group_id=group, lag_interval_s=0.3,
+                             history_flush_interval_s=0.1, drain_timeout_s=1.0)
+    space = unique("lag-dead")
+
+    def broken_listener(rows: list[AttemptRow]) -> None:
+        raise RuntimeError("a bug after the insert (test)")
+
+    metrics = Metrics()
+    ingest = HistoryIngest(settings, lambda rows: None, metrics, on_rows=broken_listener)
+    ingest.start()
+    try:
+        await wait_for(lambda: lag(metrics) >= 0 and [
+            s for m in metrics.registry.collect() if m.name == "perkamo_webhook_consumer_lag"
+            for s in m.samples], timeout=30, what="lag series")
+        produce(kafka, c.ATTEMPTS_TOPIC, [attempts.encode(row(n, space)) for n in range(3)])
+        thread = ingest._thread
+        assert thread is not None
+        await wait_for(lambda: not thread.is_alive(), timeout=30, what="the writer's thread to end")
+        assert ingest.running is False  # the history role's /readyz says `history: false`
+        await wait_for(lambda: not [s for m in metrics.registry.collect()
+                                    if m.name == "perkamo_webhook_consumer_lag" for s in m.samples],
+                       timeout=15, what="its lag series to go (no statistics come any more)")
+    finally:
+        await asyncio.to_thread(ingest.stop, 5.0)

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from consumer.deliver_role import DeliverRole
+from consumer.history_role import HistoryRole
 
 
 def deliver(reachable: bool | None, writes_blocked: bool) -> DeliverRole:
@@ -31,3 +32,17 @@ async def test_not_ready_while_a_write_waits_for_kafka() -> None:
     checks = await deliver(reachable=True, writes_blocked=True).readiness()
     assert checks["kafka_writes"] is False and checks["broker"] is True
 
+
+
+def history(reachable: bool, healthy: bool = True, running: bool = True) -> HistoryRole:
+    ingest: Any = SimpleNamespace(assigned_once=True, healthy=healthy, running=running)
+    return HistoryRole(settings=None, metrics=None, store=None, registry=SimpleNamespace(loaded=True),  # type: ignore[arg-type]
+                       ingest=ingest, health=None, producer=object(),  # type: ignore[arg-type]
+                       watch=SimpleNamespace(reachable=reachable))  # type: ignore[arg-type]
+
+
+async def test_history_is_ready_only_while_kafka_answers_and_its_writer_runs() -> None:
+    assert all((await history(reachable=True).readiness()).values())
+    assert (await history(reachable=False).readiness())["broker"] is False
+    assert (await history(reachable=True, healthy=False).readiness())["history"] is False
+    assert (await history(reachable=True, running=False).readiness())["history"] is False
