@@ -19,7 +19,7 @@ from typing import Final
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from consumer.kafka_io import Source, client_config, make_client
-from consumer.republish_plan import NotFound
+from consumer.republish_plan import NotFound, NotReady
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,13 @@ _GROUP: Final = "perkamo-webhooks-originals"  # librdkafka wants one; it is neve
 
 class OriginalUnavailable(NotFound):
     """A cut body's original cannot be re-published: gone from its topic, or not the same bytes."""
+
+
+class OriginalOutOfReach(NotReady):
+    """Kafka did not answer in time: the original may still be there; try again."""
+
+
+Refusal = OriginalUnavailable | OriginalOutOfReach
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +56,7 @@ class Wanted:
 
 def read_originals(
     source: Source, wanted: Sequence[Wanted], wait_s: float = WAIT_S
-) -> dict[str, bytes | OriginalUnavailable]:
+) -> dict[str, bytes | Refusal]:
     """Per delivery id, its whole body (checked), or why it cannot be had: a sentence."""
     if not wanted:
         return {}
@@ -61,6 +68,10 @@ def read_originals(
         "enable.partition.eof": True,
         "auto.offset.reset": "error",  # never a neighbour's message in place of the one asked for
         "client.id": "perkamo-webhooks-originals",
+        # A broker out of reach is said once, in the refusal's sentence; without these,
+        # librdkafka logs a connection failure every few tens of milliseconds of the wait.
+        "log_level": 2,
+        "error_cb": _quiet,
     }
     consumer: Consumer = make_client(Consumer, config)
     deadline = time.monotonic() + wait_s
@@ -70,9 +81,9 @@ def read_originals(
         consumer.close()
 
 
-def _read_one(consumer: Consumer, w: Wanted, deadline: float) -> bytes | OriginalUnavailable:
+def _read_one(consumer: Consumer, w: Wanted, deadline: float) -> bytes | Refusal:
     value = _fetch(consumer, w, deadline)
-    if isinstance(value, OriginalUnavailable):
+    if not isinstance(value, bytes):
         log.warning("delivery %s: %s", w.delivery_id, value)
         return value
     if len(value) != w.size or hashlib.sha256(value).hexdigest() != w.sha256:
@@ -86,14 +97,14 @@ def _read_one(consumer: Consumer, w: Wanted, deadline: float) -> bytes | Origina
     return value
 
 
-def _fetch(consumer: Consumer, w: Wanted, deadline: float) -> bytes | OriginalUnavailable:
+def _fetch(consumer: Consumer, w: Wanted, deadline: float) -> bytes | Refusal:
     gone = (
         f"delivery {w.delivery_id} cannot be re-published: history keeps only the first bytes of "
         f"its {w.size:,}-byte body, and the original at {w.where} is"
     )
-    problem = _off_the_topic(consumer, w, deadline)
+    problem = _off_the_topic(consumer, w, deadline, gone)
     if problem:
-        return OriginalUnavailable(f"{gone} {problem}")
+        return problem
     consumer.assign([TopicPartition(w.topic, w.partition, w.offset)])
     try:
         while (left := _left(deadline)) > 0:
@@ -107,13 +118,13 @@ def _fetch(consumer: Consumer, w: Wanted, deadline: float) -> bytes | OriginalUn
                     return OriginalUnavailable(f"{gone} unreadable ({err.str()})")
                 # A later offset, or the partition's end, where it should be: compacted away.
                 return OriginalUnavailable(f"{gone} no longer there")
-        return OriginalUnavailable(f"{gone} out of reach: not read in time; try again")
+        return OriginalOutOfReach(f"{gone} out of reach: not read in time; try again")
     finally:
         consumer.unassign()
 
 
-def _off_the_topic(consumer: Consumer, w: Wanted, deadline: float) -> str:
-    """Why the partition cannot hold the offset now ('' if it may)."""
+def _off_the_topic(consumer: Consumer, w: Wanted, deadline: float, gone: str) -> Refusal | None:
+    """Why the partition cannot hold the offset now (None if it may)."""
     tp = TopicPartition(w.topic, w.partition)
     try:
         low, high = consumer.get_watermark_offsets(tp, timeout=_left(deadline), cached=False)
@@ -122,13 +133,18 @@ def _off_the_topic(consumer: Consumer, w: Wanted, deadline: float) -> str:
         if isinstance(err, KafkaError) and err.code() in (
             KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION
         ):
-            return "no longer there (the topic or partition is gone)"
-        return f"out of reach: Kafka did not answer in time ({exc}); try again"
+            return OriginalUnavailable(f"{gone} no longer there (the topic or partition is gone)")
+        return OriginalOutOfReach(f"{gone} out of reach: Kafka did not answer in time ({exc}); try again")
     if w.offset < low:
-        return f"past the topic's retention (the partition starts at offset {low} now)"
+        return OriginalUnavailable(
+            f"{gone} past the topic's retention (the partition starts at offset {low} now)")
     if w.offset >= high:
-        return f"not on the topic (the partition ends before offset {w.offset})"
-    return ""
+        return OriginalUnavailable(f"{gone} not on the topic (the partition ends before offset {w.offset})")
+    return None
+
+
+def _quiet(err: KafkaError) -> None:
+    log.debug("reading an original: %s", err)
 
 
 def _left(deadline: float) -> float:

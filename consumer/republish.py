@@ -38,7 +38,7 @@ from consumer.headers import republish_headers
 from consumer.kafka_io import AsyncProducer, Source
 from consumer.metrics import Metrics
 from consumer.models import stable_id
-from consumer.originals import OriginalUnavailable, Wanted, read_originals
+from consumer.originals import OriginalUnavailable, Refusal, Wanted, read_originals
 from consumer.queries import LATEST, Reader, SeveralSpaces, check_text, iso
 from consumer.republish_plan import (
     MAX_ATTEMPT,
@@ -330,7 +330,7 @@ class Republisher:
 
     def _bodies(
         self, space: str, delivery_ids: list[str]
-    ) -> tuple[dict[str, bytes], dict[str, OriginalUnavailable]]:
+    ) -> tuple[dict[str, bytes], dict[str, Refusal]]:
         """The bodies to publish, and the deliveries refused with why. History holds the whole
         body, or, where its records carry a cut one, the original is read back from its source
         topic and checked (consumer.originals): a cut body is never published."""
@@ -350,12 +350,12 @@ class Republisher:
                 f"delivery {w.delivery_id} cannot be re-published: history keeps only the first bytes "
                 "of its body, and this process has no Kafka connection to read the original from"
             ) for w in wanted}
-        refused: dict[str, OriginalUnavailable] = {}
+        refused: dict[str, Refusal] = {}
         for did, found in read_originals(self._originals, wanted).items():
-            if isinstance(found, OriginalUnavailable):
-                refused[did] = found
-            else:
+            if isinstance(found, bytes):
                 bodies[did] = found
+            else:
+                refused[did] = found
         return bodies, refused
 
     async def _publish(

@@ -28,9 +28,19 @@ from consumer.config import load_settings
 from consumer.endpoints import EndpointRegistry, endpoint_id_for, parse_record
 from consumer.kafka_io import ensure_topics
 from consumer.models import delivery_id_for
-from consumer.originals import OriginalUnavailable, Wanted, read_originals
+from consumer.originals import OriginalOutOfReach, OriginalUnavailable, Wanted, read_originals
+from consumer.republish_plan import NotReady
 from tests.conftest import REPO
-from tests.support import end_offsets, event_records, make_event, produce, read_topic, unique, wait_for
+from tests.support import (
+    end_offsets,
+    event_records,
+    free_port,
+    make_event,
+    produce,
+    read_topic,
+    unique,
+    wait_for,
+)
 from tests.test_console import TOKEN as CONSOLE_TOKEN
 from tests.test_console import Context, _served
 from tests.test_history_api import TOKEN, Api, redeliver_ends, republished, wait_delivery
@@ -189,6 +199,14 @@ async def test_a_cut_body_whose_original_is_gone_is_refused_and_the_rest_of_a_re
     assert message.value() == bodies[1] and dict(message.headers())[c.K_DELIVERY_ID] == kept.encode()
     await wait_for(lambda: receiver.to("/gone"), timeout=30, what="the replayed delivery")
     assert receiver.to("/gone")[0].body == bodies[1]
+
+
+def test_an_original_out_of_reach_is_a_try_again_not_a_refusal():
+    """No broker answers: the original may well be there, so the answer is 503-like (NotReady)."""
+    wanted = _wanted("d", "perkamo.events", 5, b"{}")
+    (found,) = read_originals(f"127.0.0.1:{free_port()}", [wanted], wait_s=1.0).values()
+    assert isinstance(found, OriginalOutOfReach) and isinstance(found, NotReady)
+    assert "out of reach" in str(found) and "try again" in str(found)
 
 
 # The console's delivery page -------------------------------------------------------------------
