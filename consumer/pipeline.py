@@ -105,7 +105,9 @@ class Pipeline:
         self._deliverer = deliverer
         self._gates = gates
         self._on_hold = on_hold
-        self.out = DurablePublisher(producer, metrics, budget_of(settings.max_payload_bytes))
+        budget = budget_of(settings.max_payload_bytes)
+        self.out = DurablePublisher(producer, metrics, budget)
+        self._record_max = budget.record_max_bytes
         self.tiers = settings.tier_seconds
         self.retry_topics = {tier_topic(name): name for name, _ in self.tiers}
         # Topics only the service writes: their perkamo-* headers are its own, and trusted.
@@ -328,7 +330,8 @@ class Pipeline:
     # Records ---------------------------------------------------------------------------------
 
     def _record(self, row: AttemptRow) -> Outgoing:
-        return Outgoing(c.ATTEMPTS_TOPIC, attempts.encode(row), row.delivery_id, None, "attempt record")
+        value = attempts.encode(row, self._record_max)  # the body cut if need be: it always fits
+        return Outgoing(c.ATTEMPTS_TOPIC, value, row.delivery_id, None, "attempt record")
 
     def _exhausted(self, job: Job, reason: str, calls: int, result: AttemptResult | None) -> Outgoing:
         record = operational.delivery_exhausted(
