@@ -127,6 +127,21 @@ async def test_a_space_session_reaches_only_its_own_rows_of_an_id(harness, recei
             assert response.headers["X-Content-Type-Options"] == "nosniff"
         status, _, headers = await alpha.get("/console", redirects=False)
         assert status in (301, 302, 303, 307, 308) and headers["Location"] == "/console/"
+
+        # An admin session sees the id in both Spaces, and resends one by naming its Space.
+        admin = Browser(settings)
+        browsers["admin"] = admin
+        await admin.sign_in()
+        status, html, _ = await admin.get(f"/console/deliveries/{shared}")
+        assert status == 409 and a in html and b in html and "?space=" in html
+        status, html, _ = await admin.get(f"/console/deliveries/{shared}?space={b}")
+        assert status == 200 and "B&#39;s receiver said this" in html
+        fields = dict(re.findall(r'<input type="hidden" name="(csrf|space)" value="([^"]*)">', html))
+        assert fields["space"] == b
+        status, _, headers = await admin.post(f"/console/deliveries/{shared}/resend", fields)
+        assert status == 303 and f"space={b}" in headers["Location"], headers
+        assert len(republished(harness.kafka, b, before)) == 1
+        assert republished(harness.kafka, a, before) == []
     finally:
         for browser in browsers.values():
             await browser.close()

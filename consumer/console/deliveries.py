@@ -187,7 +187,9 @@ class DeliveryPages(ConsoleBase):
                                              space=space)
         log.info("console resend of delivery %s (space %s) by %s session: attempt %d",
                  delivery_id, attempts[0]["space_slug"], session.role, result.attempt)
-        return see_other(f"{PREFIX}/deliveries/{delivery_id}?awaiting={result.attempt}&t={int(time.time())}")
+        where = urlencode({"awaiting": result.attempt, "t": int(time.time()),
+                           **({} if session.scope else {"space": space})})
+        return see_other(f"{PREFIX}/deliveries/{delivery_id}?{where}")
 
     # Replay ---------------------------------------------------------------------------------
 
