@@ -291,9 +291,10 @@ def ensure_topics(
                     raise KafkaFailure(f"cannot create topic {name}: {exc}") from None
         _wait_for_leaders(admin, [name for name, _, _ in topics], timeout)
         meta = admin.list_topics(timeout=timeout).topics  # another client may have won a race
-    existing = {name: _capped(cfg, _replicas(meta[name])) for name, _, cfg in topics
-                if name in meta and name not in created and any(k in cfg for k in KEPT_IN_STEP)}
-    _keep_in_step(admin, existing, timeout)
+    # Every topic asked for (the new ones too: their config must be what the brokers report).
+    kept = {name: _capped(cfg, _replicas(meta[name])) for name, _, cfg in topics
+            if name in meta and any(k in cfg for k in KEPT_IN_STEP)}
+    _keep_in_step(admin, kept, timeout)
     return created
 
 
@@ -308,27 +309,50 @@ def _capped(config: dict[str, str], replicas: int) -> dict[str, str]:
 
 
 def _keep_in_step(admin: AdminClient, wanted: dict[str, dict[str, str]], timeout: float) -> None:
-    """Set the KEPT_IN_STEP keys of existing topics where the broker's value differs."""
+    """Set the KEPT_IN_STEP keys of these topics where the broker's value differs, then wait
+    until the brokers report them: on a cluster a broker may answer with the old value for a
+    moment, and a role started right after `topics` must not read that."""
+    wanted = {name: {k: v for k, v in cfg.items() if k in KEPT_IN_STEP} for name, cfg in wanted.items()}
+    differ = _differences(admin, wanted, timeout)
+    if differ:
+        changes = [
+            ConfigResource(ConfigResource.Type.TOPIC, name, incremental_configs=[
+                ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET) for k, v in keys.items()])
+            for name, keys in differ.items()
+        ]
+        for resource, fut in admin.incremental_alter_configs(changes, request_timeout=timeout).items():
+            try:
+                fut.result(timeout)
+            except KafkaException as exc:
+                raise KafkaFailure(f"cannot change the config of topic {resource.name}: {exc}") from None
+    deadline = time.monotonic() + timeout
+    while differ:
+        time.sleep(0.2)
+        differ = _differences(admin, differ, timeout)
+        if differ and time.monotonic() > deadline:
+            keys = sorted({k for changed in differ.values() for k in changed})
+            raise KafkaFailure(f"topics {', '.join(sorted(differ))}: the brokers still report the old "
+                               f"{', '.join(keys)} after {timeout:.0f}s; try again")
+
+
+def _differences(
+    admin: AdminClient, wanted: dict[str, dict[str, str]], timeout: float
+) -> dict[str, dict[str, str]]:
+    """Per topic, the wanted keys whose value the broker reports otherwise (a topic it does not
+    know yet counts as all of them)."""
     if not wanted:
-        return
+        return {}
     resources = [ConfigResource(ConfigResource.Type.TOPIC, name) for name in wanted]
-    changes = []
+    out: dict[str, dict[str, str]] = {}
     for resource, fut in admin.describe_configs(resources, request_timeout=timeout).items():
-        current = {k: v.value for k, v in fut.result(timeout).items()}
-        differ = {k: v for k, v in wanted[resource.name].items()
-                  if k in KEPT_IN_STEP and current.get(k) != v}
-        if differ:
-            changes.append(ConfigResource(
-                ConfigResource.Type.TOPIC, resource.name,
-                incremental_configs=[ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
-                                     for k, v in differ.items()]))
-    if not changes:
-        return
-    for resource, fut in admin.incremental_alter_configs(changes, request_timeout=timeout).items():
         try:
-            fut.result(timeout)
-        except KafkaException as exc:
-            raise KafkaFailure(f"cannot change the config of topic {resource.name}: {exc}") from None
+            current = {k: v.value for k, v in fut.result(timeout).items()}
+        except KafkaException:
+            current = {}
+        keys = {k: v for k, v in wanted[resource.name].items() if current.get(k) != v}
+        if keys:
+            out[resource.name] = keys
+    return out
 
 
 def _wait_for_leaders(admin: AdminClient, names: Sequence[str], timeout: float) -> None:
