@@ -23,13 +23,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from consumer.auth import AdminAuth, AuthError, install, token_ok
 from consumer.config import Settings
-from consumer.errors import PerkamoError
+from consumer.errors import ApiError, RequestError
 from consumer.metrics import Metrics
-from consumer.queries import (
-    BadRequest,
-    Busy,
-)
-from consumer.republish_plan import Conflict, NotFound, NotReady, PublishFailed
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +38,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 API = "/api/v1"
 # On every answer of the admin listener, streamed ones and errors included.
 ANSWER_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
-
-
-class ApiError(PerkamoError):
-    """An answer other than 2xx: status, message, and extra JSON fields."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None,
-                 **extra: Any) -> None:
-        super().__init__(message)
-        self.status = status
-        self.headers = headers
-        self.extra = extra
 
 
 def _dumps(doc: Any) -> str:
@@ -110,7 +94,7 @@ async def _answer_headers(_: web.Request, response: web.StreamResponse) -> None:
 
 
 @web.middleware
-async def _errors(  # noqa: PLR0911 - one answer per error type
+async def _errors(
     request: web.Request, handler: Handler
 ) -> web.StreamResponse:
     """Map the API's errors to JSON answers; never echo payloads or URLs."""
@@ -118,25 +102,10 @@ async def _errors(  # noqa: PLR0911 - one answer per error type
         return await handler(request)
     except AuthError as exc:
         return exc.response()
-    except ApiError as exc:
-        response = json_answer({"error": str(exc), **exc.extra}, status=exc.status)
-        response.headers.update(exc.headers or {})
+    except RequestError as exc:  # each carries its status (consumer.errors)
+        response = json_answer({"error": str(exc), **exc.fields()}, status=exc.status)
+        response.headers.update(exc.headers())
         return response
-    except Busy as exc:
-        response = json_answer({"error": str(exc)}, status=429)
-        response.headers["Retry-After"] = str(exc.retry_after_s)
-        return response
-    except BadRequest as exc:
-        return json_answer({"error": str(exc)}, status=400)
-    except NotFound as exc:
-        return json_answer({"error": str(exc)}, status=404)
-    except Conflict as exc:
-        doc = {"error": str(exc), "replay_id": exc.replay_id or None, **exc.details}
-        return json_answer(doc, status=409)
-    except NotReady as exc:
-        return json_answer({"error": str(exc)}, status=503)
-    except PublishFailed as exc:
-        return json_answer({"error": str(exc), "published": exc.published}, status=502)
     except web.HTTPException as exc:
         if not request.path.startswith(API) or exc.status < 400:
             raise

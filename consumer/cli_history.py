@@ -23,11 +23,10 @@ from typing import Any, Final
 from consumer import cli_history_output as history_output
 from consumer.admin_api_client import AdminApiClient, ApiFailure
 from consumer.config import Settings
-from consumer.errors import PerkamoError
+from consumer.errors import BadRequest, PerkamoError
 from consumer.queries import (
     DEFAULT_LIMIT,
     STATUSES,
-    BadRequest,
     DeliveryFilter,
     delivery_detail,
     iso,

@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -22,7 +20,6 @@ from consumer import gctune, tracing
 from consumer.admin import build_app, start_admin
 from consumer.config import Settings
 from consumer.endpoints import EndpointRegistry, load_file
-from consumer.errors import KafkaFailure
 from consumer.kafka_admin import BrokerWatch
 from consumer.kafka_io import use_settings, wait_for_broker
 from consumer.metrics import Metrics
@@ -33,7 +30,6 @@ from consumer.topic_check import check_topics
 
 log = logging.getLogger(__name__)
 
-REGISTRY_LOAD_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -108,7 +104,7 @@ async def serve_deliver(role: DeliverRole, install_signals: bool = True) -> None
     try:
         if role.follower is not None:
             role.follower.start()
-            await wait_for_registry(role.follower, lambda: role.stopping)
+            await role.follower.until_loaded(lambda: role.stopping)
         if role.tune_gc:
             gctune.tune()
         await role.service.run()
@@ -137,15 +133,3 @@ def endpoint_changed(
         role.service.deliverer.forget(before.host)
     if after is None or not after.active:
         role.metrics.forget_space(space)
-
-
-async def wait_for_registry(follower: RegistryFollower, stopping: Callable[[], bool]) -> None:
-    """Deliver nothing before the registry topic was read to its end (docs/architecture.md)."""
-    deadline = time.monotonic() + REGISTRY_LOAD_TIMEOUT_S
-    while not await asyncio.to_thread(follower.wait_loaded, 0.5):
-        if stopping():
-            return
-        if time.monotonic() > deadline:
-            raise KafkaFailure(
-                f"endpoint registry topic not read to its end within {REGISTRY_LOAD_TIMEOUT_S:.0f}s"
-            )

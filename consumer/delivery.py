@@ -19,12 +19,12 @@ from functools import lru_cache
 import aiohttp
 import yarl
 
-from consumer import constants as c
 from consumer import metrics as m
 from consumer import nettiming
 from consumer.addresses import AddressPolicy, TrustedAddresses, url_host
 from consumer.config import Settings
 from consumer.constants import Outcome
+from consumer.contract import contract_headers
 from consumer.errors import BlockedAddress
 from consumer.models import AttemptResult, Endpoint, Event
 from consumer.netguard import GuardedResolver, GuardedSocketFactory, blocked_cause, dialling, take_dial
@@ -39,18 +39,6 @@ _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding")
 # loop's clock (`ceil_threshold`, to batch timers): a 5 s setting timed out after 5 to 6 s. An
 # infinite threshold turns the rounding off, so an attempt times out at the setting.
 _NO_CEIL = math.inf
-
-
-def contract_headers(event: Event, delivery_id: str, attempt: int) -> dict[str, str]:
-    """The v1 contract's request headers, in order."""
-    return {
-        c.H_CONTENT_TYPE: "application/json",
-        c.H_USER_AGENT: c.USER_AGENT,
-        c.H_DELIVERY: delivery_id,
-        c.H_EVENT: event.type,
-        c.H_SPACE: event.space_slug,
-        c.H_ATTEMPT: str(attempt),
-    }
 
 
 def make_ssl_context(ca_bundle: str | None) -> ssl.SSLContext:

@@ -1,4 +1,27 @@
-"""One root error type; each subclass says what went wrong and what to do next."""
+"""One root error type; each subclass says what went wrong and what to do next.
+
+    PerkamoError
+    ├── ConfigError ─────────────── a setting is wrong: start-up stops, exit 78
+    │   ├── BadEndpointsFile (also InvalidEndpoint)
+    │   └── KafkaRefused (also KafkaFailure)
+    ├── InvalidEvent ────────────── an input message cannot become a delivery (dead-lettered)
+    ├── InvalidEndpoint ─────────── an endpoint record breaks the rules
+    ├── BlockedAddress (also OSError) ── the SSRF guard refused the address
+    ├── HistoryUnavailable ──────── the history store did not take a write
+    ├── KafkaFailure ────────────── the broker failed an operation
+    │   └── KafkaWriteFailed ────── one message not taken (`permanent` when refused for good)
+    └── RequestError ────────────── an API or console request that cannot be served as asked;
+        │                           its `status` is the HTTP answer (one mapping: consumer.admin)
+        ├── ApiError (any status it is given)
+        ├── BadRequest (400) ─── SeveralSpaces
+        ├── NotFound (404)
+        ├── Conflict (409)
+        ├── Busy (429, Retry-After)
+        ├── PublishFailed (502)
+        └── NotReady (503)
+"""
+
+from typing import Any, ClassVar
 
 
 class PerkamoError(Exception):
@@ -77,3 +100,93 @@ class KafkaWriteFailed(KafkaFailure):
 class KafkaRefused(KafkaFailure, ConfigError):
     """The cluster refused our credentials or our TLS: a PERKAMO_KAFKA_* setting is wrong, and
     trying again will not help (the supervisor does not restart a role that exits for it)."""
+
+
+class RequestError(PerkamoError):
+    """A request the history API or the console cannot serve as asked; `status` is the HTTP
+    status of its answer, `fields()` what the JSON answer adds to `error`."""
+
+    status: ClassVar[int] = 400
+
+    def fields(self) -> dict[str, Any]:
+        return {}
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class BadRequest(RequestError):
+    """A filter, time or cursor the caller gave is not valid; the message says which and why."""
+
+
+class SeveralSpaces(BadRequest):
+    """An admin asked for a delivery id that has rows in more than one Space (only a forged
+    header could make that): the answer names the Spaces, the caller names one."""
+
+
+class NotFound(RequestError):
+    """History holds no attempt of this delivery (unknown id, or past the TTL)."""
+
+    status = 404
+
+
+class Conflict(RequestError):
+    """Re-publishing now would double work; `force` overrides. Names what it collides with."""
+
+    status = 409
+
+    def __init__(
+        self, message: str, replay_id: str = "", details: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.replay_id = replay_id
+        self.details = details or {}
+
+    def fields(self) -> dict[str, Any]:
+        return {"replay_id": self.replay_id or None, **self.details}
+
+
+class Busy(RequestError):
+    """Every history read place is taken (or this caller's share of them): retry shortly."""
+
+    status = 429
+    retry_after_s: ClassVar[int] = 1
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class PublishFailed(RequestError):
+    """Kafka did not acknowledge some re-published messages; `published` did go out."""
+
+    status = 502
+
+    def __init__(self, message: str, published: int) -> None:
+        super().__init__(message)
+        self.published = published
+
+    def fields(self) -> dict[str, Any]:
+        return {"published": self.published}
+
+
+class NotReady(RequestError):
+    """The consumer's Kafka producer is not started yet: try again in a moment."""
+
+    status = 503
+
+
+class ApiError(RequestError):
+    """An answer of any status the handler chose, with a message and extra JSON fields."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None,
+                 **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status  # type: ignore[misc]  # an instance's own status
+        self._headers = headers or {}
+        self._extra = extra
+
+    def fields(self) -> dict[str, Any]:
+        return self._extra
+
+    def headers(self) -> dict[str, str]:
+        return self._headers

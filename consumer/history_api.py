@@ -32,12 +32,10 @@ from aiohttp import web
 from consumer.admin import API, HealthView, ReadinessCheck, build_app, json_answer
 from consumer.auth import ADMIN, AdminAuth
 from consumer.config import Settings
-from consumer.console import ConsoleContext
-from consumer.console import mount as mount_console
+from consumer.errors import BadRequest, NotFound, NotReady, PublishFailed
 from consumer.metrics import Metrics
 from consumer.queries import (
     DEFAULT_LIMIT,
-    BadRequest,
     DeliveryFilter,
     Reader,
     ReadPool,
@@ -48,7 +46,7 @@ from consumer.queries import (
     parse_time,
 )
 from consumer.republish import Republisher
-from consumer.republish_plan import NotFound, NotReady, PublishFailed, ReplayPlan, Selection
+from consumer.republish_plan import ReplayPlan, Selection
 
 log = logging.getLogger(__name__)
 
@@ -81,19 +79,18 @@ def history_app(
     readiness: ReadinessCheck,
     context: AdminContext,
     health: HealthView | None = None,
-    console: ConsoleContext | None = None,
+    reads: ReadPool | None = None,
 ) -> web.Application:
-    """The history role's admin application: probes, the history API and the console."""
+    """The history role's admin application: probes and the history API. `reads` is the pool
+    and places its reads take (the role shares them with the console it mounts beside)."""
     app = build_app(metrics, readiness, context.settings, health=health)
-    api = HistoryApi(context, metrics)
+    api = HistoryApi(context, metrics, reads)
     api.register(app.router)
 
     async def close_pool(_: web.Application) -> None:
         api.close()
 
     app.on_cleanup.append(close_pool)
-    if console is not None:
-        mount_console(app, console, reads=api.reads)
     return app
 
 
@@ -101,13 +98,13 @@ class HistoryApi:
     """Handlers of /api/v1: reads off the event loop on a pool of their own (the store's client
     blocks; the loop's default executor is left to others), writes through Kafka."""
 
-    def __init__(self, context: AdminContext, metrics: Metrics) -> None:
+    def __init__(self, context: AdminContext, metrics: Metrics, reads: ReadPool | None = None) -> None:
         settings = context.settings
         self._store = context.store
         self._auth = AdminAuth.from_settings(settings)
         self._max_span = timedelta(days=settings.history_max_span_days)
-        # The history reads' pool and places, shared with the console (history_app).
-        self.reads = ReadPool(settings.history_max_concurrent_queries)
+        # The history reads' pool and places, shared with the console (consumer.history_role).
+        self.reads = reads or ReadPool(settings.history_max_concurrent_queries)
         self._slot = self.reads.slot
         self._republisher = context.republisher
 
@@ -212,10 +209,8 @@ class HistoryApi:
                     "eligible": len(plan.todo)})
         try:
             published = await self._republisher.execute(plan, progress)
-        except PublishFailed as exc:
-            await line({"error": str(exc), "status": 502, "published": exc.published})
-        except NotReady as exc:
-            await line({"error": str(exc), "status": 503, "published": 0})
+        except (PublishFailed, NotReady) as exc:
+            await line({"error": str(exc), "status": exc.status, "published": 0, **exc.fields()})
         except Exception as exc:  # the answer has begun: report in the stream, not as a status
             log.exception("replay %s failed while publishing", plan.replay_id)
             await line({"error": f"replay stopped ({type(exc).__name__}); see the consumer log "

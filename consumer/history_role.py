@@ -23,7 +23,7 @@ from consumer import constants as c
 from consumer.admin import start_admin
 from consumer.breaker import CircuitState
 from consumer.config import Settings
-from consumer.deliver_role import wait_for_registry
+from consumer.console import mount as mount_console
 from consumer.endpoints import EndpointRegistry, load_file
 from consumer.health import HealthBook, HealthPolicy, HealthState
 from consumer.history import HistoryStore
@@ -32,6 +32,7 @@ from consumer.ingest import HistoryIngest
 from consumer.kafka_admin import BrokerWatch
 from consumer.kafka_io import AsyncProducer, use_settings, wait_for_broker
 from consumer.metrics import Metrics
+from consumer.queries import ReadPool
 from consumer.registry_publish import Receipt, publish_endpoint_record
 from consumer.registry_topic import RegistryFollower
 from consumer.republish import Republisher
@@ -135,7 +136,9 @@ async def serve_history(role: HistoryRole, install_signals: bool = True) -> None
     await asyncio.to_thread(check_topics, role.settings, "history")  # ConfigError: exit 78
     role.producer = AsyncProducer(role.settings)
     host, port = role.settings.admin_host_port
-    app = history_app(role.metrics, role.readiness, role, health=role.endpoints_health, console=role)
+    reads = ReadPool(role.settings.history_max_concurrent_queries)  # the API's and the console's
+    app = history_app(role.metrics, role.readiness, role, health=role.endpoints_health, reads=reads)
+    mount_console(app, role, reads=reads)
     role.admin = await start_admin(app, host, port)
     role.watch = watch = BrokerWatch(role.settings)
     watch.start()
@@ -144,7 +147,7 @@ async def serve_history(role: HistoryRole, install_signals: bool = True) -> None
         role.ingest.start()
         if role.follower is not None:
             role.follower.start()
-            await wait_for_registry(role.follower, lambda: role.stopping)
+            await role.follower.until_loaded(lambda: role.stopping)
         await role._stop.wait()
     finally:
         log.info("stopping: inserting what is gathered")

@@ -26,9 +26,9 @@ from consumer import attempts
 from consumer.config import Settings
 from consumer.constants import ATTEMPTS_TOPIC
 from consumer.kafka_io import consumer_config
+from consumer.kafka_lag import record_lag
 from consumer.metrics import Metrics
 from consumer.models import AttemptRow
-from consumer.partitions import record_lag
 from consumer.store_errors import cause_of
 
 log = logging.getLogger(__name__)

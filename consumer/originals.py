@@ -18,8 +18,8 @@ from typing import Final
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from consumer.errors import NotFound, NotReady
 from consumer.kafka_io import Source, client_config, make_client
-from consumer.republish_plan import NotFound, NotReady
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any, Final, Protocol, TypeVar
 import orjson
 
 from consumer.constants import STATUS_DELIVERED, STATUS_FAILED, STATUS_HELD, STATUS_RETRYING
-from consumer.errors import PerkamoError
+from consumer.errors import BadRequest, Busy, SeveralSpaces
 from consumer.sql import (
     ATTEMPT_BODY,
     DELIVERIES,
@@ -49,21 +49,6 @@ SEARCH_WINDOW: Final = timedelta(days=30)  # a search without `since` looks this
 SEARCH_LIMIT: Final = 100
 # list_newest_first scans these windows below the page's upper bound before the whole range.
 NARROWING_STEPS: Final = (timedelta(hours=1), timedelta(days=1), timedelta(days=7))
-
-
-class BadRequest(PerkamoError):
-    """A filter, time or cursor the caller gave is not valid; the message says which and why."""
-
-
-class SeveralSpaces(BadRequest):
-    """An admin asked for a delivery id that has rows in more than one Space (only a forged
-    header could make that): the answer names the Spaces, the caller names one."""
-
-
-class Busy(PerkamoError):
-    """Every history read place is taken (or this caller's share of them): retry shortly."""
-
-    retry_after_s: Final = 1
 
 
 class Reader(Protocol):

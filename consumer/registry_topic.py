@@ -14,10 +14,12 @@ counts as loaded (file only) and the follower keeps checking for the topic.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Final
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -28,6 +30,8 @@ from consumer.endpoints import EndpointRegistry
 from consumer.errors import KafkaFailure, PerkamoError
 from consumer.kafka_io import Source, client_config, make_client
 from consumer.metrics import Metrics
+
+REGISTRY_LOAD_TIMEOUT_S: Final = 60.0
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +191,18 @@ class RegistryFollower:
     def wait_loaded(self, timeout: float) -> bool:
         """True once the topic was read to its end (or found missing) within the timeout."""
         return self._loaded.wait(timeout)
+
+    async def until_loaded(
+        self, stopping: Callable[[], bool], timeout: float = REGISTRY_LOAD_TIMEOUT_S
+    ) -> None:
+        """Return once the topic was read to its end, or the role is stopping: a role delivers
+        and serves nothing before (docs/architecture.md). KafkaFailure after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while not await asyncio.to_thread(self.wait_loaded, 0.5):
+            if stopping():
+                return
+            if time.monotonic() > deadline:
+                raise KafkaFailure(f"endpoint registry topic not read to its end within {timeout:.0f}s")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop following and close the Kafka consumer."""

@@ -33,23 +33,19 @@ from datetime import UTC, datetime
 from typing import Final
 
 from consumer import constants as c
-from consumer.errors import KafkaFailure
+from consumer.errors import Conflict, KafkaFailure, NotFound, NotReady, PublishFailed, SeveralSpaces
 from consumer.headers import republish_headers
 from consumer.kafka_io import AsyncProducer, Source
 from consumer.metrics import Metrics
 from consumer.models import stable_id
 from consumer.originals import OriginalUnavailable, Refusal, Wanted, read_originals
-from consumer.queries import LATEST, Reader, SeveralSpaces, check_text, iso
+from consumer.queries import LATEST, Reader, check_text, iso
 from consumer.republish_plan import (
     MAX_ATTEMPT,
     MAX_REPLAY,
     REPLAY_PREFIX,
     RESEND_PREFIX,
-    Conflict,
     DeliveryState,
-    NotFound,
-    NotReady,
-    PublishFailed,
     ReplayPlan,
     ResendResult,
     Selection,

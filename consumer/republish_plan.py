@@ -15,9 +15,9 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from consumer import constants as c
-from consumer.errors import PerkamoError
+from consumer.errors import BadRequest, Conflict
 from consumer.models import stable_id
-from consumer.queries import STUCK_AFTER, BadRequest, check_range, check_status, check_text, iso
+from consumer.queries import STUCK_AFTER, check_range, check_status, check_text, iso
 from consumer.sql import REPLAY_CAP
 from consumer.tracecontext import TraceContext, of_ids
 
@@ -25,33 +25,6 @@ MAX_ATTEMPT: Final = 10_000  # the Kafka loop refuses attempt headers above this
 MAX_REPLAY: Final = REPLAY_CAP  # deliveries per replay request: split larger ranges
 REPLAY_PREFIX: Final = "rpl"
 RESEND_PREFIX: Final = "rsn"
-
-
-class NotFound(PerkamoError):
-    """History holds no attempt of this delivery (unknown id, or past the TTL)."""
-
-
-class Conflict(PerkamoError):
-    """Re-publishing now would double work; `force` overrides. Names what it collides with."""
-
-    def __init__(
-        self, message: str, replay_id: str = "", details: dict[str, Any] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.replay_id = replay_id
-        self.details = details or {}
-
-
-class NotReady(PerkamoError):
-    """The consumer's Kafka producer is not started yet: try again in a moment."""
-
-
-class PublishFailed(PerkamoError):
-    """Kafka did not acknowledge some re-published messages; `published` did go out."""
-
-    def __init__(self, message: str, published: int) -> None:
-        super().__init__(message)
-        self.published = published
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,8 @@ from consumer.gate import GateLimits, Gates
 from consumer.headers import due_ms
 from consumer.health import HealthPolicy
 from consumer.kafka_io import AsyncProducer, consumer_config, header_map, position
-from consumer.partitions import TP, Partitions, PartitionState, record_lag
+from consumer.kafka_lag import record_lag
+from consumer.partitions import TP, Partitions, PartitionState
 from consumer.pipeline import Pipeline, now_ms
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,9 @@ from aiohttp import web
 
 from consumer import constants as c
 from consumer.endpoints import endpoint_id_for
+from consumer.errors import BadRequest
 from consumer.models import delivery_id_for
-from consumer.queries import BadRequest, iso, parse_time
+from consumer.queries import iso, parse_time
 from tests.support import end_offsets, make_event, produce, read_topic, unique, wait_for
 from tests.test_queries import attempt
 

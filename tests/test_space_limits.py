@@ -291,9 +291,10 @@ class SlowProducer:
 
 
 async def test_one_replay_per_space_at_a_time_and_force_never_doubles(store):
+    from consumer.errors import Conflict
     from consumer.metrics import Metrics
     from consumer.queries import parse_time
-    from consumer.republish import Conflict, Republisher, Selection
+    from consumer.republish import Republisher, Selection
 
     space, other = unique("oneata"), unique("oneatb")
     seed_real_events(store, space, ["failed"] * 10, "perkamo.events")

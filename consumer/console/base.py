@@ -36,8 +36,8 @@ from aiohttp import web
 from consumer.console.auth import Keys, Session, SignOuts
 from consumer.console.context import ConsoleContext
 from consumer.console.render import render
-from consumer.errors import PerkamoError
-from consumer.queries import Busy, ReadPool
+from consumer.errors import ApiError, Busy, RequestError
+from consumer.queries import ReadPool
 from consumer.republish_plan import ReplayPlan
 from consumer.schemas import schema_path
 from consumer.throttle import Attempt, Throttle, Throttled, subject_of
@@ -72,13 +72,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
 
 
-class ConsoleError(PerkamoError):
+class ConsoleError(ApiError):
     """Answer with an error page: status and a sentence for the person reading it."""
 
     def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.headers = dict(headers or {})
+        super().__init__(status, message, dict(headers or {}))
 
 
 def not_found(what: str) -> ConsoleError:
@@ -192,9 +190,9 @@ class ConsoleBase:
     async def _error_pages(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
-        except ConsoleError as exc:
+        except RequestError as exc:  # a ConsoleError, or any request error with its status
             return self._page(request, "error.html", self._session(request), status=exc.status,
-                              headers=exc.headers, message=str(exc), title=f"Error {exc.status}")
+                              headers=exc.headers(), message=str(exc), title=f"Error {exc.status}")
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise

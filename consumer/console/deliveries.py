@@ -29,13 +29,20 @@ from consumer.console.base import (
     see_other,
 )
 from consumer.console.render import pretty_body
-from consumer.delivery import contract_headers
-from consumer.errors import KafkaFailure, PerkamoError
+from consumer.contract import contract_headers
+from consumer.errors import (
+    BadRequest,
+    Conflict,
+    KafkaFailure,
+    NotReady,
+    PerkamoError,
+    PublishFailed,
+    RequestError,
+)
 from consumer.models import Event
 from consumer.queries import (
     SEARCH_LIMIT,
     STATUSES,
-    BadRequest,
     DeliveryFilter,
     attempt_body,
     check_span,
@@ -47,7 +54,7 @@ from consumer.queries import (
     search_deliveries,
     spaces_of,
 )
-from consumer.republish_plan import Conflict, NotFound, NotReady, PublishFailed, Selection
+from consumer.republish_plan import Selection
 
 log = logging.getLogger(__name__)
 
@@ -176,14 +183,9 @@ class DeliveryPages(ConsoleBase):
             async with self._place(session):
                 result = await self._ctx.republisher.resend(delivery_id, force=force, space=space,
                                                             scoped=bool(session.scope))
-        except Conflict as exc:
-            return await self._delivery_page(request, session, delivery_id, error=str(exc), status=409,
-                                             space=space)
-        except NotFound as exc:
-            return await self._delivery_page(request, session, delivery_id, error=str(exc), status=404,
-                                             space=space)
-        except (NotReady, PublishFailed, KafkaFailure) as exc:
-            return await self._delivery_page(request, session, delivery_id, error=str(exc), status=503,
+        except (RequestError, KafkaFailure) as exc:  # the page, with the error's own status
+            status = exc.status if isinstance(exc, RequestError) else 503
+            return await self._delivery_page(request, session, delivery_id, error=str(exc), status=status,
                                              space=space)
         log.info("console resend of delivery %s (space %s) by %s session: attempt %d",
                  delivery_id, attempts[0]["space_slug"], session.role, result.attempt)

@@ -12,7 +12,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from consumer.constants import Outcome
-from consumer.delivery import _failure, contract_headers
+from consumer.contract import contract_headers
+from consumer.delivery import _failure
 from consumer.errors import BlockedAddress
 from consumer.models import AttemptResult, Event
 

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from prometheus_client import CollectorRegistry, Gauge
 
-from consumer.partitions import record_lag
+from consumer.kafka_lag import record_lag
 from consumer.watermarks import Watermarks
 
 

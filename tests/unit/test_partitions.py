@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from consumer.partitions import PAUSE_DUE, PAUSE_WINDOW, Partitions, partition_lag
+from consumer.kafka_lag import partition_lag
+from consumer.partitions import PAUSE_DUE, PAUSE_WINDOW, Partitions
 
 T0 = ("perkamo.webhooks.retry.1s", 0)
 T1 = ("perkamo.events", 1)

@@ -8,7 +8,8 @@ import asyncio
 import pytest
 
 from consumer.console.base import ACTION_WINDOW_S, ACTIONS_PER_WINDOW, ActionLimit
-from consumer.queries import Busy, ReadPool
+from consumer.errors import Busy
+from consumer.queries import ReadPool
 
 
 async def test_places_and_shares_are_counted_and_freed():
