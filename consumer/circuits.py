@@ -12,31 +12,47 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
+from consumer import constants as c
 from consumer import operational
 from consumer.breaker import CircuitState
-from consumer.endpoints import EndpointRegistry
 from consumer.gate import EndpointGate, Gates
+from consumer.kafka_io import AsyncProducer
 from consumer.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-# (kind, key, record): publishes one operational event, fire and forget.
-Emit = Callable[[str, str, bytes], None]
-
 
 class CircuitReporter:
-    def __init__(self, registry: EndpointRegistry, metrics: Metrics, emit: Emit) -> None:
-        self._registry = registry
+    """The gates' state listener: logs circuit changes, publishes the operational records
+    (not tied to an offset: a failure is logged, not retried), and copies health to metrics."""
+
+    def __init__(self, metrics: Metrics, producer: AsyncProducer) -> None:
         self._metrics = metrics
-        self._emit = emit
+        self._producer = producer
+        self._background: set[asyncio.Task[None]] = set()
+
+    def _emit(self, kind: str, key: str, record: bytes) -> None:
+        async def publish() -> None:
+            try:
+                await self._producer.publish(c.OPERATIONAL_TOPIC, record, key)
+                self._metrics.operational_events.labels(kind).inc()
+            except Exception as exc:
+                log.warning("operational event %s for space %s not published: %s", kind, key, exc)
+
+        task = asyncio.create_task(publish())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait (up to `timeout`) for the operational records still being published."""
+        if self._background:
+            await asyncio.wait(self._background, timeout=timeout)
 
     def changed(self, gate: EndpointGate, before: CircuitState, after: CircuitState) -> None:
         """The gates' state listener."""
-        endpoint = self._registry.get(gate.space)
-        host = endpoint.host if endpoint is not None else ""
+        host = gate.endpoint.host
         self._metrics.circuit_state.labels(gate.space).set(int(after))
         breaker = gate.breaker
         if before is CircuitState.CLOSED and after is CircuitState.OPEN:

@@ -19,6 +19,7 @@ from aiohttp import web
 from consumer import gctune, tracing
 from consumer.admin import build_app, start_admin
 from consumer.config import Settings
+from consumer.deliver_context import build_context
 from consumer.endpoints import EndpointRegistry, load_file
 from consumer.kafka_admin import BrokerWatch
 from consumer.kafka_io import use_settings, wait_for_broker
@@ -76,7 +77,7 @@ def build_deliver(settings: Settings, metrics: Metrics | None = None, worker: in
     for space in registry.spaces():
         metrics.spaces.add_known(space)
     metrics.endpoints_loaded.set(registry.active_count())
-    service = DeliveryService(settings, registry, metrics)
+    service = DeliveryService(build_context(settings, registry, metrics))
     follower = RegistryFollower(settings, registry, metrics)
     return DeliverRole(settings, metrics, registry, service, follower, worker)
 
@@ -130,6 +131,6 @@ def endpoint_changed(
     if gone:
         role.service.gates.forget(before.id)
     if gone or (after is not None and after.host != before.host):
-        role.service.deliverer.forget(before.host)
+        role.service.ctx.deliverer.forget(before.host)
     if after is None or not after.active:
         role.metrics.forget_space(space)

@@ -21,7 +21,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -107,9 +107,7 @@ _STUB_OWN: Final = frozenset({
 class DurablePublisher:
     """Publishes a delivery's messages until Kafka has them (or has refused them for good)."""
 
-    def __init__(
-        self, producer: Callable[[], AsyncProducer], metrics: Metrics, budget: SizeBudget
-    ) -> None:
+    def __init__(self, producer: AsyncProducer, metrics: Metrics, budget: SizeBudget) -> None:
         self._producer = producer
         self._metrics = metrics
         self._budget = budget
@@ -174,7 +172,7 @@ class DurablePublisher:
         try:
             while True:
                 try:
-                    return await self._producer().publish(out.topic, out.value, out.key, out.headers)
+                    return await self._producer.publish(out.topic, out.value, out.key, out.headers)
                 except KafkaWriteFailed as exc:
                     if exc.permanent:
                         raise

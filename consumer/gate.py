@@ -30,6 +30,7 @@ from consumer.breaker import Breaker, BreakerPolicy, CircuitState, Verdict
 from consumer.constants import HoldReason
 from consumer.errors import PerkamoError
 from consumer.health import EndpointHealth, HealthPolicy
+from consumer.models import Endpoint
 
 
 class Parked(PerkamoError):
@@ -82,13 +83,11 @@ class GateLimits:
 
 @dataclass(eq=False)
 class EndpointGate:
-    key: str
-    space: str
+    endpoint: Endpoint  # as it was when the gate was made (a changed URL starts a fresh gate)
     limits: GateLimits
     breaker: Breaker
     health: EndpointHealth
     on_change: StateListener | None = None
-    version: str = ""  # what the endpoint was when the gate was made (a changed URL starts afresh)
     in_flight: int = 0
     held: int = 0
     _queue: deque[_Waiter] = field(default_factory=deque)
@@ -99,6 +98,14 @@ class EndpointGate:
     # The loop the gate serves, from its first `enter()` (asking asyncio each time costs a
     # getpid system call): its clock is the gate's, so timers and the breaker's times agree.
     _loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def key(self) -> str:
+        return self.endpoint.id
+
+    @property
+    def space(self) -> str:
+        return self.endpoint.space
 
     @property
     def waiting(self) -> int:
@@ -310,21 +317,20 @@ class Gates:
         self._on_change = on_change
         self._gates: dict[str, EndpointGate] = {}
 
-    def get(self, key: str, space: str, version: str = "") -> EndpointGate:
-        """The endpoint's gate; a new `version` (its URL changed) starts a fresh one."""
+    def get(self, endpoint: Endpoint) -> EndpointGate:
+        """The endpoint's gate; a changed URL starts a fresh one (a new receiver's circuit)."""
+        key = endpoint.id
         gate = self._gates.get(key)
-        if gate is not None and gate.version != version:
+        if gate is not None and gate.endpoint.url != endpoint.url:
             self.forget(key)
             gate = None
         if gate is None:
             gate = self._gates[key] = EndpointGate(
-                key,
-                space,
+                endpoint,
                 self._limits,
                 Breaker(self._breaker_policy),
                 EndpointHealth(self._health_policy),
                 self._on_change,
-                version=version,
             )
         return gate
 

@@ -18,7 +18,6 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
@@ -27,16 +26,13 @@ from confluent_kafka import Message
 
 from consumer import attempts, operational
 from consumer import constants as c
-from consumer import metrics as m
 from consumer.breaker import verdict_for
 from consumer.budget import budget_of
-from consumer.config import Settings
 from consumer.constants import DlqReason, HoldReason
-from consumer.delivery import Deliverer
+from consumer.deliver_context import DeliverContext
 from consumer.durable import DurablePublisher, Outgoing
-from consumer.endpoints import EndpointRegistry
 from consumer.errors import InvalidEvent
-from consumer.gate import EndpointGate, EndpointGone, Expired, Gates, Parked, Ticket
+from consumer.gate import EndpointGate, EndpointGone, Expired, Parked, Ticket
 from consumer.headers import (
     DeliveryMeta,
     check_due,
@@ -49,7 +45,7 @@ from consumer.headers import (
     untrusted_meta,
 )
 from consumer.intake import parse_event
-from consumer.kafka_io import AsyncProducer, header_list, header_map, position
+from consumer.kafka_io import header_list, header_map, position
 from consumer.models import AttemptResult, AttemptRow, Endpoint, Event, delivery_id_for
 from consumer.observe import AttemptObserver, Observation
 from consumer.retry_policy import decide, due_ahead_s, schedule_span_s, tier_topic
@@ -59,11 +55,6 @@ log = logging.getLogger(__name__)
 STATUS_TEXT_MAX: Final = 256
 ERROR_MAX: Final = 1024
 _NO_CALL: Final = AttemptResult("held")
-
-# Called with True when a held delivery starts waiting (it gives its in-flight place back)
-# and False when it is admitted again.
-HoldListener = Callable[[bool], None]
-
 
 @dataclass(frozen=True, slots=True)
 class Job:
@@ -89,24 +80,16 @@ def _ts(ms: int) -> datetime:
 class Pipeline:
     """The per-message steps of the deliver role; the loop owns offsets and pauses."""
 
-    def __init__(  # noqa: PLR0917 - the role's parts, each named once
-        self,
-        settings: Settings,
-        registry: EndpointRegistry,
-        metrics: m.Metrics,
-        deliverer: Deliverer,
-        gates: Gates,
-        producer: Callable[[], AsyncProducer],
-        on_hold: HoldListener,
-    ) -> None:
+    def __init__(self, ctx: DeliverContext) -> None:
+        settings, metrics = ctx.settings, ctx.metrics
         self._settings = settings
-        self._registry = registry
+        self._registry = ctx.registry
         self._metrics = metrics
-        self._deliverer = deliverer
-        self._gates = gates
-        self._on_hold = on_hold
+        self._deliverer = ctx.deliverer
+        self._gates = ctx.gates
+        self._in_flight = ctx.in_flight
         budget = budget_of(settings.max_payload_bytes)
-        self.out = DurablePublisher(producer, metrics, budget)
+        self.out = DurablePublisher(ctx.producer, metrics, budget)
         self._record_max = budget.record_max_bytes
         self.tiers = settings.tier_seconds
         self.retry_topics = {tier_topic(name): name for name, _ in self.tiers}
@@ -132,7 +115,7 @@ class Pipeline:
     async def _handle(self, msg: Message) -> None:
         job = await self.prepare(msg)
         while job is not None:
-            gate = self._gates.get(job.endpoint.id, job.endpoint.space, job.endpoint.url)
+            gate = self._gates.get(job.endpoint)
             try:
                 ticket = await self._admit(job, gate)
             except Parked as parked:
@@ -205,11 +188,11 @@ class Pipeline:
         left_s = (job.meta.run_started_ms + self.span_ms - now_ms()) / 1000
         if left_s <= 0:
             raise Expired(job.delivery_id)
-        self._on_hold(True)
+        self._in_flight.give()  # it waits without an in-flight place
         try:
             return await gate.enter(held=True, deadline=asyncio.get_running_loop().time() + left_s)
         finally:
-            self._on_hold(False)
+            self._in_flight.take()
 
     async def call(self, job: Job, gate: EndpointGate, ticket: Ticket, seen: Observation) -> AttemptResult:
         event = job.event

@@ -24,17 +24,11 @@ from typing import Any
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from consumer import constants as c
-from consumer import metrics as m
-from consumer.breaker import BreakerPolicy
-from consumer.circuits import CircuitReporter, health_of
-from consumer.config import Settings
-from consumer.delivery import Deliverer
-from consumer.endpoints import EndpointRegistry
+from consumer.circuits import health_of
+from consumer.deliver_context import DeliverContext
 from consumer.errors import PerkamoError
-from consumer.gate import GateLimits, Gates
 from consumer.headers import due_ms
-from consumer.health import HealthPolicy
-from consumer.kafka_io import AsyncProducer, consumer_config, header_map, position
+from consumer.kafka_io import consumer_config, header_map, position
 from consumer.kafka_lag import record_lag
 from consumer.partitions import TP, Partitions, PartitionState
 from consumer.pipeline import Pipeline, now_ms
@@ -46,54 +40,22 @@ _REVOKE_BUDGET_S = 10.0
 _REFRESH_S = 1.0
 
 
-def gates_for(settings: Settings, reporter: CircuitReporter | None = None) -> Gates:
-    """The endpoint gates with the breaker, health and cap settings."""
-    return Gates(
-        BreakerPolicy(
-            window_s=settings.breaker_window_s,
-            min_calls=settings.breaker_min_calls,
-            failure_rate=settings.breaker_failure_rate,
-            cooldown_s=settings.breaker_cooldown_s,
-            cooldown_max_s=settings.breaker_cooldown_max_s,
-            ramp_to=settings.max_in_flight_per_endpoint,
-            ramp_s=settings.breaker_ramp_s,
-        ),
-        HealthPolicy(
-            window_s=settings.health_window_s,
-            degraded_rate=settings.health_degraded_rate,
-            failing_rate=settings.breaker_failure_rate,
-        ),
-        GateLimits(
-            cap=settings.max_in_flight_per_endpoint,
-            queue_cap=2 * settings.max_in_flight_per_endpoint,
-            slow_after_s=min(1.0, settings.delivery_timeout_s / 2),
-        ),
-        on_change=reporter.changed if reporter is not None else None,
-    )
-
-
 class DeliveryService:
     """One consumer-group member. `run()` until `stop()`; then it drains and commits."""
 
-    def __init__(self, settings: Settings, registry: EndpointRegistry, metrics: m.Metrics) -> None:
-        self.settings = settings
-        self.registry = registry
-        self.metrics = metrics
-        self.reporter = CircuitReporter(registry, metrics, self._emit)
-        self.gates = gates_for(settings, self.reporter)
-        self.deliverer = Deliverer(settings, metrics)
-        self.pipeline = Pipeline(
-            settings, registry, metrics, self.deliverer, self.gates, self._publisher, self._held
-        )
-        self.producer: AsyncProducer | None = None
+    def __init__(self, ctx: DeliverContext) -> None:
+        self.ctx = ctx
+        self.settings = settings = ctx.settings
+        self.registry = ctx.registry
+        self.metrics = ctx.metrics
+        self.gates = ctx.gates
+        self.pipeline = Pipeline(ctx)
+        self._in_flight = ctx.in_flight
         self._consumer: Consumer | None = None
         self._kafka = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kafka-consumer")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._parts = Partitions(settings.partition_window)
-        self._in_flight = 0
         self._stopping = asyncio.Event()
-        self._room = asyncio.Event()  # set when an in-flight place frees
-        self._background: set[asyncio.Task[None]] = set()
         self._last_commit = 0.0
         self._last_refresh = 0.0
         self.assigned_once = False
@@ -116,15 +78,14 @@ class DeliveryService:
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return self._in_flight.count
 
     def endpoint_health(self) -> dict[str, dict[str, Any]]:
         return health_of(self.gates)
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await self.deliverer.start()
-        self.producer = AsyncProducer(self.settings)
+        await self.ctx.deliverer.start()
         config = consumer_config(
             self.settings, self.settings.group_id, self.settings.group_protocol, self.settings.lag_interval_s
         )
@@ -144,14 +105,12 @@ class DeliveryService:
 
     async def _tick(self) -> None:
         self._apply_pauses()
-        room = self.settings.max_in_flight - self._in_flight
+        room = self._in_flight.room
         if room <= 0:
             # At the cap: take nothing until a place frees. Not a pause: pausing drops what
             # librdkafka prefetched, and the cap is reached all the time under a backlog.
             # (Deliveries end within the delivery timeout, far inside max.poll.interval.ms.)
-            self._room.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._room.wait(), timeout=0.5)
+            await self._in_flight.wait_for_room(0.5)
         else:
             msgs: list[Message] = await self._kafka_call(self._fetch, min(_BATCH, room), self._poll_timeout())
             if msgs:
@@ -161,8 +120,8 @@ class DeliveryService:
             await self.commit()
         if mono - self._last_refresh >= _REFRESH_S:
             self._last_refresh = mono
-            self.reporter.refresh(self.gates)
-            self.metrics.in_flight.set(self._in_flight)
+            self.ctx.reporter.refresh(self.gates)
+            self.metrics.in_flight.set(self._in_flight.count)
 
     def _fetch(self, most: int, timeout: float) -> list[Message]:
         """Whatever is ready now; if nothing, wait up to `timeout` for one message, then take
@@ -185,7 +144,7 @@ class DeliveryService:
         return max(timeout, 0.005)
 
     async def _shutdown(self) -> None:
-        log.info("stopping: %d deliveries in flight", self._in_flight)
+        log.info("stopping: %d deliveries in flight", self._in_flight.count)
         deadline = time.monotonic() + self.settings.drain_timeout_s
         tasks = [t for st in self._parts for t in st.tasks]
         if tasks:
@@ -198,13 +157,11 @@ class DeliveryService:
                 )
                 await asyncio.gather(*pending, return_exceptions=True)
         await self.commit()
-        if self._background:
-            await asyncio.wait(self._background, timeout=5.0)
-        if self.producer is not None:
-            await asyncio.to_thread(self.producer.close, 10.0)
+        await self.ctx.reporter.drain(5.0)
+        await asyncio.to_thread(self.ctx.producer.close, 10.0)
         if self._consumer is not None:
             await self._kafka_call(self._consumer.close)
-        await self.deliverer.close()
+        await self.ctx.deliverer.close()
         self._kafka.shutdown(wait=True)
         log.info("stopped")
 
@@ -239,7 +196,7 @@ class DeliveryService:
                     continue
             taken[topic] = taken.get(topic, 0) + 1
             st.tracker.add(offset)
-            self._in_flight += 1
+            self._in_flight.take()
             task = asyncio.create_task(self._process(msg, st, offset))
             st.tasks.add(task)
             task.add_done_callback(st.tasks.discard)
@@ -268,15 +225,8 @@ class DeliveryService:
                           msg.topic(), msg.partition(), msg.offset())
             return
         finally:
-            self._in_flight -= 1
-            self._room.set()
+            self._in_flight.give()
         st.tracker.done(offset)
-
-    def _held(self, waiting: bool) -> None:
-        """A held delivery waits without an in-flight place (the pipeline's hold listener)."""
-        self._in_flight += -1 if waiting else 1
-        if waiting:
-            self._room.set()
 
     # Offsets and rebalances ------------------------------------------------------------
 
@@ -360,23 +310,6 @@ class DeliveryService:
 
     # Helpers -------------------------------------------------------------------------
 
-    def _emit(self, kind: str, key: str, record: bytes) -> None:
-        """Publish an operational event not tied to an offset; a failure is logged, not fatal."""
-        if self.producer is None:
-            return
-        producer = self.producer
-
-        async def publish() -> None:
-            try:
-                await producer.publish(c.OPERATIONAL_TOPIC, record, key)
-                self.metrics.operational_events.labels(kind).inc()
-            except Exception as exc:
-                log.warning("operational event %s for space %s not published: %s", kind, key, exc)
-
-        task = asyncio.create_task(publish())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
     def _run_on_loop(self, coro: Any, timeout: float = 30.0) -> Any:
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
@@ -389,8 +322,3 @@ class DeliveryService:
         if self._consumer is None:
             raise PerkamoError("consumer not started")
         return self._consumer
-
-    def _publisher(self) -> AsyncProducer:
-        if self.producer is None:
-            raise PerkamoError("producer not started")
-        return self.producer

@@ -66,7 +66,7 @@ async def measure(settings: Settings, observer: AttemptObserver | None, job: Job
     """CPU µs per attempt over n attempts (after a warm-up that opens the connections)."""
     deliverer = Deliverer(settings, Metrics())
     await deliverer.start()
-    gate = Gates(BreakerPolicy(), HealthPolicy(), GateLimits()).get(job.endpoint.id, job.endpoint.space)
+    gate = Gates(BreakerPolicy(), HealthPolicy(), GateLimits()).get(job.endpoint)
     places = asyncio.Semaphore(IN_FLIGHT)
 
     async def attempt() -> None:

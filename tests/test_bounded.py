@@ -98,7 +98,7 @@ async def test_removed_endpoint_state_is_dropped(harness: Any, receiver: Any, fo
     assert endpoint is not None
     produce(harness.kafka, harness.events_topic, [orjson.dumps(make_event(space))])
     await wait_for(lambda: receiver.to("/gone"), what="delivery")
-    deliverer, gates = app.service.deliverer, app.service.gates
+    deliverer, gates = app.service.ctx.deliverer, app.service.gates
     await wait_for(lambda: gates.find(endpoint.id) is not None, what="per-endpoint state (its gate)")
 
     def series() -> list[str]:

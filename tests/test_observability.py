@@ -267,6 +267,6 @@ async def test_a_certificate_expiring_in_three_days_is_seen_kept_and_dropped(
     app.history.health.endpoint_changed(space, endpoint, None)
     assert all(gate.space != space for gate in app.service.gates)
     assert app.metrics.registry.get_sample_value(gauge, {"space": space}) is None
-    app.service.reporter.refresh(app.service.gates)
+    app.service.ctx.reporter.refresh(app.service.gates)
     assert app.metrics.registry.get_sample_value(gauge, {"space": space}) is None
     assert space not in app.history.endpoints_health()

@@ -51,7 +51,7 @@ def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def publisher(producer: RefusingProducer) -> tuple[DurablePublisher, Metrics]:
     metrics = Metrics()
-    return DurablePublisher(lambda: producer, metrics, BUDGET), metrics  # type: ignore[arg-type,return-value]
+    return DurablePublisher(producer, metrics, BUDGET), metrics  # type: ignore[arg-type]
 
 
 def value_of(metrics: Metrics, name: str, **labels: str) -> float:

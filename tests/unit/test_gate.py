@@ -9,6 +9,9 @@ import pytest
 from consumer.breaker import BreakerPolicy, CircuitState, Verdict
 from consumer.gate import EndpointGone, Expired, GateLimits, Gates, Parked
 from consumer.health import HealthPolicy
+from consumer.models import Endpoint
+
+EP = Endpoint("ep", "s", "https://receiver.example/hook")
 
 FAST = BreakerPolicy(window_s=30, min_calls=4, failure_rate=0.5, cooldown_s=0.2, cooldown_max_s=1.0,
                      ramp_to=8, ramp_s=5)
@@ -31,7 +34,7 @@ async def trip(gate, calls: int = 4) -> None:
 
 
 async def test_the_cap_queues_calls_in_order():
-    gate = gates(cap=2).get("ep", "s")
+    gate = gates(cap=2).get(EP)
     first, second = await gate.enter(), await gate.enter()
     order = []
 
@@ -50,7 +53,7 @@ async def test_the_cap_queues_calls_in_order():
 
 
 async def test_an_open_circuit_parks_fresh_deliveries_at_once():
-    gate = gates().get("ep", "s")
+    gate = gates().get(EP)
     await trip(gate)
     with pytest.raises(Parked) as parked:
         await gate.enter()
@@ -58,7 +61,7 @@ async def test_an_open_circuit_parks_fresh_deliveries_at_once():
 
 
 async def test_queued_deliveries_are_parked_when_the_circuit_opens():
-    gate = gates(cap=2).get("ep", "s")
+    gate = gates(cap=2).get(EP)
     for _ in range(3):  # three failures: one short of the minimum
         gate.leave(await gate.enter(), Verdict.FAILURE)
     running = [await gate.enter() for _ in range(2)]
@@ -72,7 +75,7 @@ async def test_queued_deliveries_are_parked_when_the_circuit_opens():
 
 async def test_held_deliveries_wait_for_the_probe_then_ramp_out():
     changes = []
-    gate = gates(cap=8, changes=changes).get("ep", "s")
+    gate = gates(cap=8, changes=changes).get(EP)
     await trip(gate)
     admitted: list[float] = []
     loop = asyncio.get_running_loop()
@@ -96,7 +99,7 @@ async def test_held_deliveries_wait_for_the_probe_then_ramp_out():
 
 
 async def test_the_ramp_admits_a_growing_share():
-    gate = gates(cap=8).get("ep", "s")
+    gate = gates(cap=8).get(EP)
     await trip(gate)
     loop = asyncio.get_running_loop()
     in_flight_seen: list[int] = []
@@ -114,7 +117,7 @@ async def test_the_ramp_admits_a_growing_share():
 
 
 async def test_a_held_delivery_expires_at_its_deadline():
-    gate = gates().get("ep", "s")
+    gate = gates().get(EP)
     await trip(gate)
     gate.breaker.open_until += 60  # stays open
     loop = asyncio.get_running_loop()
@@ -124,7 +127,7 @@ async def test_a_held_delivery_expires_at_its_deadline():
 
 
 async def test_a_failed_probe_keeps_the_others_held():
-    gate = gates().get("ep", "s")
+    gate = gates().get(EP)
     await trip(gate)
     loop = asyncio.get_running_loop()
     probe = await gate.enter(held=True, deadline=loop.time() + 30)
@@ -140,7 +143,7 @@ async def test_a_failed_probe_keeps_the_others_held():
 
 
 async def test_cancelled_waiters_leave_no_trace():
-    gate = gates(cap=1).get("ep", "s")
+    gate = gates(cap=1).get(EP)
     ticket = await gate.enter()
     waiters = [asyncio.create_task(gate.enter()) for _ in range(100)]
     await asyncio.sleep(0.01)
@@ -157,7 +160,7 @@ async def test_cancelled_waiters_leave_no_trace():
 
 async def test_forgetting_an_endpoint_releases_its_waiters():
     registry = gates(cap=1)
-    gate = registry.get("ep", "s")
+    gate = registry.get(EP)
     ticket = await gate.enter()
     held = asyncio.create_task(gate.enter(held=True))
     await asyncio.sleep(0.01)
@@ -170,14 +173,14 @@ async def test_forgetting_an_endpoint_releases_its_waiters():
 
 async def test_a_changed_url_starts_a_fresh_gate():
     registry = gates()
-    gate = registry.get("ep", "s", "https://old.example/h")
+    gate = registry.get(Endpoint("ep", "s", "https://old.example/h"))
     await trip(gate)
-    fresh = registry.get("ep", "s", "https://new.example/h")
+    fresh = registry.get(Endpoint("ep", "s", "https://new.example/h"))
     assert fresh is not gate and fresh.circuit is CircuitState.CLOSED
 
 
 async def test_a_saturated_failing_endpoint_parks_the_excess():
-    gate = gates(cap=1, queue_cap=2).get("ep", "s")
+    gate = gates(cap=1, queue_cap=2).get(EP)
     first = await gate.enter()
     gate.leave(first, Verdict.FAILURE)  # failing: its last call failed
     running = await gate.enter()
@@ -195,7 +198,7 @@ async def test_a_place_freed_while_a_cancelled_waiter_has_not_resumed_goes_to_th
     """A drain deadline cancels many tasks at once: a call giving its place back must skip a
     waiter whose future is cancelled but whose task has not run its handler yet (found by the
     benchmark: InvalidStateError, and the cancelled delivery dead-lettered)."""
-    gate = gates(cap=1).get("ep", "s")
+    gate = gates(cap=1).get(EP)
     running = await gate.enter()
     first = asyncio.create_task(gate.enter())
     second = asyncio.create_task(gate.enter())

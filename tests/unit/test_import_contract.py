@@ -19,7 +19,7 @@ DELIVER_ONLY = frozenset({
     "consumer.deliver_role", "consumer.service", "consumer.pipeline", "consumer.partitions",
     "consumer.offsets", "consumer.intake", "consumer.delivery", "consumer.gate", "consumer.circuits",
     "consumer.observe", "consumer.tracing", "consumer.nettiming", "consumer.netguard",
-    "consumer.gctune", "consumer.durable",
+    "consumer.gctune", "consumer.durable", "consumer.deliver_context",
 })
 HISTORY_ONLY = frozenset({
     "consumer.history_role", "consumer.ingest", "consumer.history", "consumer.sql",
