@@ -170,7 +170,8 @@ class PublishFailed(RequestError):
 
 
 class NotReady(RequestError):
-    """The consumer's Kafka producer is not started yet: try again in a moment."""
+    """Kafka did not answer in time (e.g. reading a cut body's original back): try again in a
+    moment."""
 
     status = 503
 

@@ -49,15 +49,15 @@ class HistoryRole:
     registry: EndpointRegistry
     ingest: HistoryIngest
     health: HealthBook
+    producer: AsyncProducer  # resends and replays: built before the loop, closed at the end
     follower: RegistryFollower | None = None
-    producer: AsyncProducer | None = None
     admin: web.AppRunner | None = None
     watch: BrokerWatch | None = None  # a broker round trip every few seconds (readiness, lag)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def readiness(self) -> dict[str, bool]:
         return {
-            "broker": self.producer is not None and self.watch is not None and self.watch.reachable,
+            "broker": self.watch is not None and self.watch.reachable,
             "assignment": self.ingest.assigned_once,
             "endpoints": self.registry.loaded,
             "history": self.ingest.healthy and self.ingest.running,
@@ -79,7 +79,7 @@ class HistoryRole:
         """One per process: the API and the console share its double-work guard."""
         registry = self.registry
         return Republisher(
-            self.store, c.REDELIVER_TOPIC, lambda: self.producer, self.metrics,
+            self.store, c.REDELIVER_TOPIC, self.producer, self.metrics,
             has_endpoint=lambda space: registry.get(space) is not None,
             originals=self.settings,  # where a cut body's original is read back from
         )
@@ -123,7 +123,7 @@ def build_history(
     ingest = HistoryIngest(settings, store.insert, metrics, on_rows=health.observe)
     registry.add_listener(health.endpoint_changed)  # health and certificates of removed endpoints go
     follower = RegistryFollower(settings, registry, metrics)
-    return HistoryRole(settings, metrics, store, registry, ingest, health, follower)
+    return HistoryRole(settings, metrics, store, registry, ingest, health, AsyncProducer(settings), follower)
 
 
 async def serve_history(role: HistoryRole, install_signals: bool = True) -> None:
@@ -134,7 +134,6 @@ async def serve_history(role: HistoryRole, install_signals: bool = True) -> None
             loop.add_signal_handler(sig, role.stop)
     await asyncio.to_thread(wait_for_broker, role.settings, 30.0)
     await asyncio.to_thread(check_topics, role.settings, "history")  # ConfigError: exit 78
-    role.producer = AsyncProducer(role.settings)
     host, port = role.settings.admin_host_port
     reads = ReadPool(role.settings.history_max_concurrent_queries)  # the API's and the console's
     app = history_app(role.metrics, role.readiness, role, health=role.endpoints_health, reads=reads)
@@ -155,7 +154,6 @@ async def serve_history(role: HistoryRole, install_signals: bool = True) -> None
         if role.follower is not None:
             await asyncio.to_thread(role.follower.stop)
         await role.admin.cleanup()
-        if role.producer is not None:
-            await asyncio.to_thread(role.producer.close, 10.0)
+        await asyncio.to_thread(role.producer.close, 10.0)
         await asyncio.to_thread(watch.stop)
         log.info("stopped")

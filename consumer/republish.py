@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from typing import Final
 
 from consumer import constants as c
-from consumer.errors import Conflict, KafkaFailure, NotFound, NotReady, PublishFailed, SeveralSpaces
+from consumer.errors import Conflict, KafkaFailure, NotFound, PublishFailed, SeveralSpaces
 from consumer.headers import republish_headers
 from consumer.kafka_io import AsyncProducer, Source
 from consumer.metrics import Metrics
@@ -42,8 +42,6 @@ from consumer.originals import OriginalUnavailable, Refusal, Wanted, read_origin
 from consumer.queries import LATEST, Reader, check_text, iso
 from consumer.republish_plan import (
     MAX_ATTEMPT,
-    MAX_REPLAY,
-    REPLAY_PREFIX,
     RESEND_PREFIX,
     DeliveryState,
     ReplayPlan,
@@ -53,19 +51,11 @@ from consumer.republish_plan import (
 )
 from consumer.sql import BODIES, REPLAY_ROWS, REPLAY_SELECTION, REPUBLISH_ONE
 
-# Re-exported: callers read the value types of re-publishing from here too.
-__all__ = [
-    "MAX_ATTEMPT", "MAX_REPLAY", "PENDING_TTL_S", "REPLAY_PREFIX", "RESEND_PREFIX", "Conflict",
-    "DeliveryState", "NotFound", "NotReady", "Progress", "PublishFailed", "ReplayPlan",
-    "Republisher", "ResendResult", "Selection",
-]
-
 log = logging.getLogger(__name__)
 
 PENDING_TTL_S: Final = 600.0  # how long a published attempt is expected to take to land
 _CHUNK = 500
 
-ProducerRef = Callable[[], AsyncProducer | None]
 Progress = Callable[[int], Awaitable[None]]
 Key = tuple[str, str]  # (space, delivery id)
 
@@ -80,7 +70,7 @@ class Republisher:
     """Resend and replay for one running consumer; holds its in-process double-work guard."""
 
     def __init__(
-        self, store: Reader, topic: str, producer: ProducerRef, metrics: Metrics,
+        self, store: Reader, topic: str, producer: AsyncProducer, metrics: Metrics,
         has_endpoint: Callable[[str], bool] | None = None, *, originals: Source | None = None,
     ) -> None:
         """`originals`: the Kafka cluster a cut body's original is read back from (the
@@ -110,7 +100,7 @@ class Republisher:
         NotFound."""
         check_text("delivery_id", delivery_id, required=True)
         check_text("space", space)
-        producer = self._ready()
+        producer = self._producer
         async with self._lock:
             self._prune()
             _, rows = await asyncio.to_thread(
@@ -216,7 +206,7 @@ class Republisher:
     async def _execute(self, plan: ReplayPlan, progress: Progress | None) -> int:
         done: set[str] = set()
         try:
-            producer = self._ready()
+            producer = self._producer
             for start in range(0, len(plan.todo), _CHUNK):
                 chunk = plan.todo[start : start + _CHUNK]
                 ids = [state.delivery_id for state, _ in chunk]
@@ -293,14 +283,6 @@ class Republisher:
                 f"space {space} has no active endpoint, so nothing would be delivered; set one "
                 "first (perkamo-webhooks endpoints set)"
             )
-
-    def _ready(self) -> AsyncProducer:
-        producer = self._producer()
-        if producer is None:
-            raise NotReady(
-                "the consumer is still starting (no Kafka producer yet): try again shortly"
-            )
-        return producer
 
     def _pending_attempt(self, state: DeliveryState) -> int:
         """The attempt re-published here that history does not show yet, or 0."""

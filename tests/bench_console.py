@@ -47,7 +47,7 @@ class BenchContext:
     republisher: Any = field(default=None)
 
     def __post_init__(self) -> None:
-        self.republisher = Republisher(self.reader, "perkamo.events", lambda: None, Metrics())
+        self.republisher = Republisher(self.reader, "perkamo.events", None, Metrics())  # type: ignore[arg-type]
 
     async def publish_endpoint(self, space: str, record: Mapping[str, Any] | None) -> Receipt:
         raise RuntimeError("the benchmark publishes nothing")

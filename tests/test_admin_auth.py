@@ -57,7 +57,7 @@ class Context:
     @cached_property
     def republisher(self) -> Republisher:
         registry, service = self.registry, self.service
-        return Republisher(self.store, self.settings.events_topics[0], lambda: service.producer,
+        return Republisher(self.store, self.settings.events_topics[0], service.producer,
                            Metrics(), has_endpoint=lambda space: registry.get(space) is not None)
 
     def endpoints_health(self) -> dict[str, dict[str, Any]]:

@@ -64,7 +64,7 @@ class Context:
     republisher: Any = None
 
     def __post_init__(self) -> None:
-        self.republisher = Republisher(self.reader, "perkamo.events.console-test", lambda: self.producer,
+        self.republisher = Republisher(self.reader, "perkamo.events.console-test", self.producer,  # type: ignore[arg-type]
                                        Metrics(), has_endpoint=lambda s: self.endpoints.get(s) is not None)
 
     async def publish_endpoint(self, space: str, record: Mapping[str, Any] | None) -> Receipt:

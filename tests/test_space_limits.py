@@ -294,13 +294,14 @@ async def test_one_replay_per_space_at_a_time_and_force_never_doubles(store):
     from consumer.errors import Conflict
     from consumer.metrics import Metrics
     from consumer.queries import parse_time
-    from consumer.republish import Republisher, Selection
+    from consumer.republish import Republisher
+    from consumer.republish_plan import Selection
 
     space, other = unique("oneata"), unique("oneatb")
     seed_real_events(store, space, ["failed"] * 10, "perkamo.events")
     seed_real_events(store, other, ["failed"] * 2, "perkamo.events")
     producer = SlowProducer()
-    republisher = Republisher(store, c.REDELIVER_TOPIC, lambda: producer, Metrics())
+    republisher = Republisher(store, c.REDELIVER_TOPIC, producer, Metrics())  # type: ignore[arg-type]
     first = await republisher.plan_replay(Selection(space, parse_time("1d"), status="failed"))
     running = asyncio.create_task(republisher.execute(first))
     await asyncio.sleep(0.1)
