@@ -23,28 +23,15 @@ from consumer import setting_values as values
 from consumer.constants import EVENTS_TOPIC
 from consumer.errors import ConfigError
 from consumer.retry_policy import parse_tiers
-
-# Re-exported, so `from consumer.config import parse_duration` and the like keep working.
 from consumer.setting_values import (
     CONSOLE_MAX_TTL_S,
-    CONSOLE_SECRET_MIN,
     ENV_PREFIX,
     KAFKA_ENV_PREFIX,
-    KAFKA_RESERVED,
-    MIN_TOKEN_CHARS,
-    TOKEN_PLACEHOLDERS,
     KafkaEnvSource,
     is_secret_property,
     kafka_env_name,
     parse_duration,
 )
-
-__all__ = [
-    "CONSOLE_MAX_TTL_S", "CONSOLE_SECRET_MIN", "ENV_PREFIX", "KAFKA_ENV_PREFIX", "KAFKA_RESERVED",
-    "MIN_TOKEN_CHARS", "REPLACED", "SETTINGS_FILE_ENV", "TOKEN_PLACEHOLDERS", "KafkaEnvSource",
-    "Settings", "is_secret_property", "is_setting_name", "kafka_env_name", "load_settings",
-    "parse_duration", "setting_names",
-]
 
 SETTINGS_FILE_ENV = "PERKAMO_SETTINGS_FILE"
 

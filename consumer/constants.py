@@ -65,6 +65,13 @@ K_STUB_OF_TOPIC: Final = "perkamo-stub-of-topic"
 K_VALUE_BYTES: Final = "perkamo-value-bytes"
 K_VALUE_SHA256: Final = "perkamo-value-sha256"
 
+# The highest attempt number: the deliver role refuses attempt headers above it, and a resend
+# or replay past it is refused.
+MAX_ATTEMPT: Final = 10_000
+# Receiver-controlled text is capped where it enters an attempt record and history.
+STATUS_TEXT_MAX: Final = 256
+ERROR_MAX: Final = 1024
+
 # Delivery statuses recorded in history.
 STATUS_DELIVERED: Final = "delivered"
 STATUS_RETRYING: Final = "retrying"

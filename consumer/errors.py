@@ -7,7 +7,7 @@
     ├── InvalidEvent ────────────── an input message cannot become a delivery (dead-lettered)
     ├── InvalidEndpoint ─────────── an endpoint record breaks the rules
     ├── BlockedAddress (also OSError) ── the SSRF guard refused the address
-    ├── HistoryUnavailable ──────── the history store did not take a write
+    ├── HistoryUnavailable ──────── the history store cannot be opened
     ├── KafkaFailure ────────────── the broker failed an operation
     │   └── KafkaWriteFailed ────── one message not taken (`permanent` when refused for good)
     └── RequestError ────────────── an API or console request that cannot be served as asked;
@@ -77,7 +77,7 @@ class BlockedAddress(PerkamoError, OSError):
 
 
 class HistoryUnavailable(PerkamoError):
-    """The history store did not accept a write; the writer keeps the rows and retries."""
+    """The history store cannot be opened; the message names it (its DSN masked)."""
 
 
 class KafkaFailure(PerkamoError):

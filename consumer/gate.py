@@ -1,9 +1,9 @@
 """Per-endpoint admission: the concurrency cap, the circuit breaker and the deliveries waiting.
 
 Every HTTP call to an endpoint starts with `EndpointGate.enter()` and ends with `leave()`.
-A delivery may wait in two ways (docs/architecture.md, "Held deliveries"):
+A delivery may wait in two ways (docs/architecture.md, retries and the circuit):
 
-- queued: a delivery from the events or retry topics waits for a free place while the
+- queued: a delivery from the events, redeliver or retry topics waits for a free place while the
   circuit lets calls through. If the circuit is open, or the endpoint is failing or slow and
   too many already wait, `enter()` raises `Parked` at once: the caller parks the delivery on
   the held topic (one Kafka message) with its attempt number unchanged, so its input offset

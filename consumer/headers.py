@@ -32,7 +32,6 @@ Headers = list[tuple[str, bytes]]
 _ID_RE = re.compile(rb"[A-Za-z0-9_.:-]{1,128}")
 _TOPIC_RE = re.compile(rb"[A-Za-z0-9._-]{1,249}")
 _INT_RE = re.compile(rb"[0-9]{1,19}")
-_MAX_ATTEMPT = 10_000
 _MAX_PARTITION = 2**31 - 1
 _MAX_INT64 = 2**63 - 1
 _DETAIL_MAX = 500
@@ -51,7 +50,6 @@ class DeliveryMeta:
     first_failed_ms: int | None = None
     run_started_ms: int | None = None
     held_since_ms: int | None = None
-    hold_reason: str = ""
     # The delivery's trace: the event's own context, then the latest attempt's span.
     trace: TraceContext | None = None
 
@@ -64,8 +62,8 @@ class DeliveryMeta:
 
 def read_meta(headers: dict[str, bytes]) -> DeliveryMeta:
     """Validate the perkamo-* headers; raises InvalidEvent(bad_header) naming the bad one."""
-    attempt = _int(headers, c.K_ATTEMPT, 1, _MAX_ATTEMPT)
-    run_attempt = _int(headers, c.K_RUN_ATTEMPT, 1, _MAX_ATTEMPT)
+    attempt = _int(headers, c.K_ATTEMPT, 1, c.MAX_ATTEMPT)
+    run_attempt = _int(headers, c.K_RUN_ATTEMPT, 1, c.MAX_ATTEMPT)
     trigger = _text(headers, c.K_TRIGGER, _ID_RE)
     if trigger and trigger not in c.TRIGGERS:
         raise InvalidEvent(
@@ -89,7 +87,6 @@ def read_meta(headers: dict[str, bytes]) -> DeliveryMeta:
         first_failed_ms=_int(headers, c.K_FIRST_FAILED_MS, 0, _MAX_INT64),
         run_started_ms=_int(headers, c.K_RUN_STARTED_MS, 0, _MAX_INT64),
         held_since_ms=_int(headers, c.K_HELD_SINCE_MS, 0, _MAX_INT64),
-        hold_reason=_text(headers, c.K_HOLD_REASON, _ID_RE),
         trace=_trace(headers),
     )
 

@@ -1,4 +1,4 @@
-"""Endpoint health: what operators and the Space's developers see of an endpoint (pure).
+"""Endpoint health: what operators and the Space's developers see of an endpoint (in memory, no I/O).
 
 Per endpoint, from the calls this process made: a state, the failure rate over the last
 `window_s` seconds, the last success and the last failure (wall-clock times), and how many

@@ -19,7 +19,7 @@ from typing import Any
 import clickhouse_connect
 
 from consumer.config import Settings
-from consumer.constants import HISTORY_DATABASE, HISTORY_TABLE
+from consumer.constants import ERROR_MAX, HISTORY_DATABASE, HISTORY_TABLE, STATUS_TEXT_MAX
 from consumer.errors import HistoryUnavailable
 from consumer.models import AttemptRow
 from consumer.schemas import schema_path
@@ -37,9 +37,6 @@ def _ddl(ttl_days: int) -> str:
     return schema_path("clickhouse/webhook_attempts.sql").read_text().format(ttl_days=ttl_days)
 
 
-# Receiver-controlled text is capped where it enters history (docs/attempts.md: a record's size is bounded).
-STATUS_TEXT_MAX = 256
-ERROR_MAX = 1024
 _STATUS_TEXT_AT = COLUMNS.index("status_text")
 _ERROR_AT = COLUMNS.index("error")
 

@@ -1,5 +1,6 @@
-"""Thin, typed wrappers over confluent-kafka: client configs, an asyncio-friendly producer,
-topic creation. Application logic lives above; nothing here imports it.
+"""Thin, typed wrappers over confluent-kafka: client configs, an asyncio-friendly producer
+whose failures say whether trying again can help (KafkaWriteFailed.permanent), topic creation.
+Application logic lives above; nothing here imports it.
 
 `client_config(settings)` is the one place a librdkafka configuration starts from, for every
 client the service and the CLI create: `bootstrap.servers` plus every PERKAMO_KAFKA_<NAME>

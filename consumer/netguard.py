@@ -117,7 +117,7 @@ class GuardedSocketFactory:
 
     def __call__(self, addr_info: tuple[Any, ...]) -> socket.socket:
         family, type_, proto, _, sockaddr = addr_info
-        nettiming.dialling()  # a refusal here still counts as a dial begun (connect_ms None)
+        nettiming.dial_started()  # a refusal here still counts as a dial begun (connect_ms None)
         self.check(sockaddr)
         return socket.socket(family=family, type=type_, proto=proto)
 

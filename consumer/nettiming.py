@@ -106,7 +106,7 @@ def dns_ended() -> None:
         timing.dns_end = _clock()
 
 
-def dialling() -> None:
+def dial_started() -> None:
     """A socket is about to be made for this attempt; the first one starts `connect_ms`."""
     timing = _current.get()
     if timing is not None and not timing.dial_start:

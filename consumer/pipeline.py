@@ -52,8 +52,6 @@ from consumer.retry_policy import decide, due_ahead_s, schedule_span_s, tier_top
 
 log = logging.getLogger(__name__)
 
-STATUS_TEXT_MAX: Final = 256
-ERROR_MAX: Final = 1024
 _NO_CALL: Final = AttemptResult("held")
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +96,7 @@ class Pipeline:
         self.span_ms = int(schedule_span_s(self.tiers) * 1000)
         # A retry message's due time lies at most its own tier's delay (plus jitter) ahead.
         self.due_ahead_ms = {tier_topic(name): int(due_ahead_s(delay) * 1000) for name, delay in self.tiers}
-        self._observe = AttemptObserver(settings, metrics)  # spans, network timings (issue 17)
+        self._observe = AttemptObserver(settings, metrics)  # spans and network timings
 
     async def handle(self, msg: Message) -> None:
         """One message, start to end; returns once what it published is acknowledged."""
@@ -345,9 +343,9 @@ class Pipeline:
             trigger=job.trigger,
             status=status,
             status_code=result.status_code,
-            status_text=result.status_text[:STATUS_TEXT_MAX],
+            status_text=result.status_text[:c.STATUS_TEXT_MAX],
             duration_ms=result.duration_ms,
-            error=result.error[:ERROR_MAX],
+            error=result.error[:c.ERROR_MAX],
             attempted_at=_ts(at_ms),
             next_attempt_at=_ts(next_at) if next_at else None,
             request_body=event.text,

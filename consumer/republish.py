@@ -41,7 +41,6 @@ from consumer.models import stable_id
 from consumer.originals import OriginalUnavailable, Refusal, Wanted, read_originals
 from consumer.queries import LATEST, Reader, check_text, iso
 from consumer.republish_plan import (
-    MAX_ATTEMPT,
     RESEND_PREFIX,
     DeliveryState,
     ReplayPlan,
@@ -135,8 +134,8 @@ class Republisher:
                     "delivery on its way)"
                 )
             attempt = state.last_attempt + 1
-            if attempt > MAX_ATTEMPT:
-                raise Conflict(f"delivery {delivery_id} reached the {MAX_ATTEMPT} attempt limit")
+            if attempt > c.MAX_ATTEMPT:
+                raise Conflict(f"delivery {delivery_id} reached the {c.MAX_ATTEMPT} attempt limit")
             resend_id = stable_id(RESEND_PREFIX, delivery_id, str(attempt))
             key = (state.space, delivery_id)
             self._pending[key] = _Pending(attempt, time.monotonic() + PENDING_TTL_S)

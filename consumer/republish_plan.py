@@ -21,7 +21,6 @@ from consumer.queries import STUCK_AFTER, check_range, check_status, check_text,
 from consumer.sql import REPLAY_CAP
 from consumer.tracecontext import TraceContext, of_ids
 
-MAX_ATTEMPT: Final = 10_000  # the Kafka loop refuses attempt headers above this
 MAX_REPLAY: Final = REPLAY_CAP  # deliveries per replay request: split larger ranges
 REPLAY_PREFIX: Final = "rpl"
 RESEND_PREFIX: Final = "rsn"
@@ -159,7 +158,7 @@ def plan_of(
         if state.last_replay_id.startswith(REPLAY_PREFIX + "_"):
             earlier[state.last_replay_id] = earlier.get(state.last_replay_id, 0) + 1
         attempt = state.last_attempt + 1
-        if attempt <= MAX_ATTEMPT:
+        if attempt <= c.MAX_ATTEMPT:
             plan.todo.append((state, attempt))
     if earlier and not force:
         ids = sorted(earlier, key=lambda k: -earlier[k])

@@ -266,3 +266,14 @@ async def harness(
     h = Harness(kafka, store, ca_file, topics, tmp_path)
     yield h
     await h.stop_all()
+
+
+BROKER_FIXTURES = frozenset({"kafka", "kafka_env", "fault_env", "harness", "topics"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that needs a Kafka broker (through any of its fixtures) is `integration`, so
+    `pytest -m "not integration"` runs without one."""
+    for item in items:
+        if BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)

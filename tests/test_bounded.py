@@ -11,7 +11,8 @@ import orjson
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from consumer.history import ERROR_MAX, STATUS_TEXT_MAX, TABLE, HistoryStore
+from consumer.constants import ERROR_MAX, STATUS_TEXT_MAX
+from consumer.history import TABLE, HistoryStore
 from consumer.metrics import OTHER, Metrics
 from tests.support import event_rows, make_event, produce, unique, wait_for
 from tests.test_queries import attempt

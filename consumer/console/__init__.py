@@ -6,7 +6,8 @@ delivery list (filters, search, keyset paging), one delivery (every attempt, the
 headers sent, the response excerpts, Resend), replay (dry-run count, confirm, progress) and
 each Space's endpoint and health (set, disable, reveal the URL with the admin token).
 
-The one integration surface: `mount(app, ctx)` with a `ConsoleContext`.
+The one integration surface: `mount(app, ctx, reads=...)` with a `ConsoleContext` and the
+history reads' pool it shares with the history API (the history role mounts it).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
--- perkamo.webhook_attempts: one row per delivery attempt (DESIGN §8, §10).
+-- perkamo.webhook_attempts: one row per delivery attempt (docs/analysts.md, docs/attempts.md).
 -- Applied by `perkamo-webhooks migrate` (re-runnable). {ttl_days} is PERKAMO_HISTORY_TTL_DAYS.
 --
 -- Attempt 0 is not a call: it is the delivery's hold record (status `held` while an open

@@ -8,9 +8,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from consumer import constants as c
+from consumer.constants import MAX_ATTEMPT
 from consumer.errors import BadRequest, Conflict
 from consumer.queries import STUCK_AFTER
-from consumer.republish_plan import MAX_ATTEMPT, MAX_REPLAY, DeliveryState, Selection, plan_of
+from consumer.republish_plan import MAX_REPLAY, DeliveryState, Selection, plan_of
 
 NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 SELECTION = Selection("s-plan", NOW - timedelta(days=1), status="failed")

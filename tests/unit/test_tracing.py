@@ -252,7 +252,7 @@ def test_the_marks_are_no_ops_outside_a_timed_attempt():
 
     def outside() -> None:
         nettiming.dns_started()
-        nettiming.dialling()
+        nettiming.dial_started()
         nettiming.refused()
         nettiming.answered()
 
@@ -260,9 +260,9 @@ def test_the_marks_are_no_ops_outside_a_timed_attempt():
 
     def inside() -> NetTiming:
         timing = nettiming.begin()
-        nettiming.dialling()
+        nettiming.dial_started()
         first = timing.dial_start
-        nettiming.dialling()  # a second address tried (happy eyeballs): the first dial counts
+        nettiming.dial_started()  # a second address tried (happy eyeballs): the first dial counts
         assert timing.dial_start == first
         nettiming.answered()
         return timing
