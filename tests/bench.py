@@ -772,8 +772,9 @@ class Bench:
 
     @staticmethod
     def deliver_partitions(tiers: str) -> int:
-        """What a deliver group is assigned: the events topic, each retry tier, the held topic."""
-        return PARTITIONS * (2 + len(tiers.split(",")))
+        """What a deliver group is assigned: the events topic, the redeliver topic, each retry
+        tier, the held topic."""
+        return PARTITIONS * (3 + len(tiers.split(",")))
 
     def stop_roles(self, roles: list[RoleProc], timeout: float = 60.0) -> None:
         for role in roles:

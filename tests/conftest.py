@@ -166,7 +166,10 @@ class App:
 
 
 async def start_roles(settings: Settings, store: HistoryStore) -> App:
-    """Start the history role and the deliver role; returns once both are assigned."""
+    """Start the history role and the deliver role; returns once both are assigned. Their
+    topics are created first, as `perkamo-webhooks topics` would (each role checks them)."""
+    specs, _ = plan(settings, partitions=3, retention_hours=None)
+    await asyncio.to_thread(ensure_topics, settings, [(s.name, s.partitions, s.config) for s in specs])
     history = build_history(settings, store=store, metrics=Metrics())
     deliver = build_deliver(settings, metrics=Metrics())
     deliver.tune_gc = False  # one process for both roles and the test: leave its GC alone

@@ -98,16 +98,19 @@ def test_p95_duration_per_space(store):
 
 
 def test_stuck_in_retrying(store):
+    # Its own "now": the module's now is from import time, and a slow suite run can reach this
+    # test more than 15 minutes later, when "5 minutes ahead" is already "stuck".
+    now = datetime.now(UTC).replace(microsecond=0)
     space = unique("stuck")
-    old = NOW - timedelta(hours=3)
-    stuck = attempt("stuck1", 2, space, "retrying", old, next_attempt_at=NOW - timedelta(hours=1),
+    old = now - timedelta(hours=3)
+    stuck = attempt("stuck1", 2, space, "retrying", old, next_attempt_at=now - timedelta(hours=1),
                     error_kind="timeout")
-    waiting = attempt("waiting", 1, space, "retrying", NOW, next_attempt_at=NOW + timedelta(minutes=5))
+    waiting = attempt("waiting", 1, space, "retrying", now, next_attempt_at=now + timedelta(minutes=5))
     recovered = [
         attempt("recovered", 1, space, "retrying", old, next_attempt_at=old + timedelta(seconds=10)),
         attempt("recovered", 2, space, "delivered", old + timedelta(seconds=11)),
     ]
-    late = attempt("stuck2", 1, space, "retrying", old, next_attempt_at=NOW - timedelta(minutes=20))
+    late = attempt("stuck2", 1, space, "retrying", old, next_attempt_at=now - timedelta(minutes=20))
     store.insert([attempt("stuck1", 1, space, "retrying", old - timedelta(minutes=1),
                           next_attempt_at=old), stuck, waiting, *recovered, late])
     store.insert([stuck, late])

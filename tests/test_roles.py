@@ -39,6 +39,10 @@ async def test_the_deliver_role_has_no_clickhouse_in_its_address_space(harness, 
         "PERKAMO_CA_BUNDLE": str(harness.ca_file),
         "PERKAMO_DELIVER_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
     }
+    # The role checks its topics at start-up: those of the default tiers must exist too.
+    defaults = load_settings(kafka_bootstrap_servers=harness.kafka, events_topics=[harness.events_topic])
+    specs, _ = plan(defaults, partitions=3, retention_hours=None)
+    ensure_topics(harness.kafka, [(s.name, s.partitions, s.config) for s in specs])
     log_path = harness.tmp_path / "deliver.log"  # a file: an unread pipe would fill and block it
     proc = subprocess.Popen([sys.executable, "-m", "consumer", "run", "--role", "deliver"],
                             env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log_path.open("wb"))
