@@ -25,7 +25,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-from confluent_kafka import Producer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -34,7 +33,7 @@ from consumer import constants as c
 from consumer.config import load_settings
 from consumer.console import console_link
 from consumer.errors import PerkamoError
-from consumer.kafka_io import ensure_topics, producer_config, wait_for_broker
+from consumer.kafka_io import ensure_topics, publish_now, wait_for_broker
 from consumer.receiver import SampleReceiver
 from consumer.topics import plan
 
@@ -141,12 +140,10 @@ async def _demo(workdir: Path, bootstrap: str, events: int, console: Console, st
         f"[bold]3/5[/] publishing {len(healthy)} events for {HEALTHY} (answers 204), "
         f"{len(failing)} for {FAILING} (answers 500), 1 for a Space with no endpoint, 1 not JSON"
     )
-    producer = Producer(producer_config(bootstrap))
-    for doc in [*healthy, *failing, sample_event(10_000, UNKNOWN)]:
-        producer.produce(c.EVENTS_TOPIC, orjson.dumps(doc), key=doc["data"]["space"]["slug"])
-    producer.produce(c.EVENTS_TOPIC, b"{not json", key=b"broken")
-    producer.flush(30)
-    del producer  # a producer left open would log reconnect attempts after the broker stops
+    samples = [(c.EVENTS_TOPIC, orjson.dumps(doc), doc["data"]["space"]["slug"])
+               for doc in [*healthy, *failing, sample_event(10_000, UNKNOWN)]]
+    publish_now(bootstrap, [*samples, (c.EVENTS_TOPIC, b"{not json", b"broken")], 30,
+                client_id="perkamo-demo")
 
     console.print(f"[bold]4/5[/] running `perkamo-webhooks run --role all` (retry tiers {TIERS}) "
                   "until every event has an outcome")

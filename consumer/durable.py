@@ -25,13 +25,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from confluent_kafka import Message
-
 from consumer import constants as c
 from consumer.budget import KEPT_HEADERS_MAX, STUB_HEAD_BYTES, SizeBudget
 from consumer.constants import DlqReason
 from consumer.errors import KafkaWriteFailed
-from consumer.kafka_io import AsyncProducer, Headers
+from consumer.kafka_io import AsyncProducer, Headers, Message
 from consumer.metrics import Metrics
 
 log = logging.getLogger(__name__)

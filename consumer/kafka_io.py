@@ -21,7 +21,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import Message as _LibrdkafkaMessage
 from confluent_kafka.admin import (  # type: ignore[attr-defined]  # the stubs omit re-exports
     AdminClient,
     AlterConfigOpType,
@@ -38,6 +39,9 @@ from consumer.setting_values import is_secret_property, kafka_env_name
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
+# A consumed (or acknowledged) message: the rest of the service names librdkafka's type
+# through this module, the one seam to confluent-kafka.
+Message = _LibrdkafkaMessage
 Source = Settings | str  # Settings, or a bootstrap string (see use_settings)
 
 # bootstrap servers -> the PERKAMO_KAFKA_* properties of the settings that named them.
@@ -250,6 +254,52 @@ def write_failure(topic: str, err: Any) -> KafkaWriteFailed:
         permanent = code in _REFUSED_MESSAGE
         return KafkaWriteFailed(topic, code, err.name(), err.str(), permanent)
     return KafkaWriteFailed(topic, -1, "unknown", str(err), permanent=False)
+
+
+def publish_now(
+    source: Source,
+    messages: Sequence[tuple[str, bytes | None, bytes | str | None]],
+    timeout: float,
+    client_id: str = "perkamo-webhooks-cli",
+) -> list[tuple[int, int]]:
+    """Publish (topic, value, key) messages from a command (the CLI, the demo, the console's
+    registry writes) and wait for every acknowledgement: their (partition, offset), in order.
+    KafkaFailure when the broker refused one or did not answer within `timeout` (then a
+    message may or may not be published)."""
+    producer: Producer = make_client(Producer, {**producer_config(source), "client.id": client_id})
+    reports: list[tuple[Any, Any] | None] = [None] * len(messages)
+
+    def reporter(n: int) -> Any:
+        def on_delivery(err: Any, msg: Any) -> None:
+            reports[n] = (err, msg)
+        return on_delivery
+
+    try:
+        for n, (topic, value, key) in enumerate(messages):
+            producer.produce(topic, value=value, key=key, on_delivery=reporter(n))
+        producer.flush(timeout)
+    except KafkaException as exc:
+        raise KafkaFailure(f"publish failed: {exc}") from None
+    finally:
+        del producer  # one left open would keep reconnecting after the broker stops
+    out = []
+    for report in reports:
+        if report is None:
+            raise KafkaFailure(f"Kafka did not acknowledge within {timeout:.0f}s; a message may or "
+                               "may not be published")
+        err, msg = report
+        if err is not None:
+            raise KafkaFailure(f"publish to {msg.topic()} failed: {err}")
+        out.append((int(msg.partition()), int(msg.offset())))
+    return out
+
+
+def topic_names(source: Source, timeout: float) -> set[str]:
+    """The cluster's topics; KafkaFailure when the broker does not answer in time."""
+    try:
+        return set(admin_client(source).list_topics(timeout=timeout).topics)
+    except KafkaException as exc:
+        raise KafkaFailure(f"broker {bootstrap_of(source)} did not answer: {exc}") from None
 
 
 def admin_client(source: Source) -> AdminClient:

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
 
-from confluent_kafka import Message
-
 from consumer import attempts, operational
 from consumer import constants as c
 from consumer.breaker import verdict_for
@@ -45,7 +43,7 @@ from consumer.headers import (
     untrusted_meta,
 )
 from consumer.intake import parse_event
-from consumer.kafka_io import header_list, header_map, position
+from consumer.kafka_io import Message, header_list, header_map, position
 from consumer.models import AttemptResult, AttemptRow, Endpoint, Event, delivery_id_for
 from consumer.observe import AttemptObserver, Observation
 from consumer.retry_policy import decide, due_ahead_s, schedule_span_s, tier_topic

@@ -14,11 +14,10 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import orjson
-from confluent_kafka import KafkaException, Producer
 
 from consumer.constants import ENDPOINTS_TOPIC
 from consumer.errors import KafkaFailure
-from consumer.kafka_io import Source, admin_client, bootstrap_of, make_client, producer_config, topic_configs
+from consumer.kafka_io import Source, publish_now, topic_configs, topic_names
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +32,7 @@ class Receipt(NamedTuple):
 def check_registry_topic(source: Source, timeout: float) -> str | None:
     """Refuse a missing topic (the broker could auto-create it uncompacted); returns a warning
     when it exists without compaction (records would expire), else None."""
-    try:
-        names = admin_client(source).list_topics(timeout=timeout).topics
-    except KafkaException as exc:
-        raise KafkaFailure(f"broker {bootstrap_of(source)} did not answer: {exc}") from None
-    if ENDPOINTS_TOPIC not in names:
+    if ENDPOINTS_TOPIC not in topic_names(source, timeout):
         raise KafkaFailure(f"topic {ENDPOINTS_TOPIC} does not exist; create it (compacted) with "
                          "`perkamo-webhooks topics`")
     configs = topic_configs(source, [ENDPOINTS_TOPIC]).get(ENDPOINTS_TOPIC, {})
@@ -57,20 +52,12 @@ def publish_registry_record(
     The topic must exist (see check_registry_topic). Raises KafkaFailure when the broker did not
     acknowledge in time or refused the record.
     """
-    producer: Producer = make_client(Producer, {**producer_config(source), "client.id": client_id})
-    outcome: dict[str, Any] = {}
-
-    def on_delivery(err: Any, msg: Any) -> None:
-        outcome["err"], outcome["msg"] = err, msg
-
-    producer.produce(ENDPOINTS_TOPIC, key=space.encode(), value=value, on_delivery=on_delivery)
-    producer.flush(timeout)
-    if "msg" not in outcome:
-        raise KafkaFailure(f"Kafka did not acknowledge within {timeout:.0f}s; the record may or may "
-                         "not be published: check with `perkamo-webhooks endpoints list`")
-    if outcome["err"] is not None:
-        raise KafkaFailure(f"publish to {ENDPOINTS_TOPIC} failed: {outcome['err']}")
-    return Receipt(int(outcome["msg"].partition()), int(outcome["msg"].offset()))
+    try:
+        [(partition, offset)] = publish_now(source, [(ENDPOINTS_TOPIC, value, space.encode())], timeout,
+                                            client_id=client_id)
+    except KafkaFailure as exc:
+        raise KafkaFailure(f"{exc}: check with `perkamo-webhooks endpoints list`") from None
+    return Receipt(partition, offset)
 
 
 async def publish_endpoint_record(

@@ -37,8 +37,7 @@ TOP = frozenset({
 KAFKA_WRAPPER = frozenset({"consumer.kafka_io", "consumer.kafka_admin"})
 # Still importing confluent_kafka themselves (issue: one group-member class in the wrapper).
 ALLOWED_KAFKA = frozenset({
-    "consumer.demo", "consumer.durable", "consumer.ingest", "consumer.originals", "consumer.pipeline",
-    "consumer.registry_publish", "consumer.registry_topic", "consumer.service",
+    "consumer.ingest", "consumer.originals", "consumer.registry_topic", "consumer.service",
 })
 
 
