@@ -14,19 +14,16 @@ Records that are not attempt records this version can read are counted and skipp
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable
 
-from confluent_kafka import Consumer, Message, TopicPartition
-
 from consumer import attempts
 from consumer.config import Settings
 from consumer.constants import ATTEMPTS_TOPIC
-from consumer.kafka_io import consumer_config
-from consumer.kafka_lag import record_lag
+from consumer.kafka_group import GroupMember
+from consumer.kafka_io import Message
 from consumer.metrics import Metrics
 from consumer.models import AttemptRow
 from consumer.store_errors import cause_of
@@ -60,7 +57,7 @@ class HistoryIngest:
         self._interval = settings.history_flush_interval_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._consumer: Consumer | None = None
+        self._consumer: GroupMember | None = None
         self._assigned: set[TP] = set()
         self._rows: list[AttemptRow] = []
         self._offsets: dict[TP, int] = {}  # next offset to commit once the batch is in
@@ -72,17 +69,9 @@ class HistoryIngest:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("HistoryIngest already started")
-        config = consumer_config(
-            self._settings,
-            self._settings.history_group_id,
-            self._settings.group_protocol,
-            self._settings.lag_interval_s,
-        )
-        config["stats_cb"] = self._on_stats
-        self._consumer = Consumer(config)
-        self._consumer.subscribe(
-            [ATTEMPTS_TOPIC], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
-        )
+        self._consumer = GroupMember(self._settings, self._settings.history_group_id,
+                                     self._metrics.consumer_lag, self._assigned)
+        self._consumer.subscribe([ATTEMPTS_TOPIC], self._on_assign, self._on_revoke, self._on_lost)
         self._thread = threading.Thread(target=self._run, name="history-ingest", daemon=True)
         self._thread.start()
 
@@ -123,7 +112,7 @@ class HistoryIngest:
             try:
                 consumer.close()
             finally:  # no statistics come any more: a series left behind would freeze
-                self._drop([TopicPartition(t, p) for t, p in self._assigned])
+                self._drop(list(self._assigned))
 
     def _gather(self, msgs: list[Message]) -> None:
         for msg in msgs:
@@ -144,7 +133,7 @@ class HistoryIngest:
             self._rows.append(row)
         self._metrics.history_buffer_rows.set(len(self._rows))
 
-    def _flush(self, consumer: Consumer, budget_s: float | None = None) -> None:
+    def _flush(self, consumer: GroupMember, budget_s: float | None = None) -> None:
         """Insert the batch (retrying while the store fails), then commit its offsets. With a
         budget, or once a stop is asked for, give up after it: the rows stay on the topic,
         uncommitted, for whoever reads it next."""
@@ -162,7 +151,7 @@ class HistoryIngest:
         self._rows = []
         self._metrics.history_buffer_rows.set(0)
 
-    def _insert_retrying(self, consumer: Consumer, give_up: float | None) -> bool:
+    def _insert_retrying(self, consumer: GroupMember, give_up: float | None) -> bool:
         """True once the batch is in; while the store fails the assigned partitions are paused
         and the consumer keeps polling (so it stays in the group). False past `give_up`."""
         backoff = 0.2
@@ -183,7 +172,7 @@ class HistoryIngest:
                     self._metrics.history_rows_written.inc(len(self._rows))
                     return True
                 if not paused and self._assigned:
-                    consumer.pause([TopicPartition(t, p) for t, p in self._assigned])
+                    consumer.pause(list(self._assigned))
                     paused = True
                 wait_until = time.monotonic() + backoff
                 while time.monotonic() < wait_until:
@@ -197,44 +186,37 @@ class HistoryIngest:
                 backoff = min(backoff * 2, _BACKOFF_MAX_S)
         finally:
             if paused and self._assigned:
-                consumer.resume([TopicPartition(t, p) for t, p in self._assigned])
+                consumer.resume(list(self._assigned))
 
-    def _commit(self, consumer: Consumer) -> None:
-        offsets = [TopicPartition(t, p, o) for (t, p), o in self._offsets.items() if (t, p) in self._assigned]
+    def _commit(self, consumer: GroupMember) -> None:
+        offsets = [(tp, o) for tp, o in self._offsets.items() if tp in self._assigned]
         self._offsets.clear()
-        if not offsets:
-            return
-        try:
-            consumer.commit(offsets=offsets, asynchronous=False)
-        except Exception as exc:  # no longer in the group: the new owner re-inserts (idempotent)
-            log.warning("history commit failed: %s", exc)
+        # A failed commit (no longer in the group) is logged: the new owner re-inserts, and the
+        # table's key makes that harmless.
+        consumer.commit(offsets)
 
     # Rebalances (on this thread, inside consume) ---------------------------------------------
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._assigned.update((p.topic, p.partition) for p in partitions)
+    def _on_assign(self, tps: list[TP]) -> None:
+        self._assigned.update(tps)
         self.assigned_once = True
         self._metrics.assigned_partitions.set(len(self._assigned))
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_revoke(self, tps: list[TP]) -> None:
         """Insert and commit what was gathered before the partitions go to another member."""
-        self._flush(consumer, budget_s=_REVOKE_BUDGET_S)
-        self._drop(partitions)
+        assert self._consumer is not None
+        self._flush(self._consumer, budget_s=_REVOKE_BUDGET_S)
+        self._drop(tps)
 
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_lost(self, tps: list[TP]) -> None:
         """Their offsets are no longer ours to commit; the gathered rows are still inserted
         (the new owner inserts them again: the table's key makes that harmless)."""
-        lost = {(p.topic, p.partition) for p in partitions}
+        lost = set(tps)
         self._offsets = {tp: o for tp, o in self._offsets.items() if tp not in lost}
-        self._drop(partitions)
+        self._drop(tps)
 
-    def _drop(self, partitions: list[TopicPartition]) -> None:
-        for p in partitions:
-            self._assigned.discard((p.topic, p.partition))
-            with contextlib.suppress(KeyError):  # no statistics arrived for it yet
-                self._metrics.consumer_lag.remove(p.topic, str(p.partition))
+    def _drop(self, tps: list[TP]) -> None:
+        self._assigned.difference_update(tps)
+        if self._consumer is not None:  # no statistics come for them any more: drop the series
+            self._consumer.forget_lag(tps)
         self._metrics.assigned_partitions.set(len(self._assigned))
-
-    def _on_stats(self, stats_json: str) -> None:
-        """History lag: the history group's lag on the attempts topic, per partition."""
-        record_lag(stats_json, self._assigned, self._metrics.consumer_lag)

@@ -15,21 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import time
 from collections.abc import Iterable
 from typing import Any
-
-from confluent_kafka import Consumer, Message, TopicPartition
 
 from consumer import constants as c
 from consumer.circuits import health_of
 from consumer.deliver_context import DeliverContext
 from consumer.errors import PerkamoError
 from consumer.headers import due_ms
-from consumer.kafka_io import consumer_config, header_map, position
-from consumer.kafka_lag import record_lag
+from consumer.kafka_group import GroupMember
+from consumer.kafka_io import Message, header_map, position
 from consumer.partitions import TP, Partitions, PartitionState
 from consumer.pipeline import Pipeline, now_ms
 
@@ -51,7 +48,7 @@ class DeliveryService:
         self.gates = ctx.gates
         self.pipeline = Pipeline(ctx)
         self._in_flight = ctx.in_flight
-        self._consumer: Consumer | None = None
+        self._consumer: GroupMember | None = None
         self._kafka = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kafka-consumer")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._parts = Partitions(settings.partition_window)
@@ -86,15 +83,11 @@ class DeliveryService:
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self.ctx.deliverer.start()
-        config = consumer_config(
-            self.settings, self.settings.group_id, self.settings.group_protocol, self.settings.lag_interval_s
+        self._consumer = GroupMember(
+            self.settings, self.settings.group_id, self.metrics.consumer_lag, self._parts
         )
-        config["stats_cb"] = self._on_stats
-        self._consumer = Consumer(config)
         topics = [*self.settings.events_topics, c.REDELIVER_TOPIC, *self.pipeline.retry_topics, c.HELD_TOPIC]
-        self._consumer.subscribe(
-            topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
-        )
+        self._consumer.subscribe(topics, self._on_assign, self._on_revoke, self._on_lost)
         self.started = True
         log.info("consuming %s as group %s", ",".join(topics), self.settings.group_id)
         try:
@@ -128,7 +121,7 @@ class DeliveryService:
         whatever else is ready. (`consume(n, t)` would wait for n messages or the full t, which
         adds up to t to every delivery's latency at low rates.) Runs on the consumer thread."""
         consumer = self._consumer_or_fail()
-        msgs: list[Message] = consumer.consume(most, 0)
+        msgs = consumer.consume(most, 0)
         if msgs or most == 0:
             return msgs
         msgs = consumer.consume(1, timeout)
@@ -190,8 +183,8 @@ class DeliveryService:
                     # Not due: pause, then seek back to exactly this message, so it and the
                     # messages after it (dropped from this batch) are fetched again on resume.
                     if self._parts.hold_until_due(st, due):
-                        consumer.pause([TopicPartition(topic, partition)])
-                    consumer.seek(TopicPartition(topic, partition, offset))
+                        consumer.pause([tp])
+                    consumer.seek(tp, offset)
                     halted.add(tp)
                     continue
             taken[topic] = taken.get(topic, 0) + 1
@@ -208,9 +201,9 @@ class DeliveryService:
         if changes:
             consumer = self._consumer_or_fail()
             if changes.pause:
-                consumer.pause([TopicPartition(t, p) for t, p in changes.pause])
+                consumer.pause(changes.pause)
             if changes.resume:
-                consumer.resume([TopicPartition(t, p) for t, p in changes.resume])
+                consumer.resume(changes.resume)
         for reason, count in self._parts.paused_counts().items():
             self.metrics.paused_partitions.labels(reason).set(count)
 
@@ -238,32 +231,19 @@ class DeliveryService:
             await self._kafka_call(self._commit_sync, offsets)
 
     def _commit_sync(self, offsets: list[tuple[TP, int]]) -> None:
-        consumer = self._consumer_or_fail()
-        try:
-            results = consumer.commit(
-                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets], asynchronous=False
-            )
-        except Exception as exc:  # e.g. no longer in the group; redelivery covers it
-            log.warning("commit failed: %s", exc)
-            return
-        for tp in results or []:
-            if tp.error:
-                log.warning("commit of %s[%d] failed: %s", tp.topic, tp.partition, tp.error)
-                continue
-            self._parts.committed((tp.topic, tp.partition), tp.offset)
+        for tp, offset in self._consumer_or_fail().commit(offsets):
+            self._parts.committed(tp, offset)
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._run_on_loop(self._assigned([(p.topic, p.partition) for p in partitions]))
+    def _on_assign(self, tps: list[TP]) -> None:
+        self._run_on_loop(self._assigned(tps))
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        offsets = self._run_on_loop(
-            self._revoking([(p.topic, p.partition) for p in partitions]), _REVOKE_BUDGET_S + 5
-        )
+    def _on_revoke(self, tps: list[TP]) -> None:
+        offsets = self._run_on_loop(self._revoking(tps), _REVOKE_BUDGET_S + 5)
         if offsets:
             self._commit_sync(offsets)
 
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._run_on_loop(self._lost([(p.topic, p.partition) for p in partitions]))
+    def _on_lost(self, tps: list[TP]) -> None:
+        self._run_on_loop(self._lost(tps))
 
     async def _assigned(self, tps: list[TP]) -> None:
         self._parts.assign(tps)
@@ -299,14 +279,9 @@ class DeliveryService:
 
     def _drop(self, states: list[PartitionState]) -> None:
         self._parts.drop(states)
-        for st in states:
-            with contextlib.suppress(KeyError):  # no statistics arrived for it yet
-                self.metrics.consumer_lag.remove(st.tp[0], str(st.tp[1]))
+        if self._consumer is not None:
+            self._consumer.forget_lag(st.tp for st in states)
         self.metrics.assigned_partitions.set(len(self._parts))
-
-    def _on_stats(self, stats_json: str) -> None:
-        """librdkafka statistics: consumer lag per assigned partition (committed vs high watermark)."""
-        record_lag(stats_json, self._parts, self.metrics.consumer_lag)
 
     # Helpers -------------------------------------------------------------------------
 
@@ -318,7 +293,7 @@ class DeliveryService:
         assert self._loop is not None
         return await self._loop.run_in_executor(self._kafka, fn, *args)
 
-    def _consumer_or_fail(self) -> Consumer:
+    def _consumer_or_fail(self) -> GroupMember:
         if self._consumer is None:
             raise PerkamoError("consumer not started")
         return self._consumer
