@@ -36,9 +36,9 @@ from consumer.config import Settings
 from consumer.constants import ENDPOINTS_TOPIC
 from consumer.endpoints import EndpointRegistry, load_file, mask_url, parse_record, record_of
 from consumer.errors import BlockedAddress, InvalidEndpoint, PerkamoError
+from consumer.kafka_reader import read_all
 from consumer.models import Endpoint
 from consumer.registry_publish import check_registry_topic, publish_registry_record
-from consumer.registry_topic import read_all
 from consumer.schemas import schema_path
 
 EXIT_INVALID: Final = 2  # same as argparse's usage errors: nothing was published

@@ -28,7 +28,7 @@ from consumer.config import load_settings
 from consumer.constants import ENDPOINTS_TOPIC
 from consumer.errors import ConfigError, KafkaFailure
 from consumer.history import TABLE, HistoryStore, client_kwargs, mask_dsn
-from consumer.registry_topic import read_all, reader_config
+from consumer.kafka_reader import read_all, reader_config
 from consumer.topics import plan
 from tests.conftest import KAFKA_SCRIPT, LOOPBACK, start_roles, stop_roles
 from tests.support import free_port, make_event, unique, wait_for

@@ -29,9 +29,9 @@ from consumer.delivery import Deliverer
 from consumer.endpoints import endpoint_id_for, parse_record
 from consumer.errors import InvalidEndpoint
 from consumer.history import TABLE
+from consumer.kafka_reader import read_all
 from consumer.metrics import Metrics
 from consumer.models import Endpoint, Event, delivery_id_for
-from consumer.registry_topic import read_all
 from tests.conftest import App
 from tests.support import (
     ScriptedReceiver,
