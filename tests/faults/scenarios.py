@@ -156,30 +156,38 @@ def broker_restart(
         run.cleanup()
 
 
+def _writes_through_an_outage(
+    run: Run, stop: Any, start: Any, what: str, n_events: int, down_s: float, timeout_ms: int
+) -> Accounting:
+    """Deliveries in flight while `stop()` keeps Kafka from taking writes for longer than the
+    producer's message timeout, then `start()`: their records and retries are tried again until
+    Kafka takes them, and nothing is dead-lettered, abandoned or delivered again beyond the
+    uncommitted window."""
+    endpoints_file, msgs = _healthy(run, n_events, 2, (200, 400), run.name)
+    proc = run.consumer(endpoints_file, max_in_flight=100, kafka_message_timeout_ms=timeout_ms, **QUICK)
+    run.publisher.publish(msgs)
+    run.wait_receipts(max(1, n_events // 5), 120, f"deliveries before {what} stops")
+    before = run.committed()
+    log(f"stopping {what} at {len(run.receipts())} requests, for {down_s}s")
+    stop()
+    time.sleep(down_s)
+    start()
+    log(f"{what} back")
+    run.disruptions.append(Disruption("brokers", time.time(), before))
+    result = run.finish(settle_timeout=240)
+    text = proc.log_text()  # the outage outlasted the producer's timeout: writes were retried
+    assert "Kafka did not take" in text and "Kafka takes writes again" in text, proc.log_tail()
+    return result
+
+
 def broker_outage_past_the_message_timeout(
     env: FaultEnv, n_events: int = 1500, down_s: float = 10.0, timeout_ms: int = 2000
 ) -> Accounting:
-    """The broker is away longer than the producer's message timeout, while deliveries are
-    in flight: their records and retries fail to publish, are tried again until the broker is
-    back, and nothing is dead-lettered, abandoned or delivered again beyond the uncommitted
-    window."""
+    """The single broker away past the producer's message timeout, mid-stream."""
     run = Run(env, "broker-outage")
     try:
-        endpoints_file, msgs = _healthy(run, n_events, 2, (200, 400), "outage")
-        proc = run.consumer(endpoints_file, max_in_flight=100, kafka_message_timeout_ms=timeout_ms, **QUICK)
-        run.publisher.publish(msgs)
-        run.wait_receipts(max(1, n_events // 5), 120, "deliveries before the broker stops")
-        before = run.committed()
-        log(f"stopping the broker at {len(run.receipts())} requests, for {down_s}s")
-        env.broker("stop")
-        time.sleep(down_s)
-        env.broker("start")
-        log("broker back")
-        run.disruptions.append(Disruption("broker", time.time(), before))
-        result = run.finish(settle_timeout=180)
-        text = proc.log_text()  # the outage outlasted the producer's timeout: writes were retried
-        assert "Kafka did not take" in text and "Kafka takes writes again" in text, proc.log_tail()
-        return result
+        return _writes_through_an_outage(run, lambda: env.broker("stop"), lambda: env.broker("start"),
+                                         "the broker", n_events, down_s, timeout_ms)
     finally:
         run.cleanup()
 
@@ -187,26 +195,15 @@ def broker_outage_past_the_message_timeout(
 def two_of_three_brokers_down(
     env: FaultEnv, cluster: Any, n_events: int = 1500, down_s: float = 20.0, timeout_ms: int = 5000
 ) -> tuple[Accounting, int]:
-    """On a three-node cluster (replication 3, min.insync.replicas 2), two nodes stop mid-stream
-    for longer than the producer's message timeout, then come back. Returns the accounting
-    and the number of requests the receivers saw beyond one per event (duplicates)."""
+    """On a three-node cluster (replication 3, min.insync.replicas 2), two nodes away past the
+    producer's message timeout, mid-stream. Returns the accounting and the requests the
+    receivers saw beyond one per event (duplicates)."""
     run = Run(env, "two-down", replication=3)
     try:
-        endpoints_file, msgs = _healthy(run, n_events, 2, (200, 400), "twodown")
-        proc = run.consumer(endpoints_file, max_in_flight=100, kafka_message_timeout_ms=timeout_ms, **QUICK)
-        run.publisher.publish(msgs)
-        run.wait_receipts(max(1, n_events // 5), 120, "deliveries before two nodes stop")
-        before = run.committed()
-        log(f"stopping nodes 2 and 3 at {len(run.receipts())} requests, for {down_s}s")
-        cluster.stop(1, 2)
-        time.sleep(down_s)
-        cluster.start(1, 2)
-        log("nodes back")
-        run.disruptions.append(Disruption("brokers", time.time(), before))
-        result = run.finish(settle_timeout=240)
-        assert "Kafka did not take" in proc.log_text(), proc.log_tail()
-        duplicates = len(run.receipts()) - len({r.event_id for r in run.receipts()})
-        return result, duplicates
+        result = _writes_through_an_outage(run, lambda: cluster.stop(1, 2), lambda: cluster.start(1, 2),
+                                           "nodes 2 and 3", n_events, down_s, timeout_ms)
+        receipts = run.receipts()
+        return result, len(receipts) - len({r.event_id for r in receipts})
     finally:
         run.cleanup()
 
