@@ -17,20 +17,11 @@ from typing import Any, Final
 import orjson
 
 from consumer.config import Settings
-from consumer.errors import PerkamoError
+from consumer.errors import ApiFailure, PerkamoError
 
 API: Final = "/api/v1"
 _TIMEOUT_S: Final = 120.0
 _BUSY_RETRIES: Final = 3
-
-
-class ApiFailure(PerkamoError):
-    """The admin API answered with an error status; `doc` is its JSON answer."""
-
-    def __init__(self, status: int, doc: dict[str, Any]) -> None:
-        super().__init__(str(doc.get("error") or f"HTTP {status}"))
-        self.status = status
-        self.doc = doc
 
 
 class AdminApiClient:

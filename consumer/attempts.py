@@ -29,7 +29,7 @@ import orjson
 
 from consumer.budget import HISTORY_BODY_MAX, budget_of
 from consumer.config import Settings
-from consumer.errors import PerkamoError
+from consumer.errors import BadRecord
 from consumer.models import AttemptRow
 
 VERSION: Final = 1
@@ -43,10 +43,6 @@ OPTIONAL: Final = frozenset({
 _REQUIRED: Final = frozenset(COLUMNS) - OPTIONAL
 _TIMES: Final = ("attempted_at", "next_attempt_at", "cert_not_after")
 _OPTIONS: Final = orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC
-
-
-class BadRecord(PerkamoError):
-    """A message on the attempts topic that is not an attempt record this version can read."""
 
 
 # The most an attempt record's value may be with the default PERKAMO_MAX_PAYLOAD_BYTES.

@@ -32,8 +32,8 @@ import orjson
 from aiohttp import web
 
 from consumer.config import Settings
-from consumer.errors import PerkamoError
-from consumer.throttle import Throttle, Throttled, subject_of
+from consumer.errors import PerkamoError, Throttled
+from consumer.throttle import Throttle, subject_of
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

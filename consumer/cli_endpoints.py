@@ -226,7 +226,8 @@ def _rows(
 def _health(settings: Settings) -> tuple[dict[str, dict[str, Any]], str]:
     """Per Space, the history role's view of its endpoint (certificate expiry included), or
     ({}, why not)."""
-    from consumer.admin_api_client import AdminApiClient, ApiFailure
+    from consumer.admin_api_client import AdminApiClient
+    from consumer.errors import ApiFailure
 
     client = AdminApiClient(settings, timeout=_HEALTH_TIMEOUT_S)
     try:

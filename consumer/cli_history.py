@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from typing import Any, Final
 
 from consumer import cli_history_output as history_output
-from consumer.admin_api_client import AdminApiClient, ApiFailure
+from consumer.admin_api_client import AdminApiClient
 from consumer.config import Settings
-from consumer.errors import BadRequest, PerkamoError
+from consumer.errors import ApiFailure, BadRequest, PerkamoError
 from consumer.queries import (
     DEFAULT_LIMIT,
     STATUSES,

@@ -5,7 +5,12 @@
     │   ├── BadEndpointsFile (also InvalidEndpoint)
     │   └── KafkaRefused (also KafkaFailure)
     ├── InvalidEvent ────────────── an input message cannot become a delivery (dead-lettered)
+    ├── BadRecord ───────────────── a message on the attempts topic is not a record (skipped)
     ├── InvalidEndpoint ─────────── an endpoint record breaks the rules
+    ├── Parked / Expired / EndpointGone ── an endpoint's gate says: hold it, its life ended,
+    │                               look the endpoint up again (consumer.gate)
+    ├── Throttled ───────────────── too many wrong credentials: retry after a while (429)
+    ├── ApiFailure ──────────────── the admin API answered the CLI with an error status
     ├── BlockedAddress (also OSError) ── the SSRF guard refused the address
     ├── HistoryUnavailable ──────── the history store cannot be opened
     ├── KafkaFailure ────────────── the broker failed an operation
@@ -14,11 +19,13 @@
         │                           its `status` is the HTTP answer (one mapping: consumer.admin)
         ├── ApiError (any status it is given)
         ├── BadRequest (400) ─── SeveralSpaces
-        ├── NotFound (404)
+        ├── NotFound (404) ──── OriginalUnavailable (a cut body's original is gone)
         ├── Conflict (409)
         ├── Busy (429, Retry-After)
         ├── PublishFailed (502)
-        └── NotReady (503)
+        └── NotReady (503) ──── OriginalOutOfReach
+    AuthError (consumer.auth) and ConsoleError (consumer.console.base) stay beside the answers
+    they render; AuthError carries its own status, ConsoleError is an ApiError.
 """
 
 from typing import Any, ClassVar
@@ -191,3 +198,48 @@ class ApiError(RequestError):
 
     def headers(self) -> dict[str, str]:
         return self._headers
+
+
+class BadRecord(PerkamoError):
+    """A message on the attempts topic that is not an attempt record this version can read."""
+
+
+class Throttled(PerkamoError):
+    """Too many wrong credentials: try again in `retry_after` seconds (a whole number, >= 1)."""
+
+    def __init__(self, retry_after: float) -> None:
+        self.retry_after = int(retry_after) + 1
+        super().__init__(f"too many wrong credentials: try again in {self.retry_after} s")
+
+
+class Parked(PerkamoError):
+    """The endpoint cannot take this delivery now: park it on the held topic."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"delivery held: {reason}")
+        self.reason = reason
+
+
+class Expired(PerkamoError):
+    """A held delivery's deadline (the end of its schedule's span) passed while it waited."""
+
+
+class EndpointGone(PerkamoError):
+    """The endpoint was removed or changed while the delivery waited: look it up again."""
+
+
+class ApiFailure(PerkamoError):
+    """The admin API answered with an error status; `doc` is its JSON answer."""
+
+    def __init__(self, status: int, doc: dict[str, Any]) -> None:
+        super().__init__(str(doc.get("error") or f"HTTP {status}"))
+        self.status = status
+        self.doc = doc
+
+
+class OriginalUnavailable(NotFound):
+    """A cut body's original cannot be re-published: gone from its topic, or not the same bytes."""
+
+
+class OriginalOutOfReach(NotReady):
+    """Kafka did not answer in time: the original may still be there; try again."""

@@ -28,25 +28,9 @@ from typing import Any
 
 from consumer.breaker import Breaker, BreakerPolicy, CircuitState, Verdict
 from consumer.constants import HoldReason
-from consumer.errors import PerkamoError
+from consumer.errors import EndpointGone, Expired, Parked
 from consumer.health import EndpointHealth, HealthPolicy
 from consumer.models import Endpoint
-
-
-class Parked(PerkamoError):
-    """The endpoint cannot take this delivery now: park it on the held topic."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"delivery held: {reason}")
-        self.reason = reason
-
-
-class Expired(PerkamoError):
-    """A held delivery's deadline (the end of its schedule's span) passed while it waited."""
-
-
-class EndpointGone(PerkamoError):
-    """The endpoint was removed or changed while the delivery waited: look it up again."""
 
 
 @dataclass(slots=True)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from consumer import attempts
 from consumer.config import Settings
 from consumer.constants import ATTEMPTS_TOPIC
+from consumer.errors import BadRecord
 from consumer.kafka_group import GroupMember
 from consumer.kafka_io import Message
 from consumer.metrics import Metrics
@@ -124,7 +125,7 @@ class HistoryIngest:
             self._offsets[tp] = offset + 1
             try:
                 row = attempts.decode(msg.value())
-            except attempts.BadRecord as exc:
+            except BadRecord as exc:
                 self._metrics.history_records_invalid.inc()
                 log.warning("%s[%d]@%d is not an attempt record (%s); skipped", tp[0], tp[1], offset, exc)
                 continue

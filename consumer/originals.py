@@ -18,21 +18,13 @@ from typing import Final
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
-from consumer.errors import NotFound, NotReady
+from consumer.errors import OriginalOutOfReach, OriginalUnavailable
 from consumer.kafka_io import Source, client_config, make_client
 
 log = logging.getLogger(__name__)
 
 WAIT_S: Final = 10.0  # for all the originals one call reads
 _GROUP: Final = "perkamo-webhooks-originals"  # librdkafka wants one; it is never joined or committed
-
-
-class OriginalUnavailable(NotFound):
-    """A cut body's original cannot be re-published: gone from its topic, or not the same bytes."""
-
-
-class OriginalOutOfReach(NotReady):
-    """Kafka did not answer in time: the original may still be there; try again."""
 
 
 Refusal = OriginalUnavailable | OriginalOutOfReach

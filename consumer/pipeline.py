@@ -29,8 +29,8 @@ from consumer.budget import budget_of
 from consumer.constants import DlqReason, HoldReason
 from consumer.deliver_context import DeliverContext
 from consumer.durable import DurablePublisher, Outgoing
-from consumer.errors import InvalidEvent
-from consumer.gate import EndpointGate, EndpointGone, Expired, Parked, Ticket
+from consumer.errors import EndpointGone, Expired, InvalidEvent, Parked
+from consumer.gate import EndpointGate, Ticket
 from consumer.headers import (
     DeliveryMeta,
     check_due,

@@ -33,12 +33,19 @@ from datetime import UTC, datetime
 from typing import Final
 
 from consumer import constants as c
-from consumer.errors import Conflict, KafkaFailure, NotFound, PublishFailed, SeveralSpaces
+from consumer.errors import (
+    Conflict,
+    KafkaFailure,
+    NotFound,
+    OriginalUnavailable,
+    PublishFailed,
+    SeveralSpaces,
+)
 from consumer.headers import republish_headers
 from consumer.kafka_io import AsyncProducer, Source
 from consumer.metrics import Metrics
 from consumer.models import stable_id
-from consumer.originals import OriginalUnavailable, Refusal, Wanted, read_originals
+from consumer.originals import Refusal, Wanted, read_originals
 from consumer.queries import LATEST, Reader, check_text, iso
 from consumer.republish_plan import (
     RESEND_PREFIX,

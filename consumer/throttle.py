@@ -27,17 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from consumer.errors import PerkamoError
+from consumer.errors import Throttled
 
 _PREFIX_CHARS: Final = 6  # of a typed token: enough to tell tokens apart, too few to matter
-
-
-class Throttled(PerkamoError):
-    """Too many wrong credentials: try again in `retry_after` seconds (a whole number, >= 1)."""
-
-    def __init__(self, retry_after: float) -> None:
-        self.retry_after = int(retry_after) + 1
-        super().__init__(f"too many wrong credentials: try again in {self.retry_after} s")
 
 
 @dataclass(slots=True)

@@ -36,11 +36,11 @@ from aiohttp import web
 from consumer.console.auth import Keys, Session, SignOuts
 from consumer.console.context import ConsoleContext
 from consumer.console.render import render
-from consumer.errors import ApiError, Busy, RequestError
+from consumer.errors import ApiError, Busy, RequestError, Throttled
 from consumer.queries import ReadPool
 from consumer.republish_plan import ReplayPlan
 from consumer.schemas import schema_path
-from consumer.throttle import Attempt, Throttle, Throttled, subject_of
+from consumer.throttle import Attempt, Throttle, subject_of
 
 log = logging.getLogger(__name__)
 

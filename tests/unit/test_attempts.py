@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from consumer import attempts
 from consumer.budget import HISTORY_BODY_MAX, budget_of
+from consumer.errors import BadRecord
 from consumer.models import AttemptRow
 
 SCHEMA = orjson.loads((Path(__file__).resolve().parents[2] / "schemas" / "attempt.schema.json").read_bytes())
@@ -72,7 +73,7 @@ def test_unknown_fields_of_a_later_version_are_skipped() -> None:
     ],
 )
 def test_what_is_not_a_record_says_why(value: bytes, why: str) -> None:
-    with pytest.raises(attempts.BadRecord, match=why):
+    with pytest.raises(BadRecord, match=why):
         attempts.decode(value)
 
 

@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from consumer.breaker import BreakerPolicy, CircuitState, Verdict
-from consumer.gate import EndpointGone, Expired, GateLimits, Gates, Parked
+from consumer.errors import EndpointGone, Expired, Parked
+from consumer.gate import GateLimits, Gates
 from consumer.health import HealthPolicy
 from consumer.models import Endpoint
 

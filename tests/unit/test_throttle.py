@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from consumer.console.auth import ROLE_ADMIN, ROLE_SPACE, Keys, SignOuts
-from consumer.throttle import Throttle, Throttled, subject_of
+from consumer.errors import Throttled
+from consumer.throttle import Throttle, subject_of
 
 SECRET = "k" * 40
 
