@@ -76,7 +76,7 @@ def _topics(args: argparse.Namespace, settings: Settings) -> int:
     """Create what is missing, keep max.message.bytes and min.insync.replicas in step on what
     exists, then print what the broker reports (read back, not what was asked)."""
     from consumer.kafka_admin import topic_state
-    from consumer.kafka_io import ensure_topics
+    from consumer.kafka_topics import ensure_topics
     from consumer.topics import plan
 
     specs, warnings = plan(settings, args.partitions, args.retention_hours)

@@ -22,7 +22,8 @@ from consumer.config import Settings
 from consumer.deliver_context import build_context
 from consumer.endpoints import EndpointRegistry, load_file
 from consumer.kafka_admin import BrokerWatch
-from consumer.kafka_io import use_settings, wait_for_broker
+from consumer.kafka_io import use_settings
+from consumer.kafka_topics import wait_for_broker
 from consumer.metrics import Metrics
 from consumer.models import Endpoint
 from consumer.registry_topic import RegistryFollower

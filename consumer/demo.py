@@ -33,7 +33,8 @@ from consumer import constants as c
 from consumer.config import load_settings
 from consumer.console import console_link
 from consumer.errors import PerkamoError
-from consumer.kafka_io import ensure_topics, publish_now, wait_for_broker
+from consumer.kafka_io import publish_now
+from consumer.kafka_topics import ensure_topics, wait_for_broker
 from consumer.receiver import SampleReceiver
 from consumer.topics import plan
 

@@ -30,7 +30,8 @@ from consumer.history import HistoryStore
 from consumer.history_api import history_app
 from consumer.ingest import HistoryIngest
 from consumer.kafka_admin import BrokerWatch
-from consumer.kafka_io import AsyncProducer, use_settings, wait_for_broker
+from consumer.kafka_io import AsyncProducer, use_settings
+from consumer.kafka_topics import wait_for_broker
 from consumer.metrics import Metrics
 from consumer.queries import ReadPool
 from consumer.registry_publish import Receipt, publish_endpoint_record

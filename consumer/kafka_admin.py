@@ -25,7 +25,8 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # the stubs o
 )
 
 from consumer.errors import KafkaFailure
-from consumer.kafka_io import Source, admin_client, client_config, make_client
+from consumer.kafka_io import Source, client_config, make_client
+from consumer.kafka_topics import admin_client
 from consumer.watermarks import WATERMARKS, Watermarks
 
 log = logging.getLogger(__name__)

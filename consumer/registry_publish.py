@@ -17,7 +17,8 @@ import orjson
 
 from consumer.constants import ENDPOINTS_TOPIC
 from consumer.errors import KafkaFailure
-from consumer.kafka_io import Source, publish_now, topic_configs, topic_names
+from consumer.kafka_io import Source, publish_now
+from consumer.kafka_topics import topic_configs, topic_names
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ def plan(
     # Every topic takes the largest message the service may write (consumer.budget); `topics`
     # sets it on existing topics too, and each role reads it back at start-up.
     # min.insync.replicas: with acks=all, two copies of every write; the topic creation caps it
-    # at each topic's replica count (kafka_io.ensure_topics), so it is min(2, replicas).
+    # at each topic's replica count (kafka_topics.ensure_topics), so it is min(2, replicas).
     size = {
         "max.message.bytes": str(budget_of(settings.max_payload_bytes).message_max_bytes),
         "min.insync.replicas": str(MIN_INSYNC),

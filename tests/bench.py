@@ -73,7 +73,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from consumer.config import load_settings
 from consumer.constants import ATTEMPTS_TOPIC, HELD_TOPIC, REDELIVER_TOPIC
-from consumer.kafka_io import ensure_topics, wait_for_broker
+from consumer.kafka_topics import ensure_topics, wait_for_broker
 from consumer.retry_policy import tier_topic
 from consumer.topics import plan
 from tests.bench_client import payload

@@ -23,7 +23,7 @@ from consumer.config import Settings, load_settings
 from consumer.deliver_role import DeliverRole, build_deliver, serve_deliver
 from consumer.history import HistoryStore
 from consumer.history_role import HistoryRole, build_history, serve_history
-from consumer.kafka_io import ensure_topics, wait_for_broker
+from consumer.kafka_topics import ensure_topics, wait_for_broker
 from consumer.metrics import Metrics
 from consumer.topics import plan
 from tests.support import ScriptedReceiver, fast_forward_group, free_port, unique

@@ -19,7 +19,7 @@ import pytest
 
 from consumer import constants as c
 from consumer.config import Settings, load_settings
-from consumer.kafka_io import ensure_topics, wait_for_broker
+from consumer.kafka_topics import ensure_topics, wait_for_broker
 from consumer.topics import plan
 from tests.conftest import KAFKA_SCRIPT, LOOPBACK, start_roles, stop_roles
 from tests.support import free_port, unique, wait_for

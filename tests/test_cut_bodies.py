@@ -27,7 +27,7 @@ from consumer.cli_history_output import body_cut, print_detail
 from consumer.config import load_settings
 from consumer.endpoints import EndpointRegistry, endpoint_id_for, parse_record
 from consumer.errors import NotReady, OriginalOutOfReach, OriginalUnavailable
-from consumer.kafka_io import ensure_topics
+from consumer.kafka_topics import ensure_topics
 from consumer.models import delivery_id_for
 from consumer.originals import Wanted, read_originals
 from tests.conftest import REPO

@@ -23,7 +23,7 @@ import trustme
 from confluent_kafka import Producer
 from cryptography.hazmat.primitives import serialization
 
-from consumer import kafka_io
+from consumer import kafka_io, kafka_topics
 from consumer.config import load_settings
 from consumer.constants import ENDPOINTS_TOPIC
 from consumer.errors import ConfigError, KafkaFailure
@@ -235,7 +235,7 @@ async def test_events_are_delivered_end_to_end_through_sasl_ssl(
         history_flush_interval_s=0.2, commit_interval_s=0.2, drain_timeout_s=5.0,
     )
     specs, _ = plan(settings, partitions=2, retention_hours=None)
-    await asyncio.to_thread(kafka_io.ensure_topics, settings,
+    await asyncio.to_thread(kafka_topics.ensure_topics, settings,
                             [(s.name, s.partitions, s.config) for s in specs])
     # Both roles, each of their clients (consumers, producers, the registry followers) over
     # the secured listener.
@@ -287,7 +287,7 @@ def test_wait_for_broker_names_the_setting_within_seconds(sasl_broker: dict[str,
                              kafka=secured(sasl_broker, password="nope-nope"))
     started = time.monotonic()
     with pytest.raises(KafkaFailure, match="PERKAMO_KAFKA_SASL_PASSWORD") as caught:
-        kafka_io.wait_for_broker(settings, 30)
+        kafka_topics.wait_for_broker(settings, 30)
     assert time.monotonic() - started < 10
     assert "nope-nope" not in str(caught.value)
 
@@ -302,7 +302,7 @@ def test_an_untrusted_broker_certificate_names_the_ca_setting(
                              kafka={**secured(sasl_broker), "ssl.ca.location": str(other_ca)})
     started = time.monotonic()
     with pytest.raises(KafkaFailure, match="PERKAMO_KAFKA_SSL_CA_LOCATION"):
-        kafka_io.wait_for_broker(settings, 20)
+        kafka_topics.wait_for_broker(settings, 20)
     assert time.monotonic() - started < 10
 
 

@@ -18,7 +18,7 @@ from aiohttp import web
 from consumer import constants as c
 from consumer.endpoints import endpoint_id_for
 from consumer.history import TABLE
-from consumer.kafka_io import ensure_topics
+from consumer.kafka_topics import ensure_topics
 from consumer.models import delivery_id_for
 from consumer.topics import plan
 from tests.support import (

@@ -22,7 +22,7 @@ import pytest
 from consumer.config import load_settings
 from consumer.constants import ENDPOINTS_TOPIC
 from consumer.endpoints import REASON_INVALID_JSON, REASON_KEY_MISMATCH, REASON_SCHEMA, EndpointRegistry
-from consumer.kafka_io import ensure_topics
+from consumer.kafka_topics import ensure_topics
 from consumer.metrics import Metrics
 from consumer.registry_topic import RegistryFollower
 from tests.conftest import App

@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 
 from consumer.config import load_settings
-from consumer.kafka_io import ensure_topics
+from consumer.kafka_topics import ensure_topics
 from consumer.topics import plan
 from tests.support import free_port, make_event, produce, unique, wait_for
 

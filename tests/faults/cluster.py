@@ -10,7 +10,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from consumer.kafka_io import wait_for_broker
+from consumer.kafka_topics import wait_for_broker
 from tests.support import free_port
 
 KAFKA_SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "kafka.sh"

@@ -27,7 +27,7 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from consumer import constants as c
 from consumer.config import load_settings
-from consumer.kafka_io import ensure_topics
+from consumer.kafka_topics import ensure_topics
 from consumer.retry_policy import parse_tiers, tier_topic
 from consumer.topics import plan
 from tests.faults.accounting import (

@@ -25,7 +25,7 @@ import trustme
 from rich.console import Console
 from rich.table import Table
 
-from consumer.kafka_io import wait_for_broker
+from consumer.kafka_topics import wait_for_broker
 from tests.faults import scenarios
 from tests.faults.accounting import Accounting
 from tests.faults.fuzz import fuzz_inputs

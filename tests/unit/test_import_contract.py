@@ -36,6 +36,7 @@ TOP = frozenset({
 })
 KAFKA_WRAPPER = frozenset({
     "consumer.kafka_io", "consumer.kafka_admin", "consumer.kafka_group", "consumer.kafka_reader",
+    "consumer.kafka_topics",
 })
 # Still importing confluent_kafka themselves (issue: one group-member class in the wrapper).
 ALLOWED_KAFKA = frozenset({"consumer.originals"})

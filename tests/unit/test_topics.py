@@ -94,7 +94,7 @@ def test_every_topic_takes_the_size_budget_and_asks_two_in_sync_copies() -> None
 
 @pytest.mark.parametrize(("replicas", "expected"), [(1, "1"), (2, "2"), (3, "2"), (5, "2")])
 def test_min_insync_replicas_is_capped_at_the_topics_replicas(replicas: int, expected: str) -> None:
-    from consumer.kafka_io import _capped
+    from consumer.kafka_topics import _capped
 
     capped = _capped({"min.insync.replicas": "2", "x": "y"}, replicas)
     assert capped == {"min.insync.replicas": expected, "x": "y"}
