@@ -40,7 +40,8 @@ def padded(space: str, size: int) -> bytes:
 
 
 def allow(kafka: str, topic: str, size: int) -> None:
-    """Let `topic` take messages of `size` bytes (as an upstream cluster may)."""
+    """Let `topic` take messages of `size` bytes (as an upstream cluster may). After the roles
+    start: starting them keeps every topic at the budget, as `perkamo-webhooks topics` does."""
     admin = AdminClient({"bootstrap.servers": kafka})
     entry = ConfigEntry("max.message.bytes", str(size), incremental_operation=AlterConfigOpType.SET)
     resource = ConfigResource(ConfigResource.Type.TOPIC, topic, incremental_configs=[entry])
@@ -52,9 +53,12 @@ def produce_big(kafka: str, topic: str, values: list[bytes], partition: int = 0)
     """A producer allowed to send what the service's own may not."""
     producer = Producer({"bootstrap.servers": kafka, "message.max.bytes": 4_000_000,
                          "compression.type": "none"})
+    errors: list[Any] = []
     for value in values:
-        producer.produce(topic, value, partition=partition)
+        producer.produce(topic, value, partition=partition,
+                         on_delivery=lambda err, _msg: errors.append(err) if err else None)
     assert producer.flush(30) == 0
+    assert errors == [], errors  # the broker took every one
 
 
 def ids(values: list[bytes]) -> list[str]:
@@ -65,8 +69,8 @@ async def test_events_at_the_budget_are_delivered_and_recorded_one_past_is_dead_
     harness: Any, receiver: Any
 ) -> None:
     space = "s-budget"
-    allow(harness.kafka, harness.events_topic, 4_000_000)
     await harness.start(harness.settings([{"space": space, "url": receiver.url("/big")}]))
+    allow(harness.kafka, harness.events_topic, 4_000_000)
     at_limit, librdkafka_default_plus_one, over = (
         padded(space, MAX_PAYLOAD), padded(space, 1_000_001), padded(space, MAX_PAYLOAD + 1))
     before = end_offsets(harness.kafka, [c.DLQ_TOPIC])
@@ -91,8 +95,8 @@ async def test_events_at_the_budget_are_delivered_and_recorded_one_past_is_dead_
 
 async def test_an_event_far_over_the_budget_is_dead_lettered_as_a_stub(harness: Any, receiver: Any) -> None:
     space = "s-huge"
-    allow(harness.kafka, harness.events_topic, 4_000_000)
     await harness.start(harness.settings([{"space": space, "url": receiver.url("/huge")}]))
+    allow(harness.kafka, harness.events_topic, 4_000_000)
     huge = padded(space, 3_000_000)
     before = end_offsets(harness.kafka, [c.DLQ_TOPIC])
     produce_big(harness.kafka, harness.events_topic, [huge, padded(space, 2000)])
@@ -112,11 +116,11 @@ async def test_a_big_event_on_a_shared_partition_is_not_delivered_again_after_a_
 ) -> None:
     """The wedge: one ~1,030,000-byte event among two Spaces' events on one partition. Once
     everything was delivered and the role stopped cleanly, a restart delivers nothing again."""
-    allow(harness.kafka, harness.events_topic, 4_000_000)
     endpoints = [{"space": "s-wedge-a", "url": receiver.url("/a")},
                  {"space": "s-wedge-b", "url": receiver.url("/b")}]
     settings = harness.settings(endpoints)
     app = await harness.start(settings)
+    allow(harness.kafka, harness.events_topic, 4_000_000)
     values = [orjson.dumps(make_event("s-wedge-a" if i % 2 else "s-wedge-b")) for i in range(40)]
     values.insert(5, padded("s-wedge-a", 1_030_000))
     produce_big(harness.kafka, harness.events_topic, values, partition=0)
