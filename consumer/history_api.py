@@ -13,7 +13,7 @@ Reads need the read-only or the admin token; resend, replay and stored payloads 
 token (consumer.auth). Every read has a bounded window (PERKAMO_HISTORY_MAX_SPAN_DAYS), a
 server-side time limit (PERKAMO_HISTORY_QUERY_TIMEOUT_S) and runs on a pool of its own, at
 most PERKAMO_HISTORY_MAX_CONCURRENT_QUERIES at once (more: 429 with Retry-After); the console
-shares that pool (queries.ReadPool) and may hold all its places but one. A by-id call with
+shares that pool (read_pool.ReadPool) and may hold all its places but one. A by-id call with
 `space` reads and re-publishes that Space's rows only (the filter is in the SQL). A replay
 asked for with `Accept: application/x-ndjson` streams one JSON line per published chunk, then
 the result.
@@ -38,13 +38,13 @@ from consumer.queries import (
     DEFAULT_LIMIT,
     DeliveryFilter,
     Reader,
-    ReadPool,
     check_span,
     check_text,
     delivery_detail,
     list_deliveries,
     parse_time,
 )
+from consumer.read_pool import ReadPool
 from consumer.republish import Republisher
 from consumer.republish_plan import ReplayPlan, Selection
 

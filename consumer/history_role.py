@@ -33,7 +33,7 @@ from consumer.kafka_admin import BrokerWatch
 from consumer.kafka_io import AsyncProducer, use_settings
 from consumer.kafka_topics import wait_for_broker
 from consumer.metrics import Metrics
-from consumer.queries import ReadPool
+from consumer.read_pool import ReadPool
 from consumer.registry_publish import Receipt, publish_endpoint_record
 from consumer.registry_topic import RegistryFollower
 from consumer.republish import Republisher

@@ -12,7 +12,7 @@ import pytest
 
 from consumer import attempts
 from consumer import constants as c
-from consumer.config import load_settings
+from consumer.config import Settings, load_settings
 from consumer.ingest import HistoryIngest
 from consumer.kafka_admin import BrokerWatch
 from consumer.metrics import Metrics
@@ -38,13 +38,18 @@ def lag(metrics: Metrics) -> float:
                for s in m.samples)
 
 
+def history_settings(kafka: str, name: str) -> Settings:
+    """A history writer's settings in a fresh group, past older records, with quick statistics."""
+    group = unique(name)
+    fast_forward_group(kafka, group, [c.ATTEMPTS_TOPIC])
+    return load_settings(kafka_bootstrap_servers=kafka, history_group_id=group, lag_interval_s=0.3,
+                         history_flush_interval_s=0.1, drain_timeout_s=1.0)
+
+
 async def test_the_history_lag_grows_while_its_store_fails(kafka: str, topics: Any) -> None:
     """Without the watch the gauge stayed at `before` (measured: the statistics' hi_offset of
     a paused partition does not move)."""
-    group = unique("lag-paused")
-    fast_forward_group(kafka, group, [c.ATTEMPTS_TOPIC])
-    settings = load_settings(kafka_bootstrap_servers=kafka, history_group_id=group, lag_interval_s=0.3,
-                             history_flush_interval_s=0.1, drain_timeout_s=1.0)
+    settings = history_settings(kafka, "lag-paused")
     space = unique("lag")
 
     def down(rows: list[AttemptRow]) -> None:
@@ -75,10 +80,7 @@ async def test_the_history_lag_grows_while_its_store_fails(kafka: str, topics: A
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 async def test_a_history_writer_that_died_leaves_no_lag_series(kafka: str, topics: Any) -> None:
-    group = unique("lag-dead")
-    fast_forward_group(kafka, group, [c.ATTEMPTS_TOPIC])
-    settings = load_settings(kafka_bootstrap_servers=kafka, history_group_id=group, lag_interval_s=0.3,
-                             history_flush_interval_s=0.1, drain_timeout_s=1.0)
+    settings = history_settings(kafka, "lag-dead")
     space = unique("lag-dead")
 
     def broken_listener(rows: list[AttemptRow]) -> None:

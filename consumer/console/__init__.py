@@ -18,7 +18,7 @@ from consumer.console.auth import Keys
 from consumer.console.base import PREFIX
 from consumer.console.context import ConsoleContext, ConsoleSettings, EndpointDirectory, Republishing
 from consumer.console.views import Console
-from consumer.queries import ReadPool
+from consumer.read_pool import ReadPool
 
 __all__ = ["ConsoleContext", "ConsoleSettings", "EndpointDirectory", "Keys", "Republishing",
            "console_link", "mount"]

@@ -7,7 +7,7 @@ action, on the server, whatever the URL or form says. A delivery, replay or endp
 another Space answers exactly like one that does not exist (404), so guessing ids tells
 nothing. Every POST needs the session's CSRF token, and a same-origin request.
 
-Reads run on the history API's pool and places (queries.ReadPool): the console may hold all
+Reads run on the history API's pool and places (read_pool.ReadPool): the console may hold all
 places but one (the API always finds one), and each Space (or admin session) one at a time;
 past that a page is a 429 page, never a queue. Resends and replay confirms are limited the same
 way, per Space or admin session (ACTIONS_PER_WINDOW in ACTION_WINDOW_S): opening a link again
@@ -37,7 +37,7 @@ from consumer.console.auth import Keys, Session, SignOuts
 from consumer.console.context import ConsoleContext
 from consumer.console.render import render
 from consumer.errors import ApiError, Busy, RequestError, Throttled
-from consumer.queries import ReadPool
+from consumer.read_pool import ReadPool
 from consumer.republish_plan import ReplayPlan
 from consumer.schemas import schema_path
 from consumer.throttle import Attempt, Throttle, subject_of

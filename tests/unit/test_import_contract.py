@@ -24,7 +24,8 @@ DELIVER_ONLY = frozenset({
 HISTORY_ONLY = frozenset({
     "consumer.history_role", "consumer.ingest", "consumer.history", "consumer.sql",
     "consumer.queries", "consumer.history_api", "consumer.republish", "consumer.republish_plan",
-    "consumer.originals", "consumer.store_errors", "consumer.console", "consumer.console.auth",
+    "consumer.originals", "consumer.store_errors", "consumer.read_pool", "consumer.console",
+    "consumer.console.auth",
     "consumer.console.base", "consumer.console.context", "consumer.console.deliveries",
     "consumer.console.endpoints", "consumer.console.render", "consumer.console.views",
 })

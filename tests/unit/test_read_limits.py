@@ -1,4 +1,4 @@
-"""The history read places (queries.ReadPool) and the console's action limit: at the limit, one
+"""The history read places (read_pool.ReadPool) and the console's action limit: at the limit, one
 past it, and freed again."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 
 from consumer.console.base import ACTION_WINDOW_S, ACTIONS_PER_WINDOW, ActionLimit
 from consumer.errors import Busy
-from consumer.queries import ReadPool
+from consumer.read_pool import ReadPool
 
 
 async def test_places_and_shares_are_counted_and_freed():
